@@ -1,0 +1,65 @@
+"""The public ops: dispatch on CPU (reference) and their input errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kascade
+from kascade import KascadeInputError, reference
+
+
+def make(Lq=40, Lk=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 8, Lq, 64, generator=g), torch.randn(2, 2, Lk, 64, generator=g),
+            torch.randn(2, 2, Lk, 64, generator=g))
+
+
+@pytest.mark.parametrize("Lq", [1, 40])
+def test_ops_match_reference_on_cpu(Lq):
+    q, k, v = make(Lq)
+    kv_start = torch.tensor([0, 5])
+    kw = dict(topk_fraction=0.1, topk_floor=4, tile_size=8)
+    out, idx = kascade.anchor_attention(q, k, v, kv_start, **kw)
+    if Lq == 1:
+        ref_idx = reference.select_decode(q, k, kv_start, None, topk_fraction=0.1, topk_floor=4)
+    else:
+        ref_idx = reference.select_prefill(q, k, kv_start, None, **kw)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(out, reference.sparse_attention(q, k, v, idx, kv_start, None, **kw))
+    dense_out, _ = kascade.anchor_attention(q, k, v, kv_start, dense_output=True, **kw)
+    torch.testing.assert_close(dense_out, kascade.dense_attention(q, k, v, kv_start))
+    torch.testing.assert_close(kascade.sparse_attention(q, k, v, idx, kv_start, **kw), out)
+
+
+def test_all_heads_pooled_indices_broadcast():
+    q, k, v = make(1)
+    out, idx = kascade.anchor_attention(q, k, v, head_pooling="all", topk_floor=4)
+    assert idx.shape[1] == 1
+    torch.testing.assert_close(out, kascade.sparse_attention(q, k, v, idx.expand(-1, 2, -1), topk_floor=4))
+
+
+def test_backend_errors(monkeypatch):
+    q, k, v = make(1)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(KascadeInputError, match="backend='triton' needs triton and CUDA tensors"):
+        kascade.dense_attention(q, k, v, backend="triton")
+    with pytest.raises(KascadeInputError, match="backend='cuda'; expected one of"):
+        kascade.dense_attention(q, k, v, backend="cuda")
+    monkeypatch.setenv("KASCADE_BACKEND", "fast")
+    with pytest.raises(KascadeInputError, match="KASCADE_BACKEND='fast'"):
+        kascade.dense_attention(q, k, v)
+
+
+def test_input_errors():
+    q, k, v = make(1)
+    with pytest.raises(KascadeInputError, match="indices must be int32 or int64, got torch.float32"):
+        kascade.sparse_attention(q, k, v, torch.zeros(2, 2, 4))
+    with pytest.raises(KascadeInputError, match="indices have 3 heads, expected 2 KV heads or 1"):
+        kascade.sparse_attention(q, k, v, torch.zeros(2, 3, 4, dtype=torch.int32))
+    with pytest.raises(KascadeInputError, match="indices have batch 1, q has batch 2"):
+        kascade.sparse_attention(q, k, v, torch.zeros(1, 2, 4, dtype=torch.int32))
+    with pytest.raises(KascadeInputError, match="tile_size must be a positive integer, got 0"):
+        kascade.anchor_attention(q, k, v, tile_size=0)
+    with pytest.raises(KascadeInputError, match="q, k, v must be on one device"):
+        kascade.dense_attention(q, k.to("meta"), v)
