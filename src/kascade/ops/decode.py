@@ -1,0 +1,232 @@
+"""Launchers of the Triton decode kernels (one query per row); :mod:`kascade.ops` dispatches here.
+
+Shapes and index conventions are :mod:`kascade.reference`'s: q [B, Hq, 1, D], k/v [B, Hkv, Lk, D] (a
+contiguous KV cache; row b's valid keys are kv_start[b] <= j < kv_end[b]), indices [B, Hkv, W] int32
+holding absolute key positions, -1 padded.
+
+* ``dense``: split-KV ("flash-decoding") dense attention: the key axis is cut into splits so that even
+  batch 1 fills the GPU, each program handles one (row, KV head, split) with the whole GQA group (K/V
+  read once per KV head), then a combine kernel merges the splits.
+* ``anchor``: the same split pass over K only (V is not read), writing the base-2 scores of the group
+  [B*Hkv, G, Lk] fp32 and each split's max/sum; then pooling (sum over the group of the post-softmax
+  probabilities) fused with the first radix-select histogram, a second histogram, a compaction pass
+  writing the indices, and finally ``sparse`` over them. ``dense_output=True`` (layer 0) reads V in
+  the split pass and returns its dense output instead of a sparse one.
+* ``sparse``: each (row, KV head) gathers K/V rows at its indices, split over the index slots, then
+  combine.
+
+No host synchronisation: every size below comes from tensor shapes, the budget of each row is computed
+on the device (reference.topk_budget's integer formula), so the ops can be captured in a CUDA graph.
+The index width is W = topk_budget(Lk) >= every row's budget.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from ..kernels import decode as kd
+from ..kernels import topk as kt
+from ..reference import topk_budget
+from ..validation import KascadeInputError
+
+LOG2E = 1.4426950408889634
+
+# Block sizes and launch settings. Module-level so a benchmark can try others without editing code.
+TUNING = {
+    "block_n": 64,  # keys per iteration of the split (dense / score) pass
+    "num_warps": 4,
+    "num_stages": 3,
+    "sparse_block_n": 64,  # index slots per iteration of the sparse pass
+    "sparse_num_warps": 4,
+    "sparse_num_stages": 3,
+    "programs_per_sm": 4,  # how many programs per SM the split count aims for
+    "min_chunk": 512,  # fewest keys (or slots) per split
+    "select_block": 1024,  # keys per iteration of the selection passes
+    "select_num_warps": 8,
+    "select_min_chunk": 4096,
+    "max_splits": 256,
+}
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few splits so that the split/combine code runs
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """Check what the kernels need beyond kascade.validation; returns (B, Hq, Hkv, Lk, D)."""
+    if q.shape[2] != 1:
+        raise KascadeInputError(f"decode kernels take one query per row (Lq=1), got Lq={q.shape[2]}")
+    B, Hq, _, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if D not in (64, 128):
+        raise KascadeInputError(f"decode kernels support head_dim 64 or 128, got {D}")
+    G = Hq // Hkv
+    if not 1 <= G <= 16:
+        raise KascadeInputError(f"decode kernels support GQA group sizes 1..16, got {Hq} // {Hkv} = {G}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise KascadeInputError(f"decode kernels support float16, bfloat16, float32, got {q.dtype}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise KascadeInputError(f"{name} must be contiguous in head_dim (stride 1), got strides {t.stride()}")
+    if Lk >= 2**31 - 2**16:
+        raise KascadeInputError(f"key length {Lk} is too long for int32 indices")
+    return B, Hq, Hkv, Lk, D
+
+
+def _precision(q: torch.Tensor) -> str:
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def _scale2(scale: float | None, D: int) -> float:
+    return (1.0 / math.sqrt(D) if scale is None else float(scale)) * LOG2E
+
+
+def _splits(rows: int, length: int, device: torch.device, block: int) -> tuple[int, int]:
+    """(n_splits, chunk): cut an axis of `length` into chunks (multiples of block) so that rows *
+    n_splits is about programs_per_sm * SMs."""
+    want = triton.cdiv(TUNING["programs_per_sm"] * _sm_count(device), max(rows, 1))
+    n = max(1, min(want, triton.cdiv(length, TUNING["min_chunk"]), TUNING["max_splits"]))
+    chunk = triton.cdiv(triton.cdiv(length, n), block) * block
+    return triton.cdiv(length, chunk), chunk
+
+
+def _gp(G: int) -> int:
+    return max(16, triton.next_power_of_2(G))
+
+
+def _split_pass(q, k, v, kv_start, kv_end, scale, write_scores: bool, acc_v: bool):
+    """Launch decode_split_kernel; returns (scores or None, m, l, o or None, n_splits)."""
+    B, Hq, Hkv, Lk, D = _check(q, k, v)
+    G = Hq // Hkv
+    rows = B * Hkv
+    block = TUNING["block_n"]
+    n_splits, chunk = _splits(rows, Lk, q.device, block)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    scores = torch.empty((rows, G, Lk), **f32) if write_scores else q.new_empty((1,), dtype=torch.float32)
+    m = torch.empty((rows, n_splits, G), **f32)
+    l = torch.empty((rows, n_splits, G), **f32)
+    o = torch.empty((rows, n_splits, G, D), **f32) if acc_v else m
+    kv_start, kv_end = kv_start.contiguous(), kv_end.contiguous()
+    kd.decode_split_kernel[(rows, n_splits)](
+        q, k, v, kv_start, kv_end, scores, m, l, o,
+        _scale2(scale, D),
+        q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        Hkv, Lk, n_splits, chunk,
+        G=G, GP=_gp(G), D=D, BLOCK_N=block, WRITE_SCORES=write_scores, ACC_V=acc_v,
+        PRECISION=_precision(q), num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
+    )
+    return (scores if write_scores else None), m, l, (o if acc_v else None), n_splits
+
+
+def _combine(q, m, l, o, n_splits, Hkv):
+    B, Hq, _, D = q.shape
+    G = Hq // Hkv
+    out = torch.empty_like(q)
+    sp = triton.next_power_of_2(n_splits)
+    kd.decode_combine_kernel[(B * Hq,)](
+        m, l, o, out, out.stride(0), out.stride(1), Hkv, n_splits,
+        G=G, D=D, SP=sp, SB=min(sp, 16), num_warps=4,
+    )
+    return out
+
+
+def dense(q, k, v, kv_start, kv_end, *, scale=None):
+    """Dense decode attention (split-KV). q [B, Hq, 1, D] -> out [B, Hq, 1, D] in q's dtype."""
+    _, m, l, o, n_splits = _split_pass(q, k, v, kv_start, kv_end, scale, write_scores=False, acc_v=True)
+    return _combine(q, m, l, o, n_splits, k.shape[1])
+
+
+def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None):
+    """Attention over each (row, KV head)'s selected keys: indices [B, Hkv, W] (absolute positions,
+    -1 and positions outside [kv_start, kv_end) ignored). Returns [B, Hq, 1, D] in q's dtype."""
+    B, Hq, Hkv, Lk, D = _check(q, k, v)
+    if indices.dim() != 3 or indices.shape[0] != B or indices.shape[1] != Hkv:
+        raise KascadeInputError(f"decode indices must be [B={B}, Hkv={Hkv}, W], got {tuple(indices.shape)}")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise KascadeInputError(f"indices must be int32 or int64, got {indices.dtype}")
+    if indices.stride(2) != 1:
+        indices = indices.contiguous()
+    G = Hq // Hkv
+    rows = B * Hkv
+    W = indices.shape[2]
+    block = TUNING["sparse_block_n"]
+    n_splits, chunk = _splits(rows, W, q.device, block)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    m = torch.empty((rows, n_splits, G), **f32)
+    l = torch.empty((rows, n_splits, G), **f32)
+    o = torch.empty((rows, n_splits, G, D), **f32)
+    kv_start, kv_end = kv_start.contiguous(), kv_end.contiguous()
+    kd.decode_sparse_kernel[(rows, n_splits)](
+        q, k, v, indices, kv_start, kv_end, m, l, o,
+        _scale2(scale, D),
+        q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        indices.stride(0), indices.stride(1),
+        Hkv, W, n_splits, chunk,
+        G=G, GP=_gp(G), D=D, BLOCK_N=block, PRECISION=_precision(q),
+        num_warps=TUNING["sparse_num_warps"], num_stages=TUNING["sparse_num_stages"],
+    )
+    return _combine(q, m, l, o, n_splits, Hkv)
+
+
+def select(scores, m, l, n_splits, kv_start, kv_end, *, Hkv, topk_fraction, topk_floor):
+    """Top-k over pooled post-softmax scores from the split pass: indices [B, Hkv, W] int32."""
+    rows, G, Lk = scores.shape
+    B = rows // Hkv
+    W = max(1, topk_budget(Lk, topk_fraction, topk_floor))
+    ppm = round(topk_fraction * 1_000_000)
+    device = scores.device
+    block = TUNING["select_block"]
+    want = triton.cdiv(2 * _sm_count(device), max(rows, 1))
+    sel_splits = max(1, min(want, triton.cdiv(Lk, TUNING["select_min_chunk"]), TUNING["max_splits"]))
+    chunk = triton.cdiv(triton.cdiv(Lk, sel_splits), block) * block
+    sel_splits = triton.cdiv(Lk, chunk)
+    w_chunk = triton.cdiv(W, sel_splits)
+    nb = kt.NBINS
+    pooled = torch.empty((rows, Lk), dtype=torch.float32, device=device)
+    hist = torch.zeros((rows, kt.HIST_STRIDE), dtype=torch.int32, device=device)
+    indices = torch.empty((B, Hkv, W), dtype=torch.int32, device=device)
+    grid = (rows, sel_splits)
+    nw = TUNING["select_num_warps"]
+    kt.pool_hist_kernel[grid](
+        scores, m, l, kv_start, kv_end, pooled, hist, Hkv, Lk, n_splits, chunk,
+        G=G, GP=triton.next_power_of_2(G), SP=triton.next_power_of_2(n_splits), BLOCK=block, NB=nb,
+        num_warps=nw,
+    )
+    kt.refine_hist_kernel[grid](
+        pooled, kv_start, kv_end, hist, Hkv, Lk, chunk, ppm, int(topk_floor), BLOCK=block, NB=nb, num_warps=nw,
+    )
+    kt.compact_kernel[grid](
+        pooled, kv_start, kv_end, hist, indices, Hkv, Lk, W, chunk, w_chunk, ppm, int(topk_floor),
+        BLOCK=block, NB=nb, num_warps=nw,
+    )
+    return indices
+
+
+def anchor(q, k, v, kv_start, kv_end, *, topk_fraction, topk_floor, scale=None, dense_output=False):
+    """Anchor decode: exact Top-k of the group-pooled post-softmax scores, then sparse attention over
+    them (dense_output=True: the dense output, layer 0). Returns (out [B, Hq, 1, D], indices
+    [B, Hkv, W] int32 with each row's topk_budget(kv_end - kv_start) indices first, then -1)."""
+    Hkv = k.shape[1]
+    scores, m, l, o, n_splits = _split_pass(q, k, v, kv_start, kv_end, scale, write_scores=True,
+                                            acc_v=dense_output)
+    indices = select(scores, m, l, n_splits, kv_start, kv_end, Hkv=Hkv, topk_fraction=topk_fraction,
+                     topk_floor=topk_floor)
+    if dense_output:
+        out = _combine(q, m, l, o, n_splits, Hkv)
+    else:
+        out = sparse(q, k, v, indices, kv_start, kv_end, scale=scale)
+    return out, indices
