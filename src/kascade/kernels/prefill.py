@@ -1,0 +1,313 @@
+"""Triton kernels of rolling Kascade prefill (launchers and checks: kascade.ops.prefill).
+
+Conventions are those of kascade.reference: q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], per-row valid keys
+[kv_start, kv_end), queries bottom-right aligned, tiles of T tokens by row-relative position r.
+
+Every kernel packs the query rows that share keys into one block of M = G_BLOCK * BLOCK_T rows: row m
+is query head hkv * G + gb * G_BLOCK + m // BLOCK_T (one GQA group, or a slice of it) at row-relative
+position r0 + m % BLOCK_T. K/V are loaded once per block for all those heads, and in the pooling kernel
+the tile's pooled score is the plain column sum of the block's probabilities.
+
+Scores are kept in base 2 (scale * log2(e) folded into one factor); the log-sum-exp buffer holds
+base-2 values, -inf for rows without keys.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _row_geometry(kv_start_ptr, kv_end_ptr, b, Lq):
+    """(start, L, q_pos): row b's first valid key, its length, and the row-relative position of its
+    first query present in this call."""
+    start = tl.load(kv_start_ptr + b).to(tl.int32)
+    end = tl.load(kv_end_ptr + b).to(tl.int32)
+    L = end - start
+    n = tl.minimum(L, Lq)
+    return start, L, L - n
+
+
+@triton.jit
+def _online_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, key_ok, row_key_ok, qk_scale,
+                  WITH_V: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One block of keys into the running (acc, max, sum): key_ok [N] masks the loads, row_key_ok
+    [M, N] masks the scores (causality, padding)."""
+    k = tl.load(k_ptrs, mask=key_ok[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    s = tl.where(row_key_ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # Rows that have seen no key yet keep m = -inf; subtract 0 there so exp2 gives 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if WITH_V:
+        v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, kv_start_ptr, kv_end_ptr,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, slb, slh,
+    Lq, Hkv, G, n_gblocks, qk_scale,
+    D: tl.constexpr, G_BLOCK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    WITH_V: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Dense causal attention of BLOCK_T consecutive queries x G_BLOCK heads of one GQA group.
+
+    WITH_V=False computes only the log-sum-exp (the anchor's first pass: half the matrix work)."""
+    M: tl.constexpr = G_BLOCK * BLOCK_T
+    pid_h = tl.program_id(0)
+    n_qblocks = tl.num_programs(1)
+    b = pid_h // (Hkv * n_gblocks)
+    hkv = (pid_h // n_gblocks) % Hkv
+    gb = pid_h % n_gblocks
+    start, L, q_pos = _row_geometry(kv_start_ptr, kv_end_ptr, b, Lq)
+    # Largest blocks first: the last query block of a row has the most keys.
+    r0 = (q_pos // BLOCK_T) * BLOCK_T + (n_qblocks - 1 - tl.program_id(1)) * BLOCK_T
+    if r0 >= L:
+        return
+    offs_m = tl.arange(0, M)
+    g = gb * G_BLOCK + offs_m // BLOCK_T
+    r = r0 + offs_m % BLOCK_T
+    row_ok = (g < G) & (r >= q_pos) & (r < L)
+    head = hkv * G + g
+    lq_idx = r - L + Lq
+    offs_d = tl.arange(0, D)
+    q_ptrs = q_ptr + b * sqb + head[:, None] * sqh + lq_idx[:, None] * sqt + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, D], tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    k_base = k_ptr + b * skb + hkv * skh + start * skt
+    v_base = v_ptr + b * svb + hkv * svh + start * svt
+    # Keys before the block need no causal mask.
+    full_end = (r0 // BLOCK_N) * BLOCK_N
+    for n0 in range(0, full_end, BLOCK_N):
+        kn = n0 + offs_n
+        acc, m_i, l_i = _online_block(
+            acc, m_i, l_i, q, k_base + kn[:, None] * skt + offs_d[None, :],
+            v_base + kn[:, None] * svt + offs_d[None, :], kn >= 0, row_ok[:, None] & (kn >= 0)[None, :],
+            qk_scale, WITH_V, DOT_PREC)
+    diag_end = tl.minimum(r0 + BLOCK_T, L)
+    for n0 in range(full_end, diag_end, BLOCK_N):
+        kn = n0 + offs_n
+        key_ok = kn < diag_end
+        acc, m_i, l_i = _online_block(
+            acc, m_i, l_i, q, k_base + kn[:, None] * skt + offs_d[None, :],
+            v_base + kn[:, None] * svt + offs_d[None, :], key_ok,
+            row_ok[:, None] & key_ok[None, :] & (kn[None, :] <= r[:, None]), qk_scale, WITH_V, DOT_PREC)
+
+    store_ok = (g < G) & (r < L) & (lq_idx >= 0)
+    if WITH_V:
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        o = acc / l_safe[:, None]
+        o = tl.where(row_ok[:, None], o, 0.0)
+        o_ptrs = out_ptr + b * sob + head[:, None] * soh + lq_idx[:, None] * sot + offs_d[None, :]
+        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=store_ok[:, None])
+    if STORE_LSE:
+        lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + b * slb + head * slh + lq_idx, lse, mask=store_ok)
+
+
+@triton.jit
+def _pool_kernel(
+    q_ptr, k_ptr, lse_ptr, pooled_ptr, tile_k_ptr, kv_start_ptr, kv_end_ptr,
+    sqb, sqh, sqt, skb, skh, skt, slb, slh, spb, sph, spt,
+    Lq, Hkv, G, n_gblocks, tile_lo, n_tiles, qk_scale,
+    D: tl.constexpr, G_BLOCK: tl.constexpr, T: tl.constexpr, BLOCK_N: tl.constexpr,
+    ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Post-softmax probabilities of one tile's queries x G_BLOCK heads over the tile's prefix, summed
+    over those rows: pooled[b, hkv, tile - tile_lo, :prefix]. With several head blocks per group
+    (ATOMIC) the partial sums are added atomically into a zeroed buffer."""
+    M: tl.constexpr = G_BLOCK * T
+    pid_h = tl.program_id(0)
+    b = pid_h // (Hkv * n_gblocks)
+    hkv = (pid_h // n_gblocks) % Hkv
+    gb = pid_h % n_gblocks
+    slot = tl.program_id(1)
+    tile = tile_lo + slot
+    start, L, q_pos = _row_geometry(kv_start_ptr, kv_end_ptr, b, Lq)
+    if tile >= n_tiles:
+        return
+    prefix = tile * T
+    # Dense tiles need no selection; tiles without queries of this call have none.
+    if tl.load(tile_k_ptr + tile) < 0 or prefix + T <= q_pos or prefix >= L:
+        return
+    offs_m = tl.arange(0, M)
+    g = gb * G_BLOCK + offs_m // T
+    r = prefix + offs_m % T
+    row_ok = (g < G) & (r >= q_pos) & (r < L)
+    head = hkv * G + g
+    lq_idx = r - L + Lq
+    offs_d = tl.arange(0, D)
+    q = tl.load(q_ptr + b * sqb + head[:, None] * sqh + lq_idx[:, None] * sqt + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    lse = tl.load(lse_ptr + b * slb + head * slh + lq_idx, mask=row_ok, other=0.0)
+    offs_n = tl.arange(0, BLOCK_N)
+    k_base = k_ptr + b * skb + hkv * skh + start * skt
+    out_base = pooled_ptr + b * spb + hkv * sph + slot * spt
+    for n0 in range(0, prefix, BLOCK_N):
+        kn = n0 + offs_n
+        key_ok = kn < prefix
+        k = tl.load(k_base + kn[:, None] * skt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        p = tl.where(row_ok[:, None], p, 0.0)
+        col = tl.sum(p, 0)
+        if ATOMIC:
+            tl.atomic_add(out_base + kn, col, mask=key_ok, sem="relaxed")
+        else:
+            tl.store(out_base + kn, col, mask=key_ok)
+
+
+@triton.jit
+def _radix_pass(row_ptr, length, shift: tl.constexpr, prefix_bits, need, check_prefix: tl.constexpr,
+                BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """One radix digit of the k-th largest value: histogram of bits [shift, shift+BITS) among the
+    elements whose higher bits equal prefix_bits; returns (digit, need left within that digit)."""
+    NB: tl.constexpr = 1 << BITS
+    hist = tl.zeros([NB], tl.int32)
+    others = 0
+    offs = tl.arange(0, BLOCK)
+    for i0 in range(0, length, BLOCK):
+        idx = i0 + offs
+        ok = idx < length
+        x = tl.load(row_ptr + idx, mask=ok, other=0.0).to(tl.int32, bitcast=True)
+        match = ok
+        if check_prefix:
+            match = ok & ((x >> (shift + BITS)) == prefix_bits)
+        digit = tl.where(match, (x >> shift) & (NB - 1), 0)
+        hist += tl.histogram(digit, NB)
+        others += tl.sum((~match).to(tl.int32), 0)
+    bins = tl.arange(0, NB)
+    # Elements that do not take part were counted in bin 0.
+    hist = hist - tl.where(bins == 0, others, 0)
+    at_or_above = tl.cumsum(hist, 0, reverse=True)
+    digit = tl.max(tl.where(at_or_above >= need, bins, 0), 0)
+    above = tl.sum(tl.where(bins > digit, hist, 0), 0)
+    return digit, need - above
+
+
+@triton.jit
+def _select_kernel(
+    pooled_ptr, idx_ptr, tile_k_ptr, kv_start_ptr, kv_end_ptr,
+    spb, sph, spt, sib, sih, sit,
+    Lq, Hkv, tile_lo, n_tiles, T,
+    BLOCK: tl.constexpr,
+):
+    """Top-k of one (row, KV head, tile) pooled row by a 3-digit radix select on the float bits
+    (pooled scores are >= 0, so their int32 bit patterns order like the values), then one compaction
+    pass writing the selected absolute positions in ascending order: all keys above the k-th value,
+    and the first keys equal to it until the budget is met."""
+    pid_h = tl.program_id(0)
+    b = pid_h // Hkv
+    hkv = pid_h % Hkv
+    slot = tl.program_id(1)
+    tile = tile_lo + slot
+    start, L, q_pos = _row_geometry(kv_start_ptr, kv_end_ptr, b, Lq)
+    if tile >= n_tiles:
+        return
+    k_budget = tl.load(tile_k_ptr + tile)
+    prefix = tile * T
+    if k_budget < 0 or prefix + T <= q_pos or prefix >= L:
+        return
+    row_ptr = pooled_ptr + b * spb + hkv * sph + slot * spt
+    d1, need = _radix_pass(row_ptr, prefix, 20, 0, k_budget, False, 11, BLOCK)
+    d2, need = _radix_pass(row_ptr, prefix, 10, d1, need, True, 10, BLOCK)
+    d3, need = _radix_pass(row_ptr, prefix, 0, (d1 << 10) | d2, need, True, 10, BLOCK)
+    thresh = (((d1 << 10) | d2) << 10) | d3
+    out_base = idx_ptr + b * sib + hkv * sih + tile * sit
+    offs = tl.arange(0, BLOCK)
+    written = 0
+    ties_taken = 0
+    for i0 in range(0, prefix, BLOCK):
+        idx = i0 + offs
+        ok = idx < prefix
+        x = tl.load(row_ptr + idx, mask=ok, other=0.0).to(tl.int32, bitcast=True)
+        eq = ok & (x == thresh)
+        eq_rank = ties_taken + tl.cumsum(eq.to(tl.int32), 0) - 1
+        sel = (ok & (x > thresh)) | (eq & (eq_rank < need))
+        sel_i = sel.to(tl.int32)
+        pos = written + tl.cumsum(sel_i, 0) - 1
+        tl.store(out_base + pos, (idx + start).to(tl.int32), mask=sel)
+        written += tl.sum(sel_i, 0)
+        ties_taken += tl.sum(eq.to(tl.int32), 0)
+
+
+@triton.jit
+def _sparse_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, idx_ptr, tile_k_ptr, kv_start_ptr, kv_end_ptr,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sib, sih, sit,
+    Lq, Hkv, G, n_gblocks, n_tiles, qk_scale,
+    D: tl.constexpr, G_BLOCK: tl.constexpr, T: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Rolling sparse prefill of one tile x G_BLOCK heads: the tile's selected prefix keys (gathered by
+    index; all prefix keys when the tile is dense), then its own tile causally."""
+    M: tl.constexpr = G_BLOCK * T
+    pid_h = tl.program_id(0)
+    n_slots = tl.num_programs(1)
+    b = pid_h // (Hkv * n_gblocks)
+    hkv = (pid_h // n_gblocks) % Hkv
+    gb = pid_h % n_gblocks
+    start, L, q_pos = _row_geometry(kv_start_ptr, kv_end_ptr, b, Lq)
+    # Largest tiles first, for load balance.
+    tile = q_pos // T + (n_slots - 1 - tl.program_id(1))
+    prefix = tile * T
+    if prefix >= L:
+        return
+    offs_m = tl.arange(0, M)
+    g = gb * G_BLOCK + offs_m // T
+    r = prefix + offs_m % T
+    row_ok = (g < G) & (r >= q_pos) & (r < L)
+    head = hkv * G + g
+    lq_idx = r - L + Lq
+    offs_d = tl.arange(0, D)
+    q = tl.load(q_ptr + b * sqb + head[:, None] * sqh + lq_idx[:, None] * sqt + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, D], tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    k_base = k_ptr + b * skb + hkv * skh
+    v_base = v_ptr + b * svb + hkv * svh
+    k_budget = tl.load(tile_k_ptr + tile)
+    if k_budget < 0:
+        for n0 in range(0, prefix, BLOCK_N):
+            kn = start + n0 + offs_n
+            key_ok = n0 + offs_n < prefix
+            acc, m_i, l_i = _online_block(
+                acc, m_i, l_i, q, k_base + kn[:, None] * skt + offs_d[None, :],
+                v_base + kn[:, None] * svt + offs_d[None, :], key_ok, row_ok[:, None] & key_ok[None, :],
+                qk_scale, True, DOT_PREC)
+    else:
+        i_base = idx_ptr + b * sib + hkv * sih + tile * sit
+        for n0 in range(0, k_budget, BLOCK_N):
+            slot_ok = n0 + offs_n < k_budget
+            kn = tl.load(i_base + n0 + offs_n, mask=slot_ok, other=-1)
+            key_ok = kn >= 0
+            kn = tl.where(key_ok, kn, start)
+            acc, m_i, l_i = _online_block(
+                acc, m_i, l_i, q, k_base + kn[:, None] * skt + offs_d[None, :],
+                v_base + kn[:, None] * svt + offs_d[None, :], key_ok, row_ok[:, None] & key_ok[None, :],
+                qk_scale, True, DOT_PREC)
+    # Own tile, causally.
+    offs_t = tl.arange(0, T)
+    rk = prefix + offs_t
+    key_ok = rk < L
+    kn = start + rk
+    acc, m_i, l_i = _online_block(
+        acc, m_i, l_i, q, k_base + kn[:, None] * skt + offs_d[None, :],
+        v_base + kn[:, None] * svt + offs_d[None, :], key_ok,
+        row_ok[:, None] & key_ok[None, :] & (rk[None, :] <= r[:, None]), qk_scale, True, DOT_PREC)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0)
+    store_ok = (g < G) & (r < L) & (lq_idx >= 0)
+    o_ptrs = out_ptr + b * sob + head[:, None] * soh + lq_idx[:, None] * sot + offs_d[None, :]
+    tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=store_ok[:, None])

@@ -1,0 +1,250 @@
+"""Launchers of the Triton prefill kernels (kascade.kernels.prefill): check inputs, allocate, launch.
+
+Called by kascade.ops when Triton runs (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) and
+Lq > 1. Shapes and conventions: kascade.reference.
+
+* ``dense``: causal GQA flash attention (also the baseline of ``kascade bench prefill``).
+* ``anchor``: (1) a flash pass for every query's log-sum-exp (layer 0: the dense output too);
+  (2) per chunk of query tiles, the post-softmax probabilities of each tile x GQA group summed over
+  its rows into a [B, Hkv, tiles_in_chunk, prefix] buffer (bounded by POOL_BUFFER_BYTES, never the
+  whole [B, Hkv, L/T, L]), then (3) a radix select of each row's budget; (4) the sparse pass
+  (skipped for layer 0).
+* ``sparse``: each tile x GQA group attends to its gathered selected keys plus its own tile.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+
+from ..reference import topk_budget
+from ..validation import KascadeInputError
+from ..kernels import prefill as K
+
+LOG2E = 1.4426950408889634
+HEAD_DIMS = (64, 128)
+TILE_SIZES = (16, 32, 64)
+MAX_GQA = 16
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Tuning knobs (module attributes so the benchmark can sweep them).
+ROWS_PER_PROGRAM = 128  # M = query rows (tokens x heads of one GQA group) per program
+POOL_ROWS_PER_PROGRAM = 256  # the pooling kernel keeps a whole tile x group up to this size
+POOL_BUFFER_BYTES = 1 << 30  # pooled-score buffer of one chunk of tiles
+SELECT_BLOCK = 2048
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile_size: int | None = None) -> int:
+    """Kernel-specific limits (the generic shape checks ran in kascade.ops). Returns G."""
+    B, Hq, Lq, D = q.shape
+    Hkv = k.shape[1]
+    if Lq < 2:
+        raise KascadeInputError(f"prefill kernels take Lq > 1 queries per row, got Lq={Lq}")
+    if D not in HEAD_DIMS:
+        raise KascadeInputError(f"prefill kernels support head_dim in {HEAD_DIMS}, got {D}")
+    if q.dtype not in DTYPES:
+        raise KascadeInputError(f"prefill kernels support float16, bfloat16, float32; got {q.dtype}")
+    G = Hq // Hkv
+    if not 1 <= G <= MAX_GQA:
+        raise KascadeInputError(f"prefill kernels support GQA ratios 1..{MAX_GQA} (Hq/Hkv), got {Hq}/{Hkv}={G}")
+    if tile_size is not None and tile_size not in TILE_SIZES:
+        raise KascadeInputError(f"prefill kernels support tile_size in {TILE_SIZES}, got {tile_size}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise KascadeInputError(f"{name} must be contiguous in head_dim (stride 1), got strides {t.stride()}")
+    if max(t.numel() for t in (q, k, v)) >= 2**31:
+        raise KascadeInputError("prefill kernels index with int32: each of q, k, v must have < 2^31 elements")
+    return G
+
+
+def _scale(scale: float | None, D: int) -> float:
+    return (1.0 / math.sqrt(D) if scale is None else float(scale)) * LOG2E
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _warps(M: int, D: int) -> int:
+    return 8 if M * D >= 128 * 128 else 4
+
+
+def _rows_info(kv_start: torch.Tensor, kv_end: torch.Tensor, Lq: int):
+    """Host copies of the row lengths (one device sync) and whether any query is padding."""
+    lengths = (kv_end - kv_start).tolist()
+    return lengths, any(L < Lq for L in lengths)
+
+
+@functools.lru_cache(maxsize=64)
+def _tile_budgets_host(n_tiles: int, T: int, topk_fraction: float, topk_floor: int) -> tuple[int, ...]:
+    """Per tile: its budget when it selects, -1 when its prefix fits the budget (dense tile)."""
+    out = []
+    for t in range(n_tiles):
+        P = t * T
+        kb = topk_budget(P, topk_fraction, topk_floor)
+        out.append(-1 if P <= kb else kb)
+    return tuple(out)
+
+
+_DEVICE_BUDGETS: dict = {}
+
+
+def _tile_budgets(n_tiles, T, topk_fraction, topk_floor, device):
+    key = (n_tiles, T, float(topk_fraction), int(topk_floor), str(device))
+    t = _DEVICE_BUDGETS.get(key)
+    if t is None:
+        t = torch.tensor(_tile_budgets_host(*key[:4]), dtype=torch.int32, device=device)
+        if len(_DEVICE_BUDGETS) > 64:
+            _DEVICE_BUDGETS.clear()
+        _DEVICE_BUDGETS[key] = t
+    return t
+
+
+def _group_blocking(G: int, tokens: int, rows: int) -> tuple[int, int]:
+    """(G_BLOCK, n_gblocks): heads of one group per program, so G_BLOCK * tokens <= rows when possible."""
+    g_pad = _next_pow2(G)
+    g_block = max(1, min(g_pad, rows // tokens))
+    return g_block, -(-G // g_block)
+
+
+# --------------------------------------------------------------------------------------------- dense
+def _flash(q, k, v, kv_start, kv_end, scale, *, with_v: bool, store_lse: bool, pad_rows: bool):
+    B, Hq, Lq, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    g_pad = _next_pow2(G)
+    block_t = min(128, max(16, ROWS_PER_PROGRAM // g_pad))
+    g_block, n_gb = _group_blocking(G, block_t, ROWS_PER_PROGRAM)
+    out = None
+    if with_v:
+        out = (torch.zeros if pad_rows else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.full((B, Hq, Lq), float("-inf"), dtype=torch.float32, device=q.device) if store_lse else None
+    o_arg = out if out is not None else q
+    l_arg = lse if lse is not None else q
+    M = g_block * block_t
+    grid = (B * Hkv * n_gb, triton.cdiv(Lq, block_t) + 1)
+    K._attn_fwd_kernel[grid](
+        q, k, v, o_arg, l_arg, kv_start, kv_end,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o_arg.stride(0), o_arg.stride(1), o_arg.stride(2),
+        l_arg.stride(0), l_arg.stride(1),
+        Lq, Hkv, G, n_gb, _scale(scale, D),
+        D=D, G_BLOCK=g_block, BLOCK_T=block_t, BLOCK_N=64, WITH_V=with_v, STORE_LSE=store_lse,
+        DOT_PREC=_dot_precision(q.dtype), num_warps=_warps(M, D), num_stages=3 if with_v else 4,
+    )
+    return out, lse
+
+
+def dense(q, k, v, kv_start, kv_end, *, scale=None):
+    """Causal GQA prefill attention, Triton flash kernel. q [B, Hq, Lq, D] -> out like q."""
+    _check(q, k, v)
+    _, pad_rows = _rows_info(kv_start, kv_end, q.shape[2])
+    out, _ = _flash(q, k, v, kv_start, kv_end, scale, with_v=True, store_lse=False, pad_rows=pad_rows)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- sparse
+def sparse(q, k, v, indices, kv_start, kv_end, *, topk_fraction, topk_floor, tile_size, scale=None):
+    """Rolling sparse prefill over given indices [B, Hkv, n_tiles, W] (absolute positions, -1 padded)."""
+    G = _check(q, k, v, tile_size)
+    B, Hq, Lq, D = q.shape
+    Hkv = k.shape[1]
+    T = tile_size
+    lengths, pad_rows = _rows_info(kv_start, kv_end, Lq)
+    n_tiles = max(1, -(-max(lengths) // T))
+    if indices.dim() != 4 or indices.shape[0] != B or indices.shape[1] != Hkv:
+        raise KascadeInputError(f"indices must be [B={B}, Hkv={Hkv}, n_tiles, W], got {tuple(indices.shape)}")
+    if indices.shape[2] < n_tiles:
+        raise KascadeInputError(f"indices have {indices.shape[2]} tiles, the longest row needs {n_tiles}")
+    budgets = _tile_budgets(n_tiles, T, topk_fraction, topk_floor, q.device)
+    kmax = max(_tile_budgets_host(n_tiles, T, topk_fraction, topk_floor))
+    if indices.shape[3] < kmax:
+        raise KascadeInputError(f"indices have width {indices.shape[3]}, the budget needs {kmax}")
+    if indices.dtype != torch.int32 or indices.stride(-1) != 1:
+        indices = indices.to(torch.int32).contiguous()
+    out = (torch.zeros if pad_rows else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
+    _launch_sparse(q, k, v, out, indices, budgets, kv_start, kv_end, G, T, scale)
+    return out
+
+
+def _launch_sparse(q, k, v, out, indices, budgets, kv_start, kv_end, G, T, scale):
+    B, Hq, Lq, D = q.shape
+    Hkv = k.shape[1]
+    g_block, n_gb = _group_blocking(G, T, ROWS_PER_PROGRAM)
+    M = g_block * T
+    grid = (B * Hkv * n_gb, triton.cdiv(Lq, T) + 1)
+    K._sparse_kernel[grid](
+        q, k, v, out, indices, budgets, kv_start, kv_end,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        indices.stride(0), indices.stride(1), indices.stride(2),
+        Lq, Hkv, G, n_gb, budgets.numel(), _scale(scale, D),
+        D=D, G_BLOCK=g_block, T=T, BLOCK_N=64, DOT_PREC=_dot_precision(q.dtype),
+        num_warps=_warps(M, D), num_stages=3,
+    )
+
+
+# --------------------------------------------------------------------------------------------- anchor
+def anchor(q, k, v, kv_start, kv_end, *, topk_fraction, topk_floor, tile_size, scale=None, dense_output=False):
+    """Exact rolling Top-k selection and attention. Returns (out, indices [B, Hkv, n_tiles, kmax])."""
+    G = _check(q, k, v, tile_size)
+    B, Hq, Lq, D = q.shape
+    Hkv = k.shape[1]
+    T = tile_size
+    lengths, pad_rows = _rows_info(kv_start, kv_end, Lq)
+    n_tiles = max(1, -(-max(lengths) // T))
+    host_budgets = _tile_budgets_host(n_tiles, T, topk_fraction, topk_floor)
+    budgets = _tile_budgets(n_tiles, T, topk_fraction, topk_floor, q.device)
+    kmax = max([1] + [kb for kb in host_budgets if kb >= 0])
+    indices = torch.full((B, Hkv, n_tiles, kmax), -1, dtype=torch.int32, device=q.device)
+
+    out, lse = _flash(q, k, v, kv_start, kv_end, scale, with_v=dense_output, store_lse=True, pad_rows=pad_rows)
+    first_sparse = next((t for t, kb in enumerate(host_budgets) if kb >= 0), n_tiles)
+    first_query_tile = min((L - min(L, Lq)) // T for L in lengths)
+    tile_lo = max(first_sparse, first_query_tile)
+    if tile_lo < n_tiles:
+        _select(q, k, lse, indices, budgets, kv_start, kv_end, G, T, tile_lo, n_tiles, scale)
+    if not dense_output:
+        out = (torch.zeros if pad_rows else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
+        _launch_sparse(q, k, v, out, indices, budgets, kv_start, kv_end, G, T, scale)
+    return out, indices
+
+
+def _select(q, k, lse, indices, budgets, kv_start, kv_end, G, T, tile_lo, n_tiles, scale):
+    """Pool and select tiles tile_lo..n_tiles-1, in chunks whose pooled buffer fits POOL_BUFFER_BYTES."""
+    B, Hq, Lq, D = q.shape
+    Hkv = k.shape[1]
+    width = n_tiles * T
+    per_tile = B * Hkv * width * 4
+    chunk = max(1, min(n_tiles - tile_lo, POOL_BUFFER_BYTES // per_tile))
+    g_block, n_gb = _group_blocking(G, T, POOL_ROWS_PER_PROGRAM)
+    atomic = n_gb > 1
+    alloc = torch.zeros if atomic else torch.empty
+    pooled = alloc((B, Hkv, chunk, width), dtype=torch.float32, device=q.device)
+    M = g_block * T
+    qk_scale = _scale(scale, D)
+    for lo in range(tile_lo, n_tiles, chunk):
+        if atomic and lo != tile_lo:
+            pooled.zero_()
+        K._pool_kernel[(B * Hkv * n_gb, chunk)](
+            q, k, lse, pooled, budgets, kv_start, kv_end,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            lse.stride(0), lse.stride(1), pooled.stride(0), pooled.stride(1), pooled.stride(2),
+            Lq, Hkv, G, n_gb, lo, n_tiles, qk_scale,
+            D=D, G_BLOCK=g_block, T=T, BLOCK_N=64, ATOMIC=atomic, DOT_PREC=_dot_precision(q.dtype),
+            num_warps=_warps(M, D), num_stages=3,
+        )
+        K._select_kernel[(B * Hkv, chunk)](
+            pooled, indices, budgets, kv_start, kv_end,
+            pooled.stride(0), pooled.stride(1), pooled.stride(2),
+            indices.stride(0), indices.stride(1), indices.stride(2),
+            Lq, Hkv, lo, n_tiles, T,
+            BLOCK=SELECT_BLOCK, num_warps=8,
+        )
