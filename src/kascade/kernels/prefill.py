@@ -151,7 +151,7 @@ def _pool_kernel(
     lse = tl.load(lse_ptr + b * slb + head * slh + lq_idx, mask=row_ok, other=0.0)
     offs_n = tl.arange(0, BLOCK_N)
     k_base = k_ptr + b * skb + hkv * skh + start * skt
-    out_base = pooled_ptr + b * spb + hkv * sph + slot * spt
+    out_base = pooled_ptr + b.to(tl.int64) * spb + hkv * sph + slot * spt
     for n0 in range(0, prefix, BLOCK_N):
         kn = n0 + offs_n
         key_ok = kn < prefix
@@ -217,12 +217,12 @@ def _select_kernel(
     prefix = tile * T
     if k_budget < 0 or prefix + T <= q_pos or prefix >= L:
         return
-    row_ptr = pooled_ptr + b * spb + hkv * sph + slot * spt
+    row_ptr = pooled_ptr + b.to(tl.int64) * spb + hkv * sph + slot * spt
     d1, need = _radix_pass(row_ptr, prefix, 20, 0, k_budget, False, 11, BLOCK)
     d2, need = _radix_pass(row_ptr, prefix, 10, d1, need, True, 10, BLOCK)
     d3, need = _radix_pass(row_ptr, prefix, 0, (d1 << 10) | d2, need, True, 10, BLOCK)
     thresh = (((d1 << 10) | d2) << 10) | d3
-    out_base = idx_ptr + b * sib + hkv * sih + tile * sit
+    out_base = idx_ptr + b.to(tl.int64) * sib + hkv.to(tl.int64) * sih + tile.to(tl.int64) * sit
     offs = tl.arange(0, BLOCK)
     written = 0
     ties_taken = 0
@@ -287,7 +287,7 @@ def _sparse_kernel(
                 v_base + kn[:, None] * svt + offs_d[None, :], key_ok, row_ok[:, None] & key_ok[None, :],
                 qk_scale, True, DOT_PREC)
     else:
-        i_base = idx_ptr + b * sib + hkv * sih + tile * sit
+        i_base = idx_ptr + b.to(tl.int64) * sib + hkv.to(tl.int64) * sih + tile.to(tl.int64) * sit
         for n0 in range(0, k_budget, BLOCK_N):
             slot_ok = n0 + offs_n < k_budget
             kn = tl.load(i_base + n0 + offs_n, mask=slot_ok, other=-1)
