@@ -5,6 +5,7 @@ attention; every other layer reuses its anchor's keys through a per-layer head m
 """
 
 from .engine import VARIANTS, Engine, Variant
+from .integrations import disable, enable
 from .ops import anchor_attention, dense_attention, sparse_attention
 from .plan import ModelSpec, Plan, PlanError
 from .reference import topk_budget
@@ -14,5 +15,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Engine", "Variant", "VARIANTS", "ModelSpec", "Plan", "PlanError", "KascadeInputError",
-    "anchor_attention", "dense_attention", "sparse_attention", "topk_budget",
+    "anchor_attention", "dense_attention", "sparse_attention", "topk_budget", "enable", "disable",
 ]
