@@ -1,0 +1,229 @@
+"""The Triton decode kernels (kascade.ops.decode) under the CPU interpreter, against the reference.
+
+TRITON_INTERPRET=1 must be set before the kernels are decorated, so it is set before anything imports
+triton. Small shapes, fp16/fp32 (the interpreter's bf16 arithmetic is broken; bf16 is tested on the
+GPU in tests/gpu/test_decode_gpu.py).
+
+Rules: outputs are compared with an fp32 run of the reference; the allowed error is twice the error of
+a plain PyTorch run in the same precision, plus a small floor (the FlashAttention test rule). Selections
+are compared by the attention mass they capture (pooled over the GQA group), not as sets, since keys
+with equal or near-equal scores may be chosen either way.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+import kascade.ops as ops  # noqa: E402
+import kascade.reference as R  # noqa: E402
+from kascade.ops import decode as D  # noqa: E402
+from kascade.validation import KascadeInputError  # noqa: E402
+
+
+def make(B, Hq, Hkv, Lk, Dh, dtype, seed=0, spread=1.0):
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(B, Hq, 1, Dh, generator=g) * spread).to(dtype)
+    k = torch.randn(B, Hkv, Lk, Dh, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, Lk, Dh, generator=g).to(dtype)
+    return q, k, v
+
+
+def ranges(B, Lk, kind):
+    if kind == "full":
+        return torch.zeros(B, dtype=torch.int64), torch.full((B,), Lk, dtype=torch.int64)
+    # rows of different lengths: left padding on some rows, right padding on others
+    starts = torch.tensor([(7 * b) % max(1, Lk // 3) for b in range(B)], dtype=torch.int64)
+    ends = torch.tensor([Lk - (13 * b) % max(1, Lk // 4) for b in range(B)], dtype=torch.int64)
+    return starts, ends
+
+
+def lowp_attention(q, k, v, allowed, scale=None):
+    """Plain attention in q's dtype (the same-precision baseline). allowed [B, Hkv, Lk] bool."""
+    B, Hq, _, Dh = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    scale = 1.0 / math.sqrt(Dh) if scale is None else scale
+    qg = q.reshape(B, Hkv, G, Dh)
+    s = torch.einsum("bhgd,bhkd->bhgk", qg, k) * scale
+    s = s.masked_fill(~allowed[:, :, None, :], -math.inf)
+    p = torch.softmax(s, dim=-1)
+    return torch.einsum("bhgk,bhkd->bhgd", p, v).reshape(B, Hq, 1, Dh)
+
+
+def allowed_from(indices, starts, ends, Hkv, Lk):
+    rows = []
+    idx = R._expand_heads(indices, Hkv)
+    for b in range(indices.shape[0]):
+        m = torch.zeros(Hkv, Lk, dtype=torch.bool)
+        s, e = int(starts[b]), int(ends[b])
+        m[:, s:e] = R._selected_mask(idx[b], s, e - s)
+        rows.append(m)
+    return torch.stack(rows)
+
+
+def check_close(out, q, k, v, allowed, ref32):
+    """|out - ref32| <= 2 |lowp - ref32| + floor, elementwise max."""
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert torch.isfinite(out).all()
+    lowp = lowp_attention(q, k, v, allowed)
+    err = (out.float() - ref32).abs().max().item()
+    base = (lowp.float() - ref32).abs().max().item()
+    floor = 1e-5 if q.dtype == torch.float32 else 1e-3
+    assert err <= 2 * base + floor, f"kernel error {err:.3g} vs same-precision PyTorch {base:.3g}"
+
+
+def check_selection(indices, q, k, starts, ends, frac, floor):
+    """Each row holds exactly its budget of distinct in-range indices first, then -1; the pooled mass they
+    capture is at least the reference selection's (up to near-ties)."""
+    B, Hq, _, _ = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    assert indices.dtype == torch.int32 and indices.shape[:2] == (B, Hkv)
+    lengths = ends - starts
+    assert indices.shape[2] >= int(R.topk_budget(lengths, frac, floor).max())
+    for b in range(B):
+        kb = R.topk_budget(int(lengths[b]), frac, floor)
+        for h in range(Hkv):
+            row = indices[b, h]
+            real = row[:kb]
+            assert (row[kb:] == -1).all(), "slots after the budget must be -1"
+            assert (real >= starts[b]).all() and (real < ends[b]).all(), "index outside the row's keys"
+            assert real.unique().numel() == kb, "duplicate indices"
+    ref = R.select_decode(q, k, starts, ends, topk_fraction=frac, topk_floor=floor)
+    stats = dict(topk_fraction=frac, topk_floor=floor)
+    got_mass = R.selection_stats(q, k, indices, starts, ends, **stats)[0].reshape(B, Hkv, G).sum(-1)
+    ref_mass = R.selection_stats(q, k, ref, starts, ends, **stats)[0].reshape(B, Hkv, G).sum(-1)
+    tol = 1e-5 * G if q.dtype == torch.float32 else 1e-4 * G
+    assert (got_mass >= ref_mass - tol).all(), f"captured mass {got_mass} < reference {ref_mass}"
+
+
+# (B, Hq, Hkv, Lk, head_dim, ranges, topk_fraction, topk_floor)
+CASES = [
+    pytest.param(2, 4, 4, 77, 64, "varied", 0.10, 8, id="mha-odd-varied"),
+    pytest.param(3, 8, 2, 301, 128, "varied", 0.10, 16, id="gqa4-d128-varied"),
+    pytest.param(1, 7, 1, 513, 64, "full", 0.20, 16, id="gqa7"),
+    pytest.param(2, 8, 2, 129, 64, "varied", 1e-6, 1, id="k1"),
+    pytest.param(2, 8, 2, 95, 64, "varied", 1.0, 1, id="k=L"),
+    pytest.param(2, 4, 1, 60, 64, "varied", 0.10, 128, id="floor>L"),
+    pytest.param(1, 16, 1, 700, 64, "full", 0.05, 4, id="gqa16"),
+]
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,Hq,Hkv,Lk,Dh,kind,frac,floor", CASES)
+def test_dense(B, Hq, Hkv, Lk, Dh, kind, frac, floor, dtype):
+    q, k, v = make(B, Hq, Hkv, Lk, Dh, dtype, seed=1)
+    starts, ends = ranges(B, Lk, kind)
+    out = ops.dense_attention(q, k, v, starts, ends, backend="triton")
+    ref32 = R.dense_attention(q.float(), k.float(), v.float(), starts, ends)
+    full = allowed_from(torch.arange(Lk, dtype=torch.int32).expand(B, Hkv, Lk), starts, ends, Hkv, Lk)
+    check_close(out, q, k, v, full, ref32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dense_output", [False, True], ids=["anchor", "layer0"])
+@pytest.mark.parametrize("B,Hq,Hkv,Lk,Dh,kind,frac,floor", CASES)
+def test_anchor(B, Hq, Hkv, Lk, Dh, kind, frac, floor, dtype, dense_output):
+    # A wider spread of q makes attention peaked, so the selection matters.
+    q, k, v = make(B, Hq, Hkv, Lk, Dh, dtype, seed=2, spread=2.0)
+    starts, ends = ranges(B, Lk, kind)
+    out, indices = ops.anchor_attention(q, k, v, starts, ends, topk_fraction=frac, topk_floor=floor,
+                                        dense_output=dense_output, backend="triton")
+    check_selection(indices, q, k, starts, ends, frac, floor)
+    if dense_output:
+        ref32 = R.dense_attention(q.float(), k.float(), v.float(), starts, ends)
+        allowed = allowed_from(torch.arange(Lk, dtype=torch.int32).expand(B, Hkv, Lk), starts, ends, Hkv, Lk)
+    else:
+        ref32 = R.sparse_attention(q.float(), k.float(), v.float(), indices, starts, ends)
+        allowed = allowed_from(indices, starts, ends, Hkv, Lk)
+    check_close(out, q, k, v, allowed, ref32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,Hq,Hkv,Lk,Dh,kind,frac,floor", CASES)
+def test_sparse_reuse(B, Hq, Hkv, Lk, Dh, kind, frac, floor, dtype):
+    """Reuse layers: another layer's indices, head-mapped (many-to-one), with holes of -1."""
+    q, k, v = make(B, Hq, Hkv, Lk, Dh, dtype, seed=3)
+    starts, ends = ranges(B, Lk, kind)
+    qa, ka, _ = make(B, Hq, Hkv, Lk, Dh, dtype, seed=4)
+    sel = R.select_decode(qa, ka, starts, ends, topk_fraction=frac, topk_floor=floor)
+    head_map = torch.tensor([(h * 3) % Hkv for h in range(Hkv)])
+    mapped = sel[:, head_map].clone()
+    mapped[..., 1::5] = -1  # holes must be ignored
+    mapped[..., 0] = torch.where(mapped[..., 0] >= 0, mapped[..., 0], starts[:, None].to(torch.int32))
+    out = ops.sparse_attention(q, k, v, mapped, starts, ends, topk_fraction=frac, topk_floor=floor,
+                               backend="triton")
+    ref32 = R.sparse_attention(q.float(), k.float(), v.float(), mapped, starts, ends)
+    check_close(out, q, k, v, allowed_from(mapped, starts, ends, Hkv, Lk), ref32)
+
+
+def test_sparse_shared_head_and_int64():
+    """One index set shared by all heads (Hsel = 1), int64 indices."""
+    q, k, v = make(2, 8, 4, 200, 64, torch.float32, seed=5)
+    starts, ends = ranges(2, 200, "varied")
+    sel = R.select_decode(q, k, starts, ends, topk_fraction=0.1, topk_floor=8, head_pooling="all").long()
+    out = ops.sparse_attention(q, k, v, sel, starts, ends, backend="triton")
+    ref32 = R.sparse_attention(q, k, v, sel, starts, ends)
+    check_close(out, q, k, v, allowed_from(sel, starts, ends, 4, 200), ref32)
+
+
+def test_ties():
+    """Many keys with exactly equal scores: any of them may be chosen, but the count and mass hold."""
+    q, k, v = make(2, 8, 2, 257, 64, torch.float32, seed=6)
+    k[:, :, 100:200] = k[:, :, 100:101]  # 100 identical keys per head
+    starts, ends = ranges(2, 257, "full")
+    out, indices = ops.anchor_attention(q, k, v, starts, ends, topk_fraction=0.2, topk_floor=8, backend="triton")
+    check_selection(indices, q, k, starts, ends, 0.2, 8)
+    ref32 = R.sparse_attention(q, k, v, indices, starts, ends)
+    check_close(out, q, k, v, allowed_from(indices, starts, ends, 2, 257), ref32)
+
+
+def test_split_combine_many_splits(monkeypatch):
+    """Force many splits (and selection split over several programs per row, with atomics)."""
+    monkeypatch.setitem(D.TUNING, "min_chunk", 64)
+    monkeypatch.setitem(D.TUNING, "select_min_chunk", 64)
+    monkeypatch.setitem(D.TUNING, "select_block", 64)
+    monkeypatch.setattr(D, "_sm_count", lambda device: 64)
+    q, k, v = make(2, 8, 2, 1000, 64, torch.float32, seed=7, spread=2.0)
+    starts, ends = ranges(2, 1000, "varied")
+    out, indices = D.anchor(q, k, v, starts, ends, topk_fraction=0.1, topk_floor=16, dense_output=True)
+    check_selection(indices, q, k, starts, ends, 0.1, 16)
+    ref32 = R.dense_attention(q, k, v, starts, ends)
+    full = allowed_from(torch.arange(1000, dtype=torch.int32).expand(2, 2, 1000), starts, ends, 2, 1000)
+    check_close(out, q, k, v, full, ref32)
+    out = D.sparse(q, k, v, indices, starts, ends)
+    check_close(out, q, k, v, allowed_from(indices, starts, ends, 2, 1000), R.sparse_attention(q, k, v, indices, starts, ends))
+
+
+@pytest.mark.parametrize(
+    "shape_q,shape_kv,match",
+    [
+        ((1, 4, 1, 96), (1, 2, 50, 96), "head_dim 64 or 128"),
+        ((1, 32, 1, 64), (1, 1, 50, 64), "GQA group sizes 1..16"),
+        ((1, 4, 2, 64), (1, 2, 50, 64), "Lq=1"),
+    ],
+)
+def test_launcher_rejects(shape_q, shape_kv, match):
+    q = torch.randn(shape_q)
+    k = torch.randn(shape_kv)
+    s, e = torch.zeros(1, dtype=torch.int64), torch.full((1,), shape_kv[2], dtype=torch.int64)
+    with pytest.raises(KascadeInputError, match=match):
+        D.dense(q, k, k, s, e)
+
+
+def test_launcher_rejects_strided_head_dim():
+    q = torch.randn(1, 4, 1, 64)
+    k = torch.randn(1, 2, 64, 50).transpose(2, 3)
+    s, e = torch.zeros(1, dtype=torch.int64), torch.full((1,), 50, dtype=torch.int64)
+    with pytest.raises(KascadeInputError, match="stride 1"):
+        D.dense(q, k, k, s, e)
