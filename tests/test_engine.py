@@ -63,8 +63,8 @@ def test_fraction_one_equals_dense():
     model, (x, kv_start) = ToyModel(), batch()
     dense = model.run(Engine(plan(1.0), variant="dense"), x, kv_start, steps=16)
     sparse = model.run(Engine(plan(1.0)), x, kv_start, steps=16)
-    for a, b in zip(dense, sparse):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for a, b in zip(dense, sparse):  # dense runs through SDPA, sparse through the reference: fp32 rounding
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_sparse_differs_from_dense_and_stays_finite():

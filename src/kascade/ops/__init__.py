@@ -94,25 +94,32 @@ def dense_attention(
     mod = _kernels(_phase(q)) if _use_triton(q, backend) else None
     if mod is not None and hasattr(mod, "dense"):
         return mod.dense(q, k, v, kv_start, kv_end, scale=scale)
-    # Without a kernel, SDPA with an explicit mask still beats the reference on the GPU; the mask is
-    # [B, Lq, Lk], so only where that is small (decode, short prefill).
-    if q.is_cuda and (backend or default_backend()) != "reference" and q.shape[2] * k.shape[2] <= 1 << 24:
+    if (backend or default_backend()) != "reference":
+        # Without a kernel, torch SDPA with an explicit mask beats the reference on CPU and GPU alike.
         return _sdpa_dense(q, k, v, kv_start, kv_end, scale)
     return reference.dense_attention(q, k, v, kv_start, kv_end, scale=scale)
 
 
 def _sdpa_dense(q, k, v, kv_start, kv_end, scale):
-    """Dense attention through torch SDPA with an explicit mask (GPU fallback when no kernel exists)."""
-    B, Hq, Lq, _ = q.shape
-    Lk = k.shape[2]
+    """Dense attention through torch SDPA with an explicit mask, in query chunks so the [B, Lq, Lk]
+    mask stays small (a GPU fallback when no kernel exists, and the fast dense path on CPU)."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if Hkv != Hq:  # enable_gqa is not taken by every backend; repeat_kv is what HF does anyway
+        k = k.repeat_interleave(Hq // Hkv, dim=1)
+        v = v.repeat_interleave(Hq // Hkv, dim=1)
     keys = torch.arange(Lk, device=q.device)
-    qpos = kv_end[:, None] - Lq + torch.arange(Lq, device=q.device)[None, :]  # [B, Lq]
-    mask = (keys[None, None, :] <= qpos[:, :, None]) & (keys[None, None, :] >= kv_start[:, None, None])
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=k.shape[1] != Hq
-    )
-    # Padding queries see no key; SDPA gives NaN there, the convention is zero.
-    return torch.nan_to_num(out, nan=0.0) * (qpos >= kv_start[:, None])[:, None, :, None]
+    out = torch.empty_like(q)
+    step = max(1, (1 << 24) // max(1, B * Lk))
+    for lo in range(0, Lq, step):
+        hi = min(Lq, lo + step)
+        qpos = kv_end[:, None] - Lq + torch.arange(lo, hi, device=q.device)[None, :]  # [B, n]
+        mask = (keys[None, None, :] <= qpos[:, :, None]) & (keys[None, None, :] >= kv_start[:, None, None])
+        o = torch.nn.functional.scaled_dot_product_attention(q[:, :, lo:hi], k, v, attn_mask=mask[:, None],
+                                                             scale=scale)
+        # Padding queries see no key; SDPA gives NaN there, the convention is zero.
+        out[:, :, lo:hi] = torch.nan_to_num(o, nan=0.0) * (qpos >= kv_start[:, None])[:, None, :, None]
+    return out
 
 
 def anchor_attention(
