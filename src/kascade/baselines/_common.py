@@ -161,3 +161,29 @@ class LayerMethod:
 
     def _prefill(self, layer, q, k, v, kv_start, kv_end, scale):  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def masked_prefill_attention(q, k, v, kv_start, kv_end, scale, allow) -> torch.Tensor:
+    """Causal prefill attention where query i of a row sees only keys ``allow(pos, L)`` ([n, L] bool over
+    row-relative keys, ``pos`` the row-relative positions of the n queries). Chunked over queries so no
+    [Lq, Lk] score tensor per head is larger than ~32M floats."""
+    B, Hq, Lq, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    for b in range(B):
+        s0, e0 = int(kv_start[b]), int(kv_end[b])
+        L = e0 - s0
+        n = min(Lq, L)
+        qb = q[b, :, Lq - n:].float().reshape(Hkv, G, n, D)
+        kb, vb = k[b, :, s0:e0].float(), v[b, :, s0:e0].float()
+        step = max(1, (1 << 25) // max(1, Hq * L))
+        keys = torch.arange(L, device=q.device)
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            pos = (L - n) + torch.arange(lo, hi, device=q.device)
+            mask = allow(pos, L) & (keys[None, :] <= pos[:, None])
+            sc = torch.einsum("hgqd,hkd->hgqk", qb[:, :, lo:hi], kb) * scale
+            p = torch.softmax(sc.masked_fill(~mask, -math.inf), dim=-1)
+            out[b, :, Lq - n + lo: Lq - n + hi] = torch.einsum("hgqk,hkd->hgqd", p, vb).reshape(Hq, hi - lo, D)
+    return out.to(q.dtype)
