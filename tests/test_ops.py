@@ -76,3 +76,17 @@ def test_sdpa_dense_path_matches_reference(dtype, Lq, monkeypatch):
     ref = reference.dense_attention(q, k, v, kv_start, kv_end)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("Lq", [1, 7, 40])
+def test_sdpa_sparse_path_matches_reference(Lq, monkeypatch):
+    q, k, v = make(Lq, 40, seed=4)
+    kv_start, kv_end = torch.tensor([0, 9]), torch.tensor([40, 40])
+    kw = dict(topk_fraction=0.1, topk_floor=3, tile_size=4)
+    from kascade import ops
+    monkeypatch.setattr(ops, "_kernels", lambda phase: None)
+    idx = (reference.select_decode(q, k, kv_start, kv_end, topk_fraction=0.1, topk_floor=3) if Lq == 1
+           else reference.select_prefill(q, k, kv_start, kv_end, **kw))
+    out = ops.sparse_attention(q, k, v, idx, kv_start, kv_end, **kw)
+    ref = reference.sparse_attention(q, k, v, idx, kv_start, kv_end, **kw)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
