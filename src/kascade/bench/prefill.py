@@ -68,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--warmup", type=int, default=25, help="do_bench warm-up (ms)")
     a("--rep", type=int, default=100, help="do_bench repetitions (ms)")
     a("--seed", type=int, default=0)
+    a("--tune", action="store_true", help="also time the reuse kernel with a few block shapes")
     a("--json", default=None, help="write the results here (default benchmarks/results/prefill_<time>.json)")
     a("--plot", default=None, help="write a PNG plot of speedup vs context here")
 
@@ -268,10 +269,18 @@ def _run_point(args, B, L, frac, T, Hq, Hkv, D, dtype_name) -> dict:
     ms_parts = {
         "lse_pass": _bench(lambda: P._flash(q, k, v, ks, ke, None, with_v=False, store_lse=True, pad_rows=False), w, r),
         "dense_lse_pass": _bench(lambda: P._flash(q, k, v, ks, ke, None, with_v=True, store_lse=True, pad_rows=False), w, r),
-        "pool_select": _bench(lambda: P._select(q, k, lse, idx, budgets, ks, ke, G, T, lo, n_tiles, None), w, r)
-        if lo < n_tiles else 0.0,
     }
+    if lo < n_tiles:
+        sel = lambda st, buf=None: P._select(q, k, lse, idx, budgets, ks, ke, G, T, lo, n_tiles, None,  # noqa: E731
+                                             stages=st, pooled=buf)
+        buf = sel(("pool",))
+        ms_parts["pool_select"] = _bench(lambda: sel(("pool", "select"), buf), w, r)
+        ms_parts["pool"] = _bench(lambda: sel(("pool",), buf), w, r)
+        ms_parts["select"] = _bench(lambda: sel(("select",), buf), w, r)
+        del buf
     point["anchor_parts_ms"] = ms_parts
+    if args.tune:
+        point["tune_reuse_ms"] = _tune_reuse(q, k, v, idx, ks, ke, kw, w, r)
     del idx, lse
     A, NL = args.anchors, args.layers
     model = (ms["layer0"] + (A - 1) * ms["anchor"] + (NL - A) * ms["reuse"]) / NL
@@ -286,6 +295,24 @@ def _run_point(args, B, L, frac, T, Hq, Hkv, D, dtype_name) -> dict:
         "sparse_flop_fraction": sparse_flop / dense_flop,
     })
     return point
+
+
+def _tune_reuse(q, k, v, idx, ks, ke, kw, w, r) -> dict:
+    """Reuse-kernel time for a few block shapes (BLOCK_N, num_stages, num_warps)."""
+    from ..ops import prefill as P
+
+    saved = (P.SPARSE_BLOCK_N, P.SPARSE_STAGES, P.SPARSE_WARPS)
+    res = {}
+    try:
+        for bn, st, nw in ((64, 2, 4), (64, 3, 4), (64, 4, 8), (128, 2, 8), (128, 3, 8), (32, 4, 4)):
+            P.SPARSE_BLOCK_N, P.SPARSE_STAGES, P.SPARSE_WARPS = bn, st, nw
+            try:
+                res[f"n{bn}_s{st}_w{nw}"] = _bench(lambda: P.sparse(q, k, v, idx, ks, ke, **kw), w, r)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: record and go on
+                res[f"n{bn}_s{st}_w{nw}"] = str(exc)[:120]
+    finally:
+        P.SPARSE_BLOCK_N, P.SPARSE_STAGES, P.SPARSE_WARPS = saved
+    return res
 
 
 def _table(points: list[dict]) -> str:

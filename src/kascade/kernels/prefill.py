@@ -59,14 +59,14 @@ def _attn_fwd_kernel(
 
     WITH_V=False computes only the log-sum-exp (the anchor's first pass: half the matrix work)."""
     M: tl.constexpr = G_BLOCK * BLOCK_T
-    pid_h = tl.program_id(0)
-    n_qblocks = tl.num_programs(1)
-    b = pid_h // (Hkv * n_gblocks)
-    hkv = (pid_h // n_gblocks) % Hkv
-    gb = pid_h % n_gblocks
+    # Grid (query blocks x head blocks, batch x KV heads): programs running together share one KV head,
+    # so its K/V stay in L2; largest blocks first (the last query block of a row has the most keys).
+    n_qblocks = tl.num_programs(0) // n_gblocks
+    gb = tl.program_id(0) % n_gblocks
+    b = tl.program_id(1) // Hkv
+    hkv = tl.program_id(1) % Hkv
     start, L, q_pos = _row_geometry(kv_start_ptr, kv_end_ptr, b, Lq)
-    # Largest blocks first: the last query block of a row has the most keys.
-    r0 = (q_pos // BLOCK_T) * BLOCK_T + (n_qblocks - 1 - tl.program_id(1)) * BLOCK_T
+    r0 = (q_pos // BLOCK_T) * BLOCK_T + (n_qblocks - 1 - tl.program_id(0) // n_gblocks) * BLOCK_T
     if r0 >= L:
         return
     offs_m = tl.arange(0, M)
@@ -126,11 +126,11 @@ def _pool_kernel(
     over those rows: pooled[b, hkv, tile - tile_lo, :prefix]. With several head blocks per group
     (ATOMIC) the partial sums are added atomically into a zeroed buffer."""
     M: tl.constexpr = G_BLOCK * T
-    pid_h = tl.program_id(0)
-    b = pid_h // (Hkv * n_gblocks)
-    hkv = (pid_h // n_gblocks) % Hkv
-    gb = pid_h % n_gblocks
-    slot = tl.program_id(1)
+    n_slots = tl.num_programs(0) // n_gblocks
+    gb = tl.program_id(0) % n_gblocks
+    b = tl.program_id(1) // Hkv
+    hkv = tl.program_id(1) % Hkv
+    slot = n_slots - 1 - tl.program_id(0) // n_gblocks
     tile = tile_lo + slot
     start, L, q_pos = _row_geometry(kv_start_ptr, kv_end_ptr, b, Lq)
     if tile >= n_tiles:
@@ -148,7 +148,12 @@ def _pool_kernel(
     offs_d = tl.arange(0, D)
     q = tl.load(q_ptr + b * sqb + head[:, None] * sqh + lq_idx[:, None] * sqt + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
-    lse = tl.load(lse_ptr + b * slb + head * slh + lq_idx, mask=row_ok, other=0.0)
+    # Rows without a query get lse = +inf, so their probabilities are exactly 0.
+    lse = tl.load(lse_ptr + b * slb + head * slh + lq_idx, mask=row_ok, other=float("inf"))
+    lse = tl.where(row_ok, lse, float("inf"))
+    # Scores transposed (keys x rows): the pooled sum is then a row reduction of the accumulator,
+    # which stays inside a thread and its quad, instead of a reduction across warps.
+    qt = tl.trans(q)
     offs_n = tl.arange(0, BLOCK_N)
     k_base = k_ptr + b * skb + hkv * skh + start * skt
     out_base = pooled_ptr + b.to(tl.int64) * spb + hkv * sph + slot * spt
@@ -156,10 +161,9 @@ def _pool_kernel(
         kn = n0 + offs_n
         key_ok = kn < prefix
         k = tl.load(k_base + kn[:, None] * skt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        p = tl.math.exp2(s - lse[:, None])
-        p = tl.where(row_ok[:, None], p, 0.0)
-        col = tl.sum(p, 0)
+        st = tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale
+        p = tl.math.exp2(st - lse[None, :])
+        col = tl.sum(p, 1)
         if ATOMIC:
             tl.atomic_add(out_base + kn, col, mask=key_ok, sem="relaxed")
         else:
@@ -205,10 +209,9 @@ def _select_kernel(
     (pooled scores are >= 0, so their int32 bit patterns order like the values), then one compaction
     pass writing the selected absolute positions in ascending order: all keys above the k-th value,
     and the first keys equal to it until the budget is met."""
-    pid_h = tl.program_id(0)
-    b = pid_h // Hkv
-    hkv = pid_h % Hkv
-    slot = tl.program_id(1)
+    b = tl.program_id(1) // Hkv
+    hkv = tl.program_id(1) % Hkv
+    slot = tl.num_programs(0) - 1 - tl.program_id(0)
     tile = tile_lo + slot
     start, L, q_pos = _row_geometry(kv_start_ptr, kv_end_ptr, b, Lq)
     if tile >= n_tiles:
@@ -251,14 +254,14 @@ def _sparse_kernel(
     """Rolling sparse prefill of one tile x G_BLOCK heads: the tile's selected prefix keys (gathered by
     index; all prefix keys when the tile is dense), then its own tile causally."""
     M: tl.constexpr = G_BLOCK * T
-    pid_h = tl.program_id(0)
-    n_slots = tl.num_programs(1)
-    b = pid_h // (Hkv * n_gblocks)
-    hkv = (pid_h // n_gblocks) % Hkv
-    gb = pid_h % n_gblocks
+    # Grid as in _attn_fwd_kernel: one KV head's tiles together (its K/V rows stay in L2), the head
+    # blocks of one tile next to each other (they gather the same keys), largest tiles first.
+    n_slots = tl.num_programs(0) // n_gblocks
+    gb = tl.program_id(0) % n_gblocks
+    b = tl.program_id(1) // Hkv
+    hkv = tl.program_id(1) % Hkv
     start, L, q_pos = _row_geometry(kv_start_ptr, kv_end_ptr, b, Lq)
-    # Largest tiles first, for load balance.
-    tile = q_pos // T + (n_slots - 1 - tl.program_id(1))
+    tile = q_pos // T + (n_slots - 1 - tl.program_id(0) // n_gblocks)
     prefix = tile * T
     if prefix >= L:
         return

@@ -35,6 +35,10 @@ ROWS_PER_PROGRAM = 128  # M = query rows (tokens x heads of one GQA group) per p
 POOL_ROWS_PER_PROGRAM = 256  # the pooling kernel keeps a whole tile x group up to this size
 POOL_BUFFER_BYTES = 1 << 30  # pooled-score buffer of one chunk of tiles
 SELECT_BLOCK = 2048
+FLASH_BLOCK_N, FLASH_STAGES = 64, 3
+LSE_BLOCK_N, LSE_STAGES = 64, 4
+POOL_BLOCK_N, POOL_STAGES = 128, 3
+SPARSE_BLOCK_N, SPARSE_STAGES, SPARSE_WARPS = 64, 3, 0  # SPARSE_WARPS 0: by block size
 
 
 def _next_pow2(x: int) -> int:
@@ -129,15 +133,16 @@ def _flash(q, k, v, kv_start, kv_end, scale, *, with_v: bool, store_lse: bool, p
     o_arg = out if out is not None else q
     l_arg = lse if lse is not None else q
     M = g_block * block_t
-    grid = (B * Hkv * n_gb, triton.cdiv(Lq, block_t) + 1)
+    grid = ((triton.cdiv(Lq, block_t) + 1) * n_gb, B * Hkv)
     K._attn_fwd_kernel[grid](
         q, k, v, o_arg, l_arg, kv_start, kv_end,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o_arg.stride(0), o_arg.stride(1), o_arg.stride(2),
         l_arg.stride(0), l_arg.stride(1),
         Lq, Hkv, G, n_gb, _scale(scale, D),
-        D=D, G_BLOCK=g_block, BLOCK_T=block_t, BLOCK_N=64, WITH_V=with_v, STORE_LSE=store_lse,
-        DOT_PREC=_dot_precision(q.dtype), num_warps=_warps(M, D), num_stages=3 if with_v else 4,
+        D=D, G_BLOCK=g_block, BLOCK_T=block_t, BLOCK_N=FLASH_BLOCK_N if with_v else LSE_BLOCK_N,
+        WITH_V=with_v, STORE_LSE=store_lse, DOT_PREC=_dot_precision(q.dtype), num_warps=_warps(M, D),
+        num_stages=FLASH_STAGES if with_v else LSE_STAGES,
     )
     return out, lse
 
@@ -179,15 +184,15 @@ def _launch_sparse(q, k, v, out, indices, budgets, kv_start, kv_end, G, T, scale
     Hkv = k.shape[1]
     g_block, n_gb = _group_blocking(G, T, ROWS_PER_PROGRAM)
     M = g_block * T
-    grid = (B * Hkv * n_gb, triton.cdiv(Lq, T) + 1)
+    grid = ((triton.cdiv(Lq, T) + 1) * n_gb, B * Hkv)
     K._sparse_kernel[grid](
         q, k, v, out, indices, budgets, kv_start, kv_end,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         indices.stride(0), indices.stride(1), indices.stride(2),
         Lq, Hkv, G, n_gb, budgets.numel(), _scale(scale, D),
-        D=D, G_BLOCK=g_block, T=T, BLOCK_N=64, DOT_PREC=_dot_precision(q.dtype),
-        num_warps=_warps(M, D), num_stages=3,
+        D=D, G_BLOCK=g_block, T=T, BLOCK_N=SPARSE_BLOCK_N, DOT_PREC=_dot_precision(q.dtype),
+        num_warps=SPARSE_WARPS or _warps(M, D), num_stages=SPARSE_STAGES,
     )
 
 
@@ -217,8 +222,10 @@ def anchor(q, k, v, kv_start, kv_end, *, topk_fraction, topk_floor, tile_size, s
     return out, indices
 
 
-def _select(q, k, lse, indices, budgets, kv_start, kv_end, G, T, tile_lo, n_tiles, scale):
-    """Pool and select tiles tile_lo..n_tiles-1, in chunks whose pooled buffer fits POOL_BUFFER_BYTES."""
+def _select(q, k, lse, indices, budgets, kv_start, kv_end, G, T, tile_lo, n_tiles, scale,
+            stages=("pool", "select"), pooled=None):
+    """Pool and select tiles tile_lo..n_tiles-1, in chunks whose pooled buffer fits POOL_BUFFER_BYTES.
+    (stages and pooled let the benchmark time the two kernels apart.) Returns the pooled buffer."""
     B, Hq, Lq, D = q.shape
     Hkv = k.shape[1]
     width = n_tiles * T
@@ -227,24 +234,28 @@ def _select(q, k, lse, indices, budgets, kv_start, kv_end, G, T, tile_lo, n_tile
     g_block, n_gb = _group_blocking(G, T, POOL_ROWS_PER_PROGRAM)
     atomic = n_gb > 1
     alloc = torch.zeros if atomic else torch.empty
-    pooled = alloc((B, Hkv, chunk, width), dtype=torch.float32, device=q.device)
+    if pooled is None:
+        pooled = alloc((B, Hkv, chunk, width), dtype=torch.float32, device=q.device)
     M = g_block * T
     qk_scale = _scale(scale, D)
     for lo in range(tile_lo, n_tiles, chunk):
-        if atomic and lo != tile_lo:
-            pooled.zero_()
-        K._pool_kernel[(B * Hkv * n_gb, chunk)](
-            q, k, lse, pooled, budgets, kv_start, kv_end,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            lse.stride(0), lse.stride(1), pooled.stride(0), pooled.stride(1), pooled.stride(2),
-            Lq, Hkv, G, n_gb, lo, n_tiles, qk_scale,
-            D=D, G_BLOCK=g_block, T=T, BLOCK_N=64, ATOMIC=atomic, DOT_PREC=_dot_precision(q.dtype),
-            num_warps=_warps(M, D), num_stages=3,
-        )
-        K._select_kernel[(B * Hkv, chunk)](
-            pooled, indices, budgets, kv_start, kv_end,
-            pooled.stride(0), pooled.stride(1), pooled.stride(2),
-            indices.stride(0), indices.stride(1), indices.stride(2),
-            Lq, Hkv, lo, n_tiles, T,
-            BLOCK=SELECT_BLOCK, num_warps=8,
-        )
+        if "pool" in stages:
+            if atomic and lo != tile_lo:
+                pooled.zero_()
+            K._pool_kernel[(chunk * n_gb, B * Hkv)](
+                q, k, lse, pooled, budgets, kv_start, kv_end,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                lse.stride(0), lse.stride(1), pooled.stride(0), pooled.stride(1), pooled.stride(2),
+                Lq, Hkv, G, n_gb, lo, n_tiles, qk_scale,
+                D=D, G_BLOCK=g_block, T=T, BLOCK_N=POOL_BLOCK_N, ATOMIC=atomic,
+                DOT_PREC=_dot_precision(q.dtype), num_warps=_warps(M, D), num_stages=POOL_STAGES,
+            )
+        if "select" in stages:
+            K._select_kernel[(chunk, B * Hkv)](
+                pooled, indices, budgets, kv_start, kv_end,
+                pooled.stride(0), pooled.stride(1), pooled.stride(2),
+                indices.stride(0), indices.stride(1), indices.stride(2),
+                Lq, Hkv, lo, n_tiles, T,
+                BLOCK=SELECT_BLOCK, num_warps=8,
+            )
+    return pooled
