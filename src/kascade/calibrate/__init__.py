@@ -1,0 +1,163 @@
+"""Calibration: choose anchor layers and head maps for a model from dense runs over a development set.
+
+Steps (``kascade calibrate`` runs them all):
+
+1. :func:`collect` runs the model densely over the prompts and gathers the similarity tensor
+   [anchor layer, reuse layer, reuse head, anchor head] and the layer importance (see :mod:`.stats`).
+2. :func:`~.dp.best_anchors` picks the anchors maximising sum_j w_j * S[anchor(j)][j] (exact dynamic
+   program); :func:`~.dp.anchor_table` lists the best sets for M = 3..8.
+3. :func:`~.dp.head_map` maps each reuse head to the anchor head whose Top-k captures most of its mass.
+4. :func:`make_plan` writes it all into a :class:`~kascade.plan.Plan` with provenance.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Iterable
+
+import torch
+
+from ..plan import Plan
+from .dp import AnchorChoice, anchor_table, best_anchors, head_map
+from .stats import CalibrationStats, StatsCollector
+
+
+def _decoder_layers(model) -> list[torch.nn.Module]:
+    layers = [m for m in model.modules() if hasattr(m, "self_attn") and hasattr(m.self_attn, "layer_idx")]
+    return sorted(layers, key=lambda m: m.self_attn.layer_idx)
+
+
+def collect(
+    model,
+    inputs: Iterable[torch.Tensor],
+    *,
+    stats_k: int = 64,
+    tile_size: int = 32,
+    progress: bool = True,
+    total: int | None = None,
+    info: dict[str, Any] | None = None,
+) -> CalibrationStats:
+    """Dense forward passes over ``inputs`` (token ids [1, n] each) with statistics collection."""
+    from ..integrations import hf
+
+    spec = hf.model_spec(model)
+    collector = StatsCollector(spec, stats_k=stats_k, tile_size=tile_size)
+    previous = hf.method_of(model)
+    hf.enable(model, collector)
+    hooks = []
+    pending: dict[int, torch.Tensor] = {}
+    for layer in _decoder_layers(model):
+        j = layer.self_attn.layer_idx
+
+        def pre(module, args, kwargs, j=j):
+            pending[j] = args[0] if args else kwargs["hidden_states"]
+
+        def post(module, args, output, j=j):
+            attn_out = output[0] if isinstance(output, tuple) else output
+            collector.record_importance(j, pending.pop(j), attn_out)
+
+        hooks.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+        hooks.append(layer.self_attn.register_forward_hook(post))
+    bar = _progress(total, progress)
+    skipped = 0
+    try:
+        for ids in inputs:
+            start = time.perf_counter()
+            collector.begin_prompt()
+            with torch.no_grad():
+                model(ids.to(model.device), use_cache=False, logits_to_keep=1)
+            if not collector.end_prompt():
+                skipped += 1
+            bar(ids.shape[1], time.perf_counter() - start)
+    finally:
+        for h in hooks:
+            h.remove()
+        hf.disable(model)
+        if previous is not None:
+            hf.enable(model, previous)
+        bar(None, None)
+    result = collector.result(info)
+    result.info["skipped_short_prompts"] = skipped
+    return result
+
+
+def _progress(total: int | None, enabled: bool):
+    """A progress callback: tqdm when available, else one line per prompt on stderr."""
+    if not enabled:
+        return lambda n, dt: None
+    try:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="calibrating", unit="prompt")
+
+        def step(n, dt):
+            if n is None:
+                bar.close()
+                return
+            bar.set_postfix(tokens=n, s=f"{dt:.1f}")
+            bar.update(1)
+
+        return step
+    except ImportError:
+        count = [0]
+
+        def step(n, dt):
+            if n is None:
+                return
+            count[0] += 1
+            print(f"calibrating: prompt {count[0]}/{total or '?'} ({n} tokens, {dt:.1f} s)", file=sys.stderr)
+
+        return step
+
+
+def make_plan(
+    stats: CalibrationStats,
+    num_anchors: int = 5,
+    *,
+    topk_fraction: float = 0.10,
+    topk_floor: int = 128,
+    tile_size: int = 32,
+    provenance: dict[str, Any] | None = None,
+) -> tuple[Plan, list[AnchorChoice]]:
+    """The plan with ``num_anchors`` anchors, and the DP table (best sets for M = 3..8)."""
+    score = stats.weighted_similarity()
+    choice = best_anchors(score, num_anchors)
+    table = anchor_table(score)
+    layer_sim = stats.layer_similarity()
+    prov = dict(provenance or {})
+    prov.update({
+        "method": "kascade calibrate (post-softmax tile pooling, min over tiles, mean over prompts, "
+                  "importance-weighted exact DP, head remapping)",
+        "samples": stats.num_prompts,
+        "tokens": stats.num_tokens,
+        "stats_k": stats.stats_k,
+        "stats_tile_size": stats.tile_size,
+        "objective": round(choice.score, 6),
+        "objective_all_anchors": round(choice.max_score, 6),
+        "dp_table": [{"num_anchors": len(c.anchor_layers), "anchor_layers": list(c.anchor_layers),
+                      "score": round(c.score, 6), "relative": round(c.relative, 6)} for c in table],
+        "layer_importance": [round(float(w), 6) for w in stats.importance],
+        "reuse_similarity": [round(float(layer_sim[stats_anchor(choice.anchor_layers, j), j]), 6)
+                             for j in range(stats.spec.num_layers)],
+    })
+    prov.update({k: v for k, v in stats.info.items() if k not in prov})
+    plan = Plan(model=stats.spec, anchor_layers=choice.anchor_layers,
+                head_map=head_map(stats.similarity, choice.anchor_layers), topk_fraction=topk_fraction,
+                topk_floor=topk_floor, tile_size=tile_size, provenance=prov)
+    return plan, table
+
+
+def stats_anchor(anchors, j: int) -> int:
+    return max(a for a in anchors if a <= j)
+
+
+def format_table(table: list[AnchorChoice]) -> str:
+    lines = ["anchors  score     relative  anchor_layers"]
+    for c in table:
+        lines.append(f"{len(c.anchor_layers):>7}  {c.score:8.4f}  {c.relative:8.4f}  {list(c.anchor_layers)}")
+    return "\n".join(lines)
+
+
+__all__ = ["collect", "make_plan", "format_table", "CalibrationStats", "StatsCollector", "best_anchors",
+           "anchor_table", "head_map", "AnchorChoice"]

