@@ -22,39 +22,38 @@ def inputs(B, L, Hq=32, Hkv=8, D=128):
     v = torch.randn(B, Hkv, L, D, device=dev, dtype=torch.bfloat16)
     return q, k, v, torch.zeros(B, dtype=torch.int64, device=dev), torch.full((B,), L, dtype=torch.int64, device=dev)
 base = dict(K.TUNING)
-for B, L in [(64, 32768), (1, 131072)]:
+def t(fn): return bench_ms(fn, budget_ms=100)
+for B, L in [(64, 131072), (1, 131072)]:
     q, k, v, ks, ke = inputs(B, L)
     kvb = 2 * k.numel() * 2
     _, idx = K.anchor(q, k, v, ks, ke, topk_fraction=0.1, topk_floor=128)
+    sb = 2 * q.shape[0] * k.shape[1] * idx.shape[-1] * 128 * 2
     print(f"== B={B} L={L}", flush=True)
-    for bn, nw, ns, pps in [(64, 4, 3, 4), (32, 4, 3, 4), (128, 4, 3, 4), (64, 8, 3, 4), (64, 4, 4, 4), (64, 4, 2, 4),
-                            (128, 8, 3, 4), (64, 4, 3, 2), (64, 4, 3, 8), (32, 2, 4, 4), (64, 2, 4, 8)]:
-        K.TUNING.update(base, block_n=bn, num_warps=nw, num_stages=ns, programs_per_sm=pps)
-        try:
-            t = bench_ms(lambda: K.dense(q, k, v, ks, ke), budget_ms=150)
-            ts = bench_ms(lambda: K._split_pass(q, k, v, ks, ke, None, True, False), budget_ms=150)
-            print(f"dense bn={bn} nw={nw} ns={ns} pps={pps}: {t:.4f} ms {kvb/t/1e9:.2f} TB/s | scores {ts:.4f} ms {kvb/2/ts/1e9:.2f} TB/s", flush=True)
-        except Exception as e:
-            print("dense fail", bn, nw, ns, pps, repr(e)[:200])
+    for bn, nw, ns in [(128, 4, 3), (64, 4, 3), (128, 8, 3), (128, 4, 4)]:
+        K.TUNING.update(base, block_n=bn, num_warps=nw, num_stages=ns)
+        td = t(lambda: K.dense(q, k, v, ks, ke))
+        ts = t(lambda: K._split_pass(q, k, v, ks, ke, None, True, False))
+        print(f"dense bn={bn} nw={nw} ns={ns}: {td:.4f} ms {kvb/td/1e9:.2f} TB/s | scores {ts:.4f} ms {kvb/2/ts/1e9:.2f} TB/s", flush=True)
     K.TUNING.update(base)
-    kb = idx.shape[-1]
-    sb = 2 * q.shape[0] * k.shape[1] * kb * 128 * 2
-    for bn, nw, ns, pps in [(64, 4, 3, 4), (32, 4, 3, 4), (128, 4, 3, 4), (64, 8, 3, 4), (64, 4, 2, 4), (64, 4, 4, 4),
-                            (32, 2, 3, 4), (64, 4, 3, 8), (64, 4, 3, 2), (32, 4, 4, 8)]:
-        K.TUNING.update(base, sparse_block_n=bn, sparse_num_warps=nw, sparse_num_stages=ns, programs_per_sm=pps)
-        try:
-            t = bench_ms(lambda: K.sparse(q, k, v, idx, ks, ke), budget_ms=150)
-            print(f"sparse bn={bn} nw={nw} ns={ns} pps={pps}: {t:.4f} ms {sb/t/1e9:.2f} TB/s", flush=True)
-        except Exception as e:
-            print("sparse fail", bn, nw, ns, pps, repr(e)[:200])
-    K.TUNING.update(base)
-    for blk, nw in [(1024, 8), (2048, 8), (1024, 4), (512, 4), (4096, 8)]:
+    sc, m, l, _, n = K._split_pass(q, k, v, ks, ke, None, True, False)
+    for blk, nw in [(2048, 8), (1024, 4), (2048, 4), (4096, 8), (1024, 8)]:
         K.TUNING.update(base, select_block=blk, select_num_warps=nw)
-        sc, m, l, _, n = K._split_pass(q, k, v, ks, ke, None, True, False)
-        t = bench_ms(lambda: K.select(sc, m, l, n, ks, ke, Hkv=8, topk_fraction=0.1, topk_floor=128), budget_ms=150)
-        print(f"select blk={blk} nw={nw}: {t:.4f} ms", flush=True)
+        ts = t(lambda: K.select(sc, m, l, n, ks, ke, Hkv=8, topk_fraction=0.1, topk_floor=128))
+        print(f"select blk={blk} nw={nw}: {ts:.4f} ms", flush=True)
     K.TUNING.update(base)
-    del q, k, v, idx
+    for bn, nw, ns, pps in [(64, 4, 3, 4), (64, 4, 3, 2), (32, 4, 3, 8), (128, 8, 3, 4), (64, 4, 2, 8)]:
+        K.TUNING.update(base, sparse_block_n=bn, sparse_num_warps=nw, sparse_num_stages=ns, programs_per_sm=pps)
+        tr = t(lambda: K.sparse(q, k, v, idx, ks, ke))
+        tf = t(lambda: K.sparse(q, k, v, idx, ks, ke, scores=sc))
+        print(f"sparse bn={bn} nw={nw} ns={ns} pps={pps}: {tr:.4f} ms {sb/tr/1e9:.2f} TB/s | from scores {tf:.4f} ms", flush=True)
+    K.TUNING.update(base)
+    W = idx.shape[-1]
+    ns_, ch = K._splits(B * 8, W, q.device, K.TUNING["sparse_block_n"])
+    mm = torch.randn(B * 8, ns_, 4, device=dev); ll = torch.rand(B * 8, ns_, 4, device=dev); oo = torch.randn(B * 8, ns_, 4, 128, device=dev)
+    print(f"combine alone ({ns_} splits): {t(lambda: K._combine(q, mm, ll, oo, ns_, 8)):.4f} ms", flush=True)
+    print(f"anchor {t(lambda: K.anchor(q, k, v, ks, ke, topk_fraction=0.1, topk_floor=128)):.4f} ms; layer0 "
+          f"{t(lambda: K.anchor(q, k, v, ks, ke, topk_fraction=0.1, topk_floor=128, dense_output=True)):.4f} ms", flush=True)
+    del q, k, v, idx, sc, m, l
     torch.cuda.empty_cache()
 PY
   ;;&

@@ -6,7 +6,9 @@ API (kept small on purpose):
   median milliseconds of ``fn()`` on the current CUDA device. fn is called once first (compilation,
   warm-up), then, with use_graph, captured in a CUDA graph whose replays are timed (no launch gaps from
   Python; the ops must be capturable). Each repetition is timed alone with CUDA events, after a 256 MB
-  write that evicts the L2, so repeated runs never read a warm cache.
+  read that evicts the L2, so repeated runs never read a warm cache. A read, not a write (as
+  triton.testing.do_bench does): a write leaves up to 50 MB of dirty lines whose write-back would be
+  charged to the timed kernel, which for a 50 MB sparse gather doubles its traffic.
 * ``env_info() -> dict``: device name, torch / triton / CUDA / cuDNN versions, git commit, UTC time.
 * ``write_results(path, rows, meta) -> str``: one JSON document {"meta": meta, "rows": rows}; returns path.
 * ``format_table(rows, columns) -> str`` / ``print_table(rows, columns)``: columns are (header, key or
@@ -32,7 +34,7 @@ _FLUSH: dict[int, torch.Tensor] = {}
 def _flush_buffer(device: torch.device) -> torch.Tensor:
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _FLUSH:
-        _FLUSH[idx] = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device=device)
+        _FLUSH[idx] = torch.ones(256 * 1024 * 1024 // 4, dtype=torch.int32, device=device)
     return _FLUSH[idx]
 
 
@@ -75,7 +77,7 @@ def bench_ms(
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for i in range(reps):
         if flush is not None:
-            flush.zero_()
+            torch.amax(flush)
         starts[i].record()
         run()
         ends[i].record()

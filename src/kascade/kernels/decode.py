@@ -79,17 +79,20 @@ def decode_split_kernel(
 
 @triton.jit
 def decode_sparse_kernel(
-    Q, K, V, IDX, KV_START, KV_END, M_PART, L_PART, O_PART,
+    Q, K, V, IDX, KV_START, KV_END, SCORES, M_PART, L_PART, O_PART,
     qk_scale,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ib, stride_ih,
-    H_KV, W, n_splits, chunk,
+    H_KV, Lk, W, n_splits, chunk,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    FROM_SCORES: tl.constexpr,
 ):
     """One split of one row's index slots: gather K/V at the indices (absolute positions; -1 or
-    positions outside [kv_start, kv_end) are skipped) and attend, writing the split's (m, l, acc)."""
+    positions outside [kv_start, kv_end) are skipped) and attend, writing the split's (m, l, acc).
+    With FROM_SCORES (an anchor layer, right after its score pass) the scores are gathered from
+    SCORES [rows, G, Lk] instead of recomputed, so K is not read again."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     b = (row // H_KV).to(tl.int64)
@@ -108,6 +111,7 @@ def decode_sparse_kernel(
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     i_base = IDX + b * stride_ib + h * stride_ih
+    s_base = SCORES + row.to(tl.int64) * G * Lk
 
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
@@ -117,8 +121,12 @@ def decode_sparse_kernel(
         idx = tl.load(i_base + slot, mask=slot < hi, other=-1).to(tl.int64)
         valid = (idx >= start) & (idx < end)
         idx = tl.where(valid, idx, 0)
-        k = tl.load(k_base + idx[:, None] * stride_kn + offs_d[None, :], mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if FROM_SCORES:
+            s = tl.load(s_base + offs_g[:, None] * Lk + idx[None, :], mask=g_mask[:, None] & valid[None, :],
+                        other=float("-inf"))
+        else:
+            k = tl.load(k_base + idx[:, None] * stride_kn + offs_d[None, :], mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)

@@ -1,13 +1,15 @@
-"""Triton kernels of Top-k selection over pooled post-softmax scores: a two-level radix select.
+"""Triton kernels of Top-k selection over pooled post-softmax scores: a three-level radix select.
 
 Pooled scores are non-negative float32, so their bit patterns (as int32) order like the values. Level 1
-histograms bits 30..19 (4096 bins), level 2 histograms bits 18..7 of the keys inside level 1's boundary
-bin; the 24-bit key (bits 30..7, relative resolution 2^-16) then splits each row's keys into "above the
-threshold" (all taken) and "at the threshold" (taken until the budget is filled). Keys closer than 2^-16
-relative are treated as ties. Three passes over a row's pooled scores, no sort.
+histograms bits 30..23 (the exponent, 256 bins), level 2 bits 22..15 of the keys inside level 1's
+boundary bin, level 3 bits 14..7 inside level 2's; the 24-bit key (bits 30..7, relative resolution
+2^-16) then splits each row's keys into "above the threshold" (all taken) and "at the threshold" (taken
+until the budget is filled). Keys closer than 2^-16 relative are treated as ties. Four passes over a
+row's pooled scores (the first fused with pooling), no sort. 256 bins because tl.histogram's cost grows
+with the bin count: 4096 bins made a pass compute-bound (measured 10x slower, notes_decode.md).
 
 A row may be split over several programs (fills the GPU at batch 1): histograms are summed with
-atomics into a zero-initialised [rows, 2 * 4096 + 2] int32 buffer (its last two entries are slot
+atomics into a zero-initialised [rows, 3 * 256 + 2] int32 buffer (its last two entries are slot
 counters used by the compaction pass). With several programs per row, the order of the written
 indices, and which of the threshold ties are taken, depends on scheduling; the selected set otherwise
 does not.
@@ -18,8 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-NBINS = 4096
-HIST_STRIDE = 2 * NBINS + 2
+NBINS = 256
+HIST_STRIDE = 3 * NBINS + 2
 
 
 @triton.jit
@@ -84,20 +86,39 @@ def pool_hist_kernel(
                     other=float("-inf"))
         p = tl.sum(tl.math.exp2(s - lse[:, None]), 0)
         tl.store(p_base + n, p, mask=n_mask)
-        key = tl.where(n_mask, p.to(tl.int32, bitcast=True) >> 19, 0)
+        key = tl.where(n_mask, p.to(tl.int32, bitcast=True) >> 23, 0)
         hist += tl.histogram(key, NB)
         # masked lanes were counted in bin 0
         hist -= tl.where(bins == 0, BLOCK - tl.sum(n_mask.to(tl.int32), 0), 0)
-    tl.atomic_add(HIST + row.to(tl.int64) * (2 * NB + 2) + bins, hist)
+    tl.atomic_add(HIST + row.to(tl.int64) * (3 * NB + 2) + bins, hist)
+
+
+@triton.jit
+def _threshold(h_base, kk, LEVELS: tl.constexpr, NB: tl.constexpr):
+    """From the first LEVELS histograms: the boundary prefix (LEVELS * 8 bits of bits 30..7) and how many
+    keys lie strictly above it."""
+    bins = tl.arange(0, NB)
+    b1, gt = _boundary(tl.load(h_base + bins), kk, NB)
+    prefix = b1
+    if LEVELS >= 2:
+        b2, gt2 = _boundary(tl.load(h_base + NB + bins), kk - gt, NB)
+        prefix = (prefix << 8) | b2
+        gt += gt2
+    if LEVELS >= 3:
+        b3, gt3 = _boundary(tl.load(h_base + 2 * NB + bins), kk - gt, NB)
+        prefix = (prefix << 8) | b3
+        gt += gt3
+    return prefix, gt
 
 
 @triton.jit
 def refine_hist_kernel(
     POOLED, KV_START, KV_END, HIST,
     H_KV, Lk, chunk, ppm, floor,
-    BLOCK: tl.constexpr, NB: tl.constexpr,
+    LEVEL: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr,
 ):
-    """Level-2 histogram (bits 18..7) of the keys in level 1's boundary bin."""
+    """Level-LEVEL histogram (LEVEL 2: bits 22..15, 3: bits 14..7) of the keys inside the boundary
+    prefix of the levels before."""
     row = tl.program_id(0)
     sp = tl.program_id(1)
     b = row // H_KV
@@ -107,10 +128,10 @@ def refine_hist_kernel(
     lo = start + sp * chunk
     hi = tl.minimum(lo + chunk, end)
 
-    h_base = HIST + row.to(tl.int64) * (2 * NB + 2)
+    h_base = HIST + row.to(tl.int64) * (3 * NB + 2)
     bins = tl.arange(0, NB)
-    hist1 = tl.load(h_base + bins)
-    b1, _ = _boundary(hist1, kk, NB)
+    prefix, _ = _threshold(h_base, kk, LEVEL - 1, NB)
+    shift = 31 - 8 * (LEVEL - 1)  # the level's 8 bits sit just below bit `shift`
 
     p_base = POOLED + row.to(tl.int64) * Lk
     offs = tl.arange(0, BLOCK)
@@ -119,11 +140,11 @@ def refine_hist_kernel(
         n = n0 + offs
         n_mask = n < hi
         bits = tl.load(p_base + n, mask=n_mask, other=0.0).to(tl.int32, bitcast=True)
-        inside = n_mask & ((bits >> 19) == b1)
-        key = tl.where(inside, (bits >> 7) & (NB - 1), 0)
+        inside = n_mask & ((bits >> shift) == prefix)
+        key = tl.where(inside, (bits >> (shift - 8)) & (NB - 1), 0)
         hist += tl.histogram(key, NB)
         hist -= tl.where(bins == 0, BLOCK - tl.sum(inside.to(tl.int32), 0), 0)
-    tl.atomic_add(h_base + NB + bins, hist)
+    tl.atomic_add(h_base + (LEVEL - 1) * NB + bins, hist)
 
 
 @triton.jit
@@ -142,12 +163,8 @@ def compact_kernel(
     lo = start + sp * chunk
     hi = tl.minimum(lo + chunk, end)
 
-    h_base = HIST + row.to(tl.int64) * (2 * NB + 2)
-    bins = tl.arange(0, NB)
-    b1, gt1 = _boundary(tl.load(h_base + bins), kk, NB)
-    b2, gt2 = _boundary(tl.load(h_base + NB + bins), kk - gt1, NB)
-    thr = (b1 << 12) | b2
-    n_gt = gt1 + gt2
+    h_base = HIST + row.to(tl.int64) * (3 * NB + 2)
+    thr, n_gt = _threshold(h_base, kk, 3, NB)
     need = kk - n_gt
 
     p_base = POOLED + row.to(tl.int64) * Lk
@@ -161,10 +178,10 @@ def compact_kernel(
         eq = n_mask & (key == thr)
         gt_i = gt.to(tl.int32)
         eq_i = eq.to(tl.int32)
-        base_gt = tl.atomic_add(h_base + 2 * NB, tl.sum(gt_i, 0))
+        base_gt = tl.atomic_add(h_base + 3 * NB, tl.sum(gt_i, 0))
         pos = base_gt + tl.cumsum(gt_i, 0) - 1
         tl.store(i_base + pos, n, mask=gt)
-        base_eq = tl.atomic_add(h_base + 2 * NB + 1, tl.sum(eq_i, 0))
+        base_eq = tl.atomic_add(h_base + 3 * NB + 1, tl.sum(eq_i, 0))
         pos = base_eq + tl.cumsum(eq_i, 0) - 1
         tl.store(i_base + n_gt + pos, n, mask=eq & (pos < need))
 

@@ -9,8 +9,9 @@ holding absolute key positions, -1 padded.
   read once per KV head), then a combine kernel merges the splits.
 * ``anchor``: the same split pass over K only (V is not read), writing the base-2 scores of the group
   [B*Hkv, G, Lk] fp32 and each split's max/sum; then pooling (sum over the group of the post-softmax
-  probabilities) fused with the first radix-select histogram, a second histogram, a compaction pass
-  writing the indices, and finally ``sparse`` over them. ``dense_output=True`` (layer 0) reads V in
+  probabilities) fused with the first radix-select histogram, two more histogram passes, a compaction
+  pass writing the indices, and finally ``sparse`` over them, gathering the stored scores and V (K is
+  not read twice). ``dense_output=True`` (layer 0) reads V in
   the split pass and returns its dense output instead of a sparse one.
 * ``sparse``: each (row, KV head) gathers K/V rows at its indices, split over the index slots, then
   combine.
@@ -36,7 +37,7 @@ LOG2E = 1.4426950408889634
 
 # Block sizes and launch settings. Module-level so a benchmark can try others without editing code.
 TUNING = {
-    "block_n": 64,  # keys per iteration of the split (dense / score) pass
+    "block_n": 128,  # keys per iteration of the split (dense / score) pass
     "num_warps": 4,
     "num_stages": 3,
     "sparse_block_n": 64,  # index slots per iteration of the sparse pass
@@ -44,7 +45,7 @@ TUNING = {
     "sparse_num_stages": 3,
     "programs_per_sm": 4,  # how many programs per SM the split count aims for
     "min_chunk": 512,  # fewest keys (or slots) per split
-    "select_block": 1024,  # keys per iteration of the selection passes
+    "select_block": 2048,  # keys per iteration of the selection passes
     "select_num_warps": 8,
     "select_min_chunk": 4096,
     "max_splits": 256,
@@ -148,9 +149,11 @@ def dense(q, k, v, kv_start, kv_end, *, scale=None):
     return _combine(q, m, l, o, n_splits, k.shape[1])
 
 
-def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None):
+def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None):
     """Attention over each (row, KV head)'s selected keys: indices [B, Hkv, W] (absolute positions,
-    -1 and positions outside [kv_start, kv_end) ignored). Returns [B, Hq, 1, D] in q's dtype."""
+    -1 and positions outside [kv_start, kv_end) ignored). Returns [B, Hq, 1, D] in q's dtype.
+    scores: the anchor's score-pass output [B*Hkv, G, Lk] (base-2, scaled); when given, scores are
+    gathered from it instead of recomputed from K."""
     B, Hq, Hkv, Lk, D = _check(q, k, v)
     if indices.dim() != 3 or indices.shape[0] != B or indices.shape[1] != Hkv:
         raise KascadeInputError(f"decode indices must be [B={B}, Hkv={Hkv}, W], got {tuple(indices.shape)}")
@@ -169,14 +172,14 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None):
     o = torch.empty((rows, n_splits, G, D), **f32)
     kv_start, kv_end = kv_start.contiguous(), kv_end.contiguous()
     kd.decode_sparse_kernel[(rows, n_splits)](
-        q, k, v, indices, kv_start, kv_end, m, l, o,
+        q, k, v, indices, kv_start, kv_end, (scores if scores is not None else m), m, l, o,
         _scale2(scale, D),
         q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         indices.stride(0), indices.stride(1),
-        Hkv, W, n_splits, chunk,
-        G=G, GP=_gp(G), D=D, BLOCK_N=block, PRECISION=_precision(q),
+        Hkv, Lk, W, n_splits, chunk,
+        G=G, GP=_gp(G), D=D, BLOCK_N=block, PRECISION=_precision(q), FROM_SCORES=scores is not None,
         num_warps=TUNING["sparse_num_warps"], num_stages=TUNING["sparse_num_stages"],
     )
     return _combine(q, m, l, o, n_splits, Hkv)
@@ -206,9 +209,11 @@ def select(scores, m, l, n_splits, kv_start, kv_end, *, Hkv, topk_fraction, topk
         G=G, GP=triton.next_power_of_2(G), SP=triton.next_power_of_2(n_splits), BLOCK=block, NB=nb,
         num_warps=nw,
     )
-    kt.refine_hist_kernel[grid](
-        pooled, kv_start, kv_end, hist, Hkv, Lk, chunk, ppm, int(topk_floor), BLOCK=block, NB=nb, num_warps=nw,
-    )
+    for level in (2, 3):
+        kt.refine_hist_kernel[grid](
+            pooled, kv_start, kv_end, hist, Hkv, Lk, chunk, ppm, int(topk_floor), LEVEL=level, BLOCK=block,
+            NB=nb, num_warps=nw,
+        )
     kt.compact_kernel[grid](
         pooled, kv_start, kv_end, hist, indices, Hkv, Lk, W, chunk, w_chunk, ppm, int(topk_floor),
         BLOCK=block, NB=nb, num_warps=nw,
@@ -228,5 +233,5 @@ def anchor(q, k, v, kv_start, kv_end, *, topk_fraction, topk_floor, scale=None, 
     if dense_output:
         out = _combine(q, m, l, o, n_splits, Hkv)
     else:
-        out = sparse(q, k, v, indices, kv_start, kv_end, scale=scale)
+        out = sparse(q, k, v, indices, kv_start, kv_end, scale=scale, scores=scores)
     return out, indices
