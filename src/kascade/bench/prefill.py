@@ -277,10 +277,14 @@ def _run_point(args, B, L, frac, T, Hq, Hkv, D, dtype_name) -> dict:
         ms_parts["pool_select"] = _bench(lambda: sel(("pool", "select"), buf), w, r)
         ms_parts["pool"] = _bench(lambda: sel(("pool",), buf), w, r)
         ms_parts["select"] = _bench(lambda: sel(("select",), buf), w, r)
+        if args.tune:
+            point["tune_ms"] = _tune({
+                "reuse": lambda: P.sparse(q, k, v, idx, ks, ke, **kw),
+                "lse": lambda: P._flash(q, k, v, ks, ke, None, with_v=False, store_lse=True, pad_rows=False),
+                "pool": lambda: sel(("pool",), buf),
+            }, w, r)
         del buf
     point["anchor_parts_ms"] = ms_parts
-    if args.tune:
-        point["tune_reuse_ms"] = _tune_reuse(q, k, v, idx, ks, ke, kw, w, r)
     del idx, lse
     A, NL = args.anchors, args.layers
     model = (ms["layer0"] + (A - 1) * ms["anchor"] + (NL - A) * ms["reuse"]) / NL
@@ -297,21 +301,35 @@ def _run_point(args, B, L, frac, T, Hq, Hkv, D, dtype_name) -> dict:
     return point
 
 
-def _tune_reuse(q, k, v, idx, ks, ke, kw, w, r) -> dict:
-    """Reuse-kernel time for a few block shapes (BLOCK_N, num_stages, num_warps)."""
+TUNE_VARIANTS = {
+    "reuse": ("SPARSE", ((64, 2, 4), (64, 1, 4), (32, 2, 4), (32, 3, 4), (64, 2, 8), (128, 2, 4), (128, 2, 8))),
+    "lse": ("LSE", ((64, 4, 8), (128, 3, 8), (128, 2, 8), (64, 3, 4), (64, 2, 8))),
+    "pool": ("POOL", ((128, 3, 8), (64, 3, 8), (128, 2, 8), (64, 3, 4), (128, 4, 8))),
+}
+
+
+def _tune(fns: dict, w, r) -> dict:
+    """Time each kernel with a few block shapes (BLOCK_N, num_stages, num_warps)."""
     from ..ops import prefill as P
 
-    saved = (P.SPARSE_BLOCK_N, P.SPARSE_STAGES, P.SPARSE_WARPS)
     res = {}
-    try:
-        for bn, st, nw in ((64, 2, 4), (64, 3, 4), (64, 4, 8), (128, 2, 8), (128, 3, 8), (32, 4, 4)):
-            P.SPARSE_BLOCK_N, P.SPARSE_STAGES, P.SPARSE_WARPS = bn, st, nw
-            try:
-                res[f"n{bn}_s{st}_w{nw}"] = _bench(lambda: P.sparse(q, k, v, idx, ks, ke, **kw), w, r)
-            except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: record and go on
-                res[f"n{bn}_s{st}_w{nw}"] = str(exc)[:120]
-    finally:
-        P.SPARSE_BLOCK_N, P.SPARSE_STAGES, P.SPARSE_WARPS = saved
+    for name, fn in fns.items():
+        prefix, variants = TUNE_VARIANTS[name]
+        names = [f"{prefix}_BLOCK_N", f"{prefix}_STAGES", f"{prefix}_WARPS"]
+        saved = [getattr(P, n) for n in names]
+        res[name] = {}
+        try:
+            for var in variants:
+                for n, val in zip(names, var):
+                    setattr(P, n, val)
+                key = "n{}_s{}_w{}".format(*var)
+                try:
+                    res[name][key] = _bench(fn, w, r)
+                except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: record and go on
+                    res[name][key] = str(exc)[:120]
+        finally:
+            for n, val in zip(names, saved):
+                setattr(P, n, val)
     return res
 
 

@@ -35,10 +35,12 @@ ROWS_PER_PROGRAM = 128  # M = query rows (tokens x heads of one GQA group) per p
 POOL_ROWS_PER_PROGRAM = 256  # the pooling kernel keeps a whole tile x group up to this size
 POOL_BUFFER_BYTES = 1 << 30  # pooled-score buffer of one chunk of tiles
 SELECT_BLOCK = 2048
-FLASH_BLOCK_N, FLASH_STAGES = 64, 3
-LSE_BLOCK_N, LSE_STAGES = 64, 4
-POOL_BLOCK_N, POOL_STAGES = 128, 3
-SPARSE_BLOCK_N, SPARSE_STAGES, SPARSE_WARPS = 64, 3, 0  # SPARSE_WARPS 0: by block size
+# (BLOCK_N, num_stages, num_warps; 0 warps: by block size) per kernel; the defaults are the fastest
+# of `kascade bench prefill --tune` on an H100 (bf16, 32/8/128, T=32, see benchmarks/notes_prefill.md).
+FLASH_BLOCK_N, FLASH_STAGES, FLASH_WARPS = 64, 3, 0
+LSE_BLOCK_N, LSE_STAGES, LSE_WARPS = 64, 4, 0
+POOL_BLOCK_N, POOL_STAGES, POOL_WARPS = 128, 3, 0
+SPARSE_BLOCK_N, SPARSE_STAGES, SPARSE_WARPS = 64, 2, 4
 
 
 def _next_pow2(x: int) -> int:
@@ -141,7 +143,8 @@ def _flash(q, k, v, kv_start, kv_end, scale, *, with_v: bool, store_lse: bool, p
         l_arg.stride(0), l_arg.stride(1),
         Lq, Hkv, G, n_gb, _scale(scale, D),
         D=D, G_BLOCK=g_block, BLOCK_T=block_t, BLOCK_N=FLASH_BLOCK_N if with_v else LSE_BLOCK_N,
-        WITH_V=with_v, STORE_LSE=store_lse, DOT_PREC=_dot_precision(q.dtype), num_warps=_warps(M, D),
+        WITH_V=with_v, STORE_LSE=store_lse, DOT_PREC=_dot_precision(q.dtype),
+        num_warps=(FLASH_WARPS if with_v else LSE_WARPS) or _warps(M, D),
         num_stages=FLASH_STAGES if with_v else LSE_STAGES,
     )
     return out, lse
@@ -248,7 +251,7 @@ def _select(q, k, lse, indices, budgets, kv_start, kv_end, G, T, tile_lo, n_tile
                 lse.stride(0), lse.stride(1), pooled.stride(0), pooled.stride(1), pooled.stride(2),
                 Lq, Hkv, G, n_gb, lo, n_tiles, qk_scale,
                 D=D, G_BLOCK=g_block, T=T, BLOCK_N=POOL_BLOCK_N, ATOMIC=atomic,
-                DOT_PREC=_dot_precision(q.dtype), num_warps=_warps(M, D), num_stages=POOL_STAGES,
+                DOT_PREC=_dot_precision(q.dtype), num_warps=POOL_WARPS or _warps(M, D), num_stages=POOL_STAGES,
             )
         if "select" in stages:
             K._select_kernel[(chunk, B * Hkv)](
