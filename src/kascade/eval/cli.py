@@ -1,0 +1,97 @@
+"""`kascade eval`: the offline long-context accuracy suite (RULER-style tasks, every method side by side).
+
+Example (the SmolLM2 4K run quoted in the README):
+  kascade eval --model smollm2-135m --lengths 4096 --samples 10 --tasks niah_single niah_multikey vt qa_squad \\
+      --methods dense kascade kascade_decode_only streamingllm quest omnikv lessismore tidaldecode --out results/eval_smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    from ..baselines import METHODS
+    from .tasks import DEFAULT_TASKS, TASKS
+
+    p = subparsers.add_parser(
+        "eval", help="accuracy of Kascade and the baselines on offline RULER-style tasks",
+        description="Generate RULER-style tasks (fixed seeds, token lengths measured with the model's tokenizer), "
+                    "run every method at the same Top-k budget, score with RULER's string match and write a table, "
+                    "JSON and plots. Finished cells are cached in OUT/cells.jsonl: rerunning resumes.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"tasks: {', '.join(TASKS)}\nmethods: {', '.join(METHODS)}",
+    )
+    p.add_argument("--model", default="smollm2-135m", help="a kascade.models name (smollm2-135m, qwen2.5-0.5b)")
+    p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), metavar="TASK", help="default: the 9 RULER tasks")
+    p.add_argument("--lengths", nargs="+", type=int, default=[4096], metavar="TOKENS",
+                   help="context lengths in tokens of the model's input (default 4096)")
+    p.add_argument("--samples", type=int, default=10, help="samples per task and length (default 10)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD", help="default: all")
+    p.add_argument("--budgets", nargs="+", type=float, default=[0.10], metavar="FRACTION",
+                   help="Top-k fractions (default 0.10; the sweep is 0.025 0.05 0.1 0.2)")
+    p.add_argument("--topk-floor", type=int, default=128, help="minimum k (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="task seed (default 0)")
+    p.add_argument("--plan", default=None, help="plan JSON for the Kascade methods (default: the shipped plan)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="cap on generated tokens per sample (default: RULER's per-task length)")
+    p.add_argument("--no-mass", action="store_true", help="do not measure captured attention mass (faster)")
+    p.add_argument("--no-chat-template", action="store_true", help="feed tasks without the chat template")
+    p.add_argument("--out", default="results/eval", help="output directory (default results/eval)")
+    p.add_argument("--name", default=None, help="result file stem (default eval_<model>)")
+    p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--decode-heavy", action="store_true",
+                   help="also (or with --tasks none, only) run the teacher-forced long-continuation measurement")
+    p.add_argument("--dh-context", type=int, default=4096, help="decode-heavy context tokens (default 4096)")
+    p.add_argument("--dh-tokens", type=int, default=1024, help="decode-heavy scored tokens (default 1024)")
+    p.add_argument("--dh-samples", type=int, default=2, help="decode-heavy samples (default 2)")
+    p.add_argument("--dh-source", default="essays", choices=["essays", "kjv"], help="decode-heavy text")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import report
+    from .runner import EvalConfig, Runner
+
+    command = "kascade " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else None
+    tasks = [] if args.tasks == ["none"] else args.tasks
+    cfg = EvalConfig(model=args.model, tasks=tuple(tasks), lengths=tuple(args.lengths), num_samples=args.samples,
+                     methods=tuple(args.methods), budgets=tuple(args.budgets), topk_floor=args.topk_floor,
+                     seed=args.seed, out_dir=args.out, plan=args.plan, max_new_tokens=args.max_new_tokens,
+                     probe_mass=not args.no_mass, chat=not args.no_chat_template)
+    from .. import models
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = models.load(args.model, dtype=getattr(torch, args.dtype))
+    model = model.to(device)
+    runner = Runner(cfg, model, tokenizer)
+    out = Path(args.out)
+    stem = args.name or f"eval_{args.model}"
+    extra = {"command": command, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    summary = {"rows": []}
+    cells = []
+    if tasks:
+        cells = runner.run()
+        summary = report.summarize(cells)
+        report.print_table(summary)
+    if args.decode_heavy:
+        from .decode_heavy import format_decode_heavy, run_decode_heavy
+
+        for fraction in args.budgets:
+            dh = run_decode_heavy(runner, list(runner.methods), fraction, context_tokens=args.dh_context,
+                                  continuation_tokens=args.dh_tokens, num_samples=args.dh_samples,
+                                  source=args.dh_source)
+            print(format_decode_heavy(dh))
+            extra.setdefault("decode_heavy", []).append(dh["decode_heavy"])
+    path = out / f"{stem}.json"
+    report.write_json(path, summary, runner.metadata(), cells, extra)
+    plots = report.plot(summary, out, stem) if summary["rows"] else []
+    print(f"wrote {path}" + (f" and {len(plots)} plots" if plots else ""))
+    return 0

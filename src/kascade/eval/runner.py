@@ -1,0 +1,352 @@
+"""Run methods x tasks x lengths x samples x budgets on one model; cache every finished cell.
+
+One cell = one (task, length, sample, method, budget) greedy generation and its RULER score, written as
+one JSON line to ``<out_dir>/cells.jsonl`` as soon as it finishes; a rerun skips cells already there
+(resumable). Methods with dense prefill (dense and the decode-only methods) share one dense prefill per
+sample: its cache is copied for each of them instead of recomputed. Methods that sparsify prefill
+(Kascade, its ablations, oracle, StreamingLLM) prefill on their own.
+
+Beside the score, each cell records the attention mass each layer's selection captured during decode
+(mean over steps, heads and rows of the share of the dense softmax on the attended keys) and the mass
+the oracle (each head's own exact Top-k at the same budget) would capture: a cheap, sensitive signal.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..baselines import METHODS, NEEDS_PLAN, make_method
+from ..baselines._common import decode_probs, expand_keep, scale_of
+from ..plan import Plan
+from ..reference import topk_budget
+from . import scoring, tasks as tasks_mod
+
+# Methods whose output does not depend on the budget are run once (budget recorded as None).
+BUDGET_FREE = frozenset({"dense"})
+
+
+class Dispatch:
+    """The one attention method installed on the model; forwards every layer call to ``self.method``
+    (switched between runs) and, when probing, measures per-layer captured attention mass on decode
+    steps, accumulated per method name."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.method = None
+        self.num_layers = num_layers
+        self.probe = False
+        self._acc: dict[str, list[list[float]]] = {}
+
+    def use(self, method, probe: bool = False, fresh: bool = True) -> None:
+        """Route calls to ``method``; ``fresh`` resets its state and its mass accumulators."""
+        self.method = method
+        self.probe = probe and hasattr(method, "last_selection")
+        if self.probe:
+            method.record_selection = True
+        name = getattr(method, "name", "method")
+        if fresh:
+            if hasattr(method, "reset"):
+                method.reset()
+            self._acc[name] = [[0.0] * self.num_layers, [0.0] * self.num_layers, [0] * self.num_layers]
+        else:
+            self._acc.setdefault(name, [[0.0] * self.num_layers, [0.0] * self.num_layers, [0] * self.num_layers])
+
+    def __call__(self, layer, q, k, v, kv_start=None, kv_end=None, *, scale=None):
+        out = self.method(layer, q, k, v, kv_start, kv_end, scale=scale)
+        if self.probe and q.shape[2] == 1:
+            self._measure(layer, q, k, kv_start, kv_end, scale)
+        return out
+
+    @torch.no_grad()
+    def _measure(self, layer, q, k, kv_start, kv_end, scale):
+        m = self.method
+        if kv_start is None:
+            kv_start = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+        if kv_end is None:
+            kv_end = torch.full((q.shape[0],), k.shape[2], dtype=torch.long, device=q.device)
+        p = decode_probs(q, k, kv_start, kv_end, scale_of(scale, q.shape[-1]))  # [B, Hq, Lk]
+        keep = m.last_selection.get(layer)
+        mass = 1.0 if keep is None else float((p * expand_keep(keep, q.shape[1], k.shape[1])).sum(-1).mean())
+        budgets = topk_budget(kv_end - kv_start, m.topk_fraction, m.topk_floor)
+        oracle = 0.0
+        for b in range(q.shape[0]):
+            oracle += float(torch.topk(p[b], int(budgets[b]), dim=-1).values.sum(-1).mean())
+        acc = self._acc[getattr(m, "name", "method")]
+        acc[0][layer] += mass
+        acc[1][layer] += oracle / q.shape[0]
+        acc[2][layer] += 1
+
+    def mass_report(self, name: str | None = None) -> dict | None:
+        """Mean captured and oracle mass per layer of method ``name`` (default: the current one)."""
+        name = name or getattr(self.method, "name", "method")
+        acc = self._acc.get(name)
+        if acc is None or not any(acc[2]):
+            return None
+        n = [max(1, c) for c in acc[2]]
+        return {"captured_mass": [round(a / c, 5) for a, c in zip(acc[0], n)],
+                "oracle_mass": [round(a / c, 5) for a, c in zip(acc[1], n)]}
+
+
+@dataclass
+class EvalConfig:
+    model: str = "smollm2-135m"
+    tasks: Sequence[str] = tasks_mod.DEFAULT_TASKS
+    lengths: Sequence[int] = (4096,)
+    num_samples: int = 10
+    methods: Sequence[str] = METHODS
+    budgets: Sequence[float] = (0.10,)
+    topk_floor: int = 128
+    seed: int = 0
+    out_dir: str = "results/eval"
+    plan: str | None = None  # path; default: the shipped plan of the model
+    max_new_tokens: int | None = None  # cap on RULER's per-task generation length
+    probe_mass: bool = True
+    chat: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def cell_key(c: dict) -> str:
+    return "|".join(str(c.get(k)) for k in ("model", "task", "context_length", "index", "seed", "method",
+                                             "topk_fraction", "topk_floor", "plan_id", "max_new_tokens"))
+
+
+def load_cells(path: Path) -> dict[str, dict]:
+    cells = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                try:
+                    c = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by an interrupted run
+                    continue
+                cells[cell_key(c)] = c
+    return cells
+
+
+def shipped_plan(model_name: str, spec) -> tuple[Plan | None, str | None]:
+    """The plan shipped for ``model_name`` (kascade/plans/<name>.json), checked against the model; or None."""
+    from .. import plans
+
+    if model_name not in plans.shipped():
+        return None, None
+    plan = plans.load_shipped(model_name)
+    plan.check_model(spec)
+    return plan, str(plans.path_of(model_name))
+
+
+def plan_id(plan: Plan | None) -> str | None:
+    if plan is None:
+        return None
+    return hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+@torch.no_grad()
+def greedy(model, past, first_logits, max_new_tokens: int, eos_ids: set[int], device) -> list[int]:
+    """Greedy continuation from a prefilled cache and the prefill's last logits."""
+    out: list[int] = []
+    logits = first_logits
+    for _ in range(max_new_tokens):
+        tok = int(logits[0, -1].argmax())
+        out.append(tok)
+        if tok in eos_ids:
+            break
+        res = model(input_ids=torch.tensor([[tok]], device=device), past_key_values=past, use_cache=True)
+        past, logits = res.past_key_values, res.logits
+    return out
+
+
+def eos_ids_of(model, tokenizer) -> set[int]:
+    ids = set()
+    for v in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(v, int):
+            ids.add(v)
+        elif v:
+            ids.update(int(x) for x in v)
+    for t in ("<|im_end|>", "<|endoftext|>"):
+        tid = tokenizer.convert_tokens_to_ids(t)
+        if isinstance(tid, int) and tid >= 0 and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return ids
+
+
+def _progress(total: int, desc: str):
+    try:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, dynamic_ncols=True)
+    except ImportError:  # pragma: no cover
+        class _P:
+            def update(self, n=1): ...
+            def set_postfix_str(self, s): ...
+            def close(self): ...
+        return _P()
+
+
+class Runner:
+    def __init__(self, config: EvalConfig, model=None, tokenizer=None, log=print) -> None:
+        self.cfg = config
+        self.log = log
+        if model is None:
+            from .. import models
+
+            model, tokenizer = models.load(config.model)
+        self.model, self.tokenizer = model.eval(), tokenizer
+        from ..integrations.hf import model_spec
+
+        self.spec = model_spec(model)
+        self.device = next(model.parameters()).device
+        if config.plan:
+            self.plan, self.plan_path = Plan.load(config.plan), config.plan
+            self.plan.check_model(self.spec)
+        else:
+            self.plan, self.plan_path = shipped_plan(config.model, self.spec)
+        self.methods = [m for m in config.methods if m in METHODS]
+        unknown = [m for m in config.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; expected some of {', '.join(METHODS)}")
+        if self.plan is None:
+            skipped = [m for m in self.methods if m in NEEDS_PLAN]
+            if skipped:
+                self.log(f"no plan for {config.model}: skipping {', '.join(skipped)} (pass --plan)")
+            self.methods = [m for m in self.methods if m not in NEEDS_PLAN]
+        self.dispatch = Dispatch(self.spec.num_layers)
+        import kascade
+
+        kascade.enable(self.model, self.dispatch)
+        self.eos = eos_ids_of(self.model, self.tokenizer)
+        self.out_dir = Path(config.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.cells_path = self.out_dir / "cells.jsonl"
+        self.cells = load_cells(self.cells_path)
+
+    # ------------------------------------------------------------------ pieces
+    def _method(self, name: str, fraction: float):
+        return make_method(name, self.plan, self.spec, fraction, self.cfg.topk_floor, record_selection=self.cfg.probe_mass)
+
+    def _prefill(self, ids: torch.Tensor):
+        res = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        return res.past_key_values, res.logits
+
+    def _base(self, sample: tasks_mod.Sample, method: str, fraction: float | None) -> dict:
+        return {"model": self.cfg.model, "task": sample.task, "context_length": sample.context_length,
+                "index": sample.index, "seed": sample.seed, "method": method,
+                "topk_fraction": fraction, "topk_floor": None if fraction is None else self.cfg.topk_floor,
+                "plan_id": plan_id(self.plan) if method in NEEDS_PLAN else None,
+                "max_new_tokens": self._max_new(sample)}
+
+    def _max_new(self, sample) -> int:
+        cap = self.cfg.max_new_tokens
+        return sample.max_new_tokens if cap is None else min(cap, sample.max_new_tokens)
+
+    def _finish(self, base: dict, sample, tokens: list[int], seconds: float) -> dict:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        cell = dict(base, n_tokens=sample.n_tokens, answers=list(sample.answers), prediction=text,
+                    score=scoring.score(text, sample.answers, sample.metric), metric=sample.metric,
+                    new_tokens=len(tokens), seconds=round(seconds, 2))
+        if sample.task == "niah_all_values":
+            cell["ordered_score"] = scoring.ordered_match(text, sample.answers)
+        mass = self.dispatch.mass_report()
+        if mass:
+            cell.update(mass)
+        with open(self.cells_path, "a") as f:
+            f.write(json.dumps(cell) + "\n")
+        self.cells[cell_key(cell)] = cell
+        return cell
+
+    def _todo(self, sample) -> list[tuple[str, float | None]]:
+        runs = []
+        for name in self.methods:
+            for fraction in ([None] if name in BUDGET_FREE else self.cfg.budgets):
+                if cell_key(self._base(sample, name, fraction)) not in self.cells:
+                    runs.append((name, fraction))
+        return runs
+
+    # ------------------------------------------------------------------ the loop
+    def samples(self) -> Iterable[tasks_mod.Sample]:
+        for length in self.cfg.lengths:
+            for task in self.cfg.tasks:
+                for i in range(self.cfg.num_samples):
+                    yield length, task, i
+
+    @torch.no_grad()
+    def run(self) -> list[dict]:
+        cfg = self.cfg
+        per_sample = sum(1 if m in BUDGET_FREE else len(cfg.budgets) for m in self.methods)
+        total = per_sample * len(cfg.lengths) * len(cfg.tasks) * cfg.num_samples
+        bar = _progress(total, f"kascade eval {cfg.model}")
+        for length, task, i in self.samples():
+            sample = tasks_mod.generate_sample(task, self.tokenizer, length, i, cfg.seed, chat=cfg.chat)
+            todo = self._todo(sample)
+            bar.update(per_sample - len(todo))
+            if not todo:
+                continue
+            ids = self.tokenizer(sample.prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.device)
+            dense_prefill_runs = [(n, f) for n, f in todo if self._shares_dense_prefill(n)]
+            own_prefill_runs = [(n, f) for n, f in todo if not self._shares_dense_prefill(n)]
+            if dense_prefill_runs:
+                self.dispatch.use(make_method("dense", None, self.spec))
+                t0 = time.perf_counter()
+                past, logits = self._prefill(ids)
+                prefill_s = time.perf_counter() - t0
+                for name, fraction in dense_prefill_runs:
+                    bar.set_postfix_str(f"{length} {task}#{i} {name}@{fraction}")
+                    self.dispatch.use(self._method(name, fraction or 0.1), probe=cfg.probe_mass)
+                    t0 = time.perf_counter()
+                    toks = greedy(self.model, copy.deepcopy(past), logits, self._max_new(sample), self.eos, self.device)
+                    self._finish(self._base(sample, name, fraction), sample, toks, time.perf_counter() - t0 + prefill_s)
+                    bar.update(1)
+                del past
+            for name, fraction in own_prefill_runs:
+                bar.set_postfix_str(f"{length} {task}#{i} {name}@{fraction}")
+                self.dispatch.use(self._method(name, fraction or 0.1), probe=cfg.probe_mass)
+                t0 = time.perf_counter()
+                past, logits = self._prefill(ids)
+                toks = greedy(self.model, past, logits, self._max_new(sample), self.eos, self.device)
+                self._finish(self._base(sample, name, fraction), sample, toks, time.perf_counter() - t0)
+                bar.update(1)
+        bar.close()
+        return self.selected_cells()
+
+    def _shares_dense_prefill(self, name: str) -> bool:
+        return bool(getattr(self._method(name, 0.1), "decode_only", False))
+
+    def selected_cells(self) -> list[dict]:
+        """The cached cells this configuration asks for (the cache may hold others)."""
+        cfg = self.cfg
+        want = set()
+        for length, task, i in self.samples():
+            for name in self.methods:
+                for fraction in ([None] if name in BUDGET_FREE else cfg.budgets):
+                    want.add((task, length, i, name, fraction))
+        return [c for c in self.cells.values()
+                if c["model"] == cfg.model and c["seed"] == cfg.seed
+                and (c["task"], c["context_length"], c["index"], c["method"], c["topk_fraction"]) in want]
+
+    def metadata(self) -> dict:
+        import platform
+
+        import transformers
+
+        return {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.cfg).items()},
+                "model_spec": asdict(self.spec), "plan_path": self.plan_path, "plan_id": plan_id(self.plan),
+                "anchor_layers": list(self.plan.anchor_layers) if self.plan else None,
+                "methods": {m: self._method(m, 0.1).describe() for m in self.methods},
+                "device": str(self.device), "torch": torch.__version__, "transformers": transformers.__version__,
+                "python": platform.python_version(), "git_commit": _git_commit()}
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except Exception:
+        return None
