@@ -23,36 +23,34 @@ def inputs(B, L, Hq=32, Hkv=8, D=128):
     return q, k, v, torch.zeros(B, dtype=torch.int64, device=dev), torch.full((B,), L, dtype=torch.int64, device=dev)
 base = dict(K.TUNING)
 def t(fn): return bench_ms(fn, budget_ms=100)
+from torch.profiler import profile, ProfilerActivity
 for B, L in [(64, 131072), (1, 131072)]:
     q, k, v, ks, ke = inputs(B, L)
     kvb = 2 * k.numel() * 2
     _, idx = K.anchor(q, k, v, ks, ke, topk_fraction=0.1, topk_floor=128)
     sb = 2 * q.shape[0] * k.shape[1] * idx.shape[-1] * 128 * 2
     print(f"== B={B} L={L}", flush=True)
-    for bn, nw, ns in [(128, 4, 3), (64, 4, 3), (128, 8, 3), (128, 4, 4)]:
-        K.TUNING.update(base, block_n=bn, num_warps=nw, num_stages=ns)
-        td = t(lambda: K.dense(q, k, v, ks, ke))
-        ts = t(lambda: K._split_pass(q, k, v, ks, ke, None, True, False))
-        print(f"dense bn={bn} nw={nw} ns={ns}: {td:.4f} ms {kvb/td/1e9:.2f} TB/s | scores {ts:.4f} ms {kvb/2/ts/1e9:.2f} TB/s", flush=True)
-    K.TUNING.update(base)
     sc, m, l, _, n = K._split_pass(q, k, v, ks, ke, None, True, False)
-    for blk, nw in [(2048, 8), (1024, 4), (2048, 4), (4096, 8), (1024, 8)]:
-        K.TUNING.update(base, select_block=blk, select_num_warps=nw)
+    for pps, mc in [(8, 4096), (2, 4096), (16, 4096), (16, 8192), (32, 2048)]:
+        K.TUNING.update(base, select_programs_per_sm=pps, select_min_chunk=mc)
         ts = t(lambda: K.select(sc, m, l, n, ks, ke, Hkv=8, topk_fraction=0.1, topk_floor=128))
-        print(f"select blk={blk} nw={nw}: {ts:.4f} ms", flush=True)
+        print(f"select pps={pps} min_chunk={mc}: {ts:.4f} ms", flush=True)
     K.TUNING.update(base)
-    for bn, nw, ns, pps in [(64, 4, 3, 4), (64, 4, 3, 2), (32, 4, 3, 8), (128, 8, 3, 4), (64, 4, 2, 8)]:
-        K.TUNING.update(base, sparse_block_n=bn, sparse_num_warps=nw, sparse_num_stages=ns, programs_per_sm=pps)
+    for fuse in (True, False):
+        K.TUNING.update(base, fuse_combine=fuse)
         tr = t(lambda: K.sparse(q, k, v, idx, ks, ke))
-        tf = t(lambda: K.sparse(q, k, v, idx, ks, ke, scores=sc))
-        print(f"sparse bn={bn} nw={nw} ns={ns} pps={pps}: {tr:.4f} ms {sb/tr/1e9:.2f} TB/s | from scores {tf:.4f} ms", flush=True)
+        td = t(lambda: K.dense(q, k, v, ks, ke))
+        ta = t(lambda: K.anchor(q, k, v, ks, ke, topk_fraction=0.1, topk_floor=128))
+        t0 = t(lambda: K.anchor(q, k, v, ks, ke, topk_fraction=0.1, topk_floor=128, dense_output=True))
+        print(f"fuse={fuse}: reuse {tr:.4f} ({sb/tr/1e9:.2f} TB/s) dense {td:.4f} ({kvb/td/1e9:.2f} TB/s) anchor {ta:.4f} layer0 {t0:.4f}", flush=True)
     K.TUNING.update(base)
-    W = idx.shape[-1]
-    ns_, ch = K._splits(B * 8, W, q.device, K.TUNING["sparse_block_n"])
-    mm = torch.randn(B * 8, ns_, 4, device=dev); ll = torch.rand(B * 8, ns_, 4, device=dev); oo = torch.randn(B * 8, ns_, 4, 128, device=dev)
-    print(f"combine alone ({ns_} splits): {t(lambda: K._combine(q, mm, ll, oo, ns_, 8)):.4f} ms", flush=True)
-    print(f"anchor {t(lambda: K.anchor(q, k, v, ks, ke, topk_fraction=0.1, topk_floor=128)):.4f} ms; layer0 "
-          f"{t(lambda: K.anchor(q, k, v, ks, ke, topk_fraction=0.1, topk_floor=128, dense_output=True)):.4f} ms", flush=True)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            K.anchor(q, k, v, ks, ke, topk_fraction=0.1, topk_floor=128)
+            K.anchor(q, k, v, ks, ke, topk_fraction=0.1, topk_floor=128, dense_output=True)
+            K.sparse(q, k, v, idx, ks, ke)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=40), flush=True)
     del q, k, v, idx, sc, m, l
     torch.cuda.empty_cache()
 PY

@@ -188,8 +188,11 @@ def test_ties():
     check_close(out, q, k, v, allowed_from(indices, starts, ends, 2, 257), ref32)
 
 
-def test_split_combine_many_splits(monkeypatch):
-    """Force many splits (and selection split over several programs per row, with atomics)."""
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused-combine", "combine-kernel"])
+def test_split_combine_many_splits(monkeypatch, fuse):
+    """Force many splits (and selection split over several programs per row, with atomics); the splits
+    merged by the last split of each row (tickets) or by a separate combine kernel."""
+    monkeypatch.setitem(D.TUNING, "fuse_combine", fuse)
     monkeypatch.setitem(D.TUNING, "min_chunk", 64)
     monkeypatch.setitem(D.TUNING, "select_min_chunk", 64)
     monkeypatch.setitem(D.TUNING, "select_block", 64)
@@ -201,8 +204,10 @@ def test_split_combine_many_splits(monkeypatch):
     ref32 = R.dense_attention(q, k, v, starts, ends)
     full = allowed_from(torch.arange(1000, dtype=torch.int32).expand(2, 2, 1000), starts, ends, 2, 1000)
     check_close(out, q, k, v, full, ref32)
-    out = D.sparse(q, k, v, indices, starts, ends)
-    check_close(out, q, k, v, allowed_from(indices, starts, ends, 2, 1000), R.sparse_attention(q, k, v, indices, starts, ends))
+    for _ in range(2):  # the tickets must be back at 0 after a launch
+        out = D.sparse(q, k, v, indices, starts, ends)
+        check_close(out, q, k, v, allowed_from(indices, starts, ends, 2, 1000),
+                    R.sparse_attention(q, k, v, indices, starts, ends))
 
 
 @pytest.mark.parametrize(

@@ -19,17 +19,20 @@ import triton.language as tl
 
 @triton.jit
 def decode_split_kernel(
-    Q, K, V, KV_START, KV_END, SCORES, M_PART, L_PART, O_PART,
+    Q, K, V, KV_START, KV_END, SCORES, M_PART, L_PART, O_PART, OUT, COUNTER,
     qk_scale,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh,
     H_KV, Lk, n_splits, chunk,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     WRITE_SCORES: tl.constexpr, ACC_V: tl.constexpr, PRECISION: tl.constexpr,
+    FUSE_COMBINE: tl.constexpr, GQ: tl.constexpr, SP: tl.constexpr, SB: tl.constexpr,
 ):
     """One split of one row's valid keys: scores of the G heads (written to SCORES [rows, G, Lk] when
-    WRITE_SCORES), their split max/sum, and with ACC_V the unnormalised split output."""
+    WRITE_SCORES), their split max/sum, and with ACC_V the unnormalised split output. With
+    FUSE_COMBINE (needs ACC_V) the last split of a row to finish merges the row's splits into OUT."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     b = (row // H_KV).to(tl.int64)
@@ -75,19 +78,24 @@ def decode_split_kernel(
     tl.store(L_PART + part, l_i, mask=g_mask)
     if ACC_V:
         tl.store(O_PART + part[:, None] * D + offs_d[None, :], acc, mask=g_mask[:, None])
+    if FUSE_COMBINE:
+        _last_split_combines(M_PART, L_PART, O_PART, OUT, COUNTER, row, b, h, n_splits, stride_ob, stride_oh,
+                             G, GQ, D, SP, SB)
 
 
 @triton.jit
 def decode_sparse_kernel(
-    Q, K, V, IDX, KV_START, KV_END, SCORES, M_PART, L_PART, O_PART,
+    Q, K, V, IDX, KV_START, KV_END, SCORES, M_PART, L_PART, O_PART, OUT, COUNTER,
     qk_scale,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ib, stride_ih,
+    stride_ob, stride_oh,
     H_KV, Lk, W, n_splits, chunk,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-    FROM_SCORES: tl.constexpr,
+    FROM_SCORES: tl.constexpr, FUSE_COMBINE: tl.constexpr, GQ: tl.constexpr, SP: tl.constexpr,
+    SB: tl.constexpr,
 ):
     """One split of one row's index slots: gather K/V at the indices (absolute positions; -1 or
     positions outside [kv_start, kv_end) are skipped) and attend, writing the split's (m, l, acc).
@@ -141,6 +149,58 @@ def decode_sparse_kernel(
     tl.store(M_PART + part, m_i, mask=g_mask)
     tl.store(L_PART + part, l_i, mask=g_mask)
     tl.store(O_PART + part[:, None] * D + offs_d[None, :], acc, mask=g_mask[:, None])
+    if FUSE_COMBINE:
+        _last_split_combines(M_PART, L_PART, O_PART, OUT, COUNTER, row, b, h, n_splits, stride_ob, stride_oh,
+                             G, GQ, D, SP, SB)
+
+
+@triton.jit
+def _last_split_combines(M_PART, L_PART, O_PART, OUT, COUNTER, row, b, h, n_splits, stride_ob, stride_oh,
+                         G: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, SP: tl.constexpr, SB: tl.constexpr):
+    """Take a ticket on the row's counter after this split's partials are stored; the split taking the
+    last ticket merges all of the row's splits (saves a launch and its latency at small batch) and
+    resets the counter to 0 for the next launch. The barrier + acq_rel atomic publish every thread's
+    partial stores before the ticket (the usual split-K semaphore); the merge reads with .cg (L2)."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(COUNTER + row, 1, sem="acq_rel")
+    tl.debug_barrier()
+    if ticket == n_splits - 1:
+        _combine_row(M_PART, L_PART, O_PART, OUT, row, b, h, n_splits, stride_ob, stride_oh, G, GQ, D, SP, SB)
+        tl.atomic_xchg(COUNTER + row, 0)
+
+
+@triton.jit
+def _combine_row(M_PART, L_PART, O_PART, OUT, row, b, h, n_splits, stride_ob, stride_oh,
+                 G: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, SP: tl.constexpr, SB: tl.constexpr):
+    """out[g] = sum_s w_sg acc_sg / sum_s w_sg l_sg with w_sg = exp2(m_sg - max_s m_sg), for the G heads of
+    one row at once. A head whose splits saw no key gets zeros."""
+    base = row.to(tl.int64) * n_splits
+    offs_s = tl.arange(0, SP)
+    offs_g = tl.arange(0, GQ)
+    offs_d = tl.arange(0, D)
+    g_mask = offs_g < G
+    pm = (offs_s[:, None] < n_splits) & g_mask[None, :]
+    part = (base + offs_s[:, None]) * G + offs_g[None, :]
+    m = tl.load(M_PART + part, mask=pm, other=float("-inf"), cache_modifier=".cg")
+    l = tl.load(L_PART + part, mask=pm, other=0.0, cache_modifier=".cg")
+    m_max = tl.max(m, 0)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    l_tot = tl.sum(l * tl.math.exp2(m - m_safe[None, :]), 0)
+
+    offs_b = tl.arange(0, SB)
+    acc = tl.zeros([GQ, D], tl.float32)
+    for s0 in range(0, n_splits, SB):
+        sb = s0 + offs_b
+        bm = (sb[:, None] < n_splits) & g_mask[None, :]
+        pb = (base + sb[:, None]) * G + offs_g[None, :]
+        w = tl.math.exp2(tl.load(M_PART + pb, mask=bm, other=float("-inf"), cache_modifier=".cg") - m_safe[None, :])
+        o = tl.load(O_PART + pb[:, :, None] * D + offs_d[None, None, :], mask=bm[:, :, None], other=0.0,
+                    cache_modifier=".cg")
+        acc += tl.sum(o * w[:, :, None], 0)
+    out = tl.where(l_tot[:, None] > 0, acc / tl.where(l_tot > 0, l_tot, 1.0)[:, None], 0.0)
+    heads = (h * G + offs_g).to(tl.int64)
+    tl.store(OUT + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :], out.to(OUT.dtype.element_ty),
+             mask=g_mask[:, None])
 
 
 @triton.jit
@@ -148,34 +208,10 @@ def decode_combine_kernel(
     M_PART, L_PART, O_PART, OUT,
     stride_ob, stride_oh,
     H_KV, n_splits,
-    G: tl.constexpr, D: tl.constexpr, SP: tl.constexpr, SB: tl.constexpr,
+    G: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, SP: tl.constexpr, SB: tl.constexpr,
 ):
-    """Merge the splits of one query head (program = b * Hq + head): out = sum_s w_s acc_s / sum_s w_s l_s
-    with w_s = exp2(m_s - max m). A head whose splits saw no key gets zeros."""
-    pid = tl.program_id(0)
-    row = pid // G
-    g = pid % G
+    """Merge the splits of one row (program = b * Hkv + h) into OUT (a separate launch; see FUSE_COMBINE)."""
+    row = tl.program_id(0)
     b = (row // H_KV).to(tl.int64)
-    head = ((row % H_KV) * G + g).to(tl.int64)
-    base = row.to(tl.int64) * n_splits
-
-    offs_s = tl.arange(0, SP)
-    s_mask = offs_s < n_splits
-    m = tl.load(M_PART + (base + offs_s) * G + g, mask=s_mask, other=float("-inf"))
-    l = tl.load(L_PART + (base + offs_s) * G + g, mask=s_mask, other=0.0)
-    m_max = tl.max(m, 0)
-    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
-    l_tot = tl.sum(l * tl.math.exp2(m - m_safe), 0)
-
-    offs_d = tl.arange(0, D)
-    offs_b = tl.arange(0, SB)
-    acc = tl.zeros([D], tl.float32)
-    for s0 in range(0, n_splits, SB):
-        sb = s0 + offs_b
-        sb_mask = sb < n_splits
-        ms = tl.load(M_PART + (base + sb) * G + g, mask=sb_mask, other=float("-inf"))
-        w = tl.math.exp2(ms - m_safe)
-        o = tl.load(O_PART + ((base + sb) * G + g)[:, None] * D + offs_d[None, :], mask=sb_mask[:, None], other=0.0)
-        acc += tl.sum(o * w[:, None], 0)
-    out = tl.where(l_tot > 0, acc / tl.where(l_tot > 0, l_tot, 1.0), 0.0)
-    tl.store(OUT + b * stride_ob + head * stride_oh + offs_d, out.to(OUT.dtype.element_ty))
+    h = (row % H_KV).to(tl.int64)
+    _combine_row(M_PART, L_PART, O_PART, OUT, row, b, h, n_splits, stride_ob, stride_oh, G, GQ, D, SP, SB)

@@ -47,8 +47,10 @@ TUNING = {
     "min_chunk": 512,  # fewest keys (or slots) per split
     "select_block": 2048,  # keys per iteration of the selection passes
     "select_num_warps": 8,
-    "select_min_chunk": 4096,
+    "select_min_chunk": 4096,  # fewest keys per selection program
     "max_splits": 256,
+    "select_programs_per_sm": 8,  # programs per SM the selection passes aim for
+    "fuse_combine": True,  # the last split of a row merges the splits (no separate combine launch)
 }
 
 _SM_COUNT: dict[int, int] = {}
@@ -84,6 +86,32 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int,
     return B, Hq, Hkv, Lk, D
 
 
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def _counter(device: torch.device, rows: int) -> torch.Tensor:
+    """Zeroed int32 tickets, one per row, for the fused combine. The kernels leave every ticket at 0
+    again, so outside graph capture one buffer per (device, stream) is reused with no memset per call
+    (separate streams never share tickets). Under capture a fresh zeroed buffer is taken each call (a
+    memset node in the graph), so a graph never depends on state from outside it."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(rows, dtype=torch.int32, device=device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < rows:
+        buf = torch.zeros(max(rows, 1024, 2 * (buf.numel() if buf is not None else 0)), dtype=torch.int32,
+                          device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
+def _combine_meta(G: int, D: int, n_splits: int) -> dict:
+    sp = triton.next_power_of_2(n_splits)
+    gq = triton.next_power_of_2(G)
+    return dict(GQ=gq, SP=sp, SB=max(1, min(sp, 4096 // (gq * D))))
+
+
 def _precision(q: torch.Tensor) -> str:
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
@@ -106,7 +134,8 @@ def _gp(G: int) -> int:
 
 
 def _split_pass(q, k, v, kv_start, kv_end, scale, write_scores: bool, acc_v: bool):
-    """Launch decode_split_kernel; returns (scores or None, m, l, o or None, n_splits)."""
+    """Launch decode_split_kernel; returns (scores or None, m, l, out or None, n_splits): out is the dense
+    output when acc_v."""
     B, Hq, Hkv, Lk, D = _check(q, k, v)
     G = Hq // Hkv
     rows = B * Hkv
@@ -117,36 +146,41 @@ def _split_pass(q, k, v, kv_start, kv_end, scale, write_scores: bool, acc_v: boo
     m = torch.empty((rows, n_splits, G), **f32)
     l = torch.empty((rows, n_splits, G), **f32)
     o = torch.empty((rows, n_splits, G, D), **f32) if acc_v else m
+    fuse = acc_v and TUNING["fuse_combine"]
+    out = torch.empty_like(q) if fuse else q
+    counter = _counter(q.device, rows) if fuse else m
     kv_start, kv_end = kv_start.contiguous(), kv_end.contiguous()
     kd.decode_split_kernel[(rows, n_splits)](
-        q, k, v, kv_start, kv_end, scores, m, l, o,
+        q, k, v, kv_start, kv_end, scores, m, l, o, out, counter,
         _scale2(scale, D),
         q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1),
         Hkv, Lk, n_splits, chunk,
         G=G, GP=_gp(G), D=D, BLOCK_N=block, WRITE_SCORES=write_scores, ACC_V=acc_v,
-        PRECISION=_precision(q), num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
+        PRECISION=_precision(q), FUSE_COMBINE=fuse, **_combine_meta(G, D, n_splits),
+        num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
     )
-    return (scores if write_scores else None), m, l, (o if acc_v else None), n_splits
+    if acc_v and not fuse:
+        out = _combine(q, m, l, o, n_splits, Hkv)
+    return (scores if write_scores else None), m, l, (out if acc_v else None), n_splits
 
 
 def _combine(q, m, l, o, n_splits, Hkv):
     B, Hq, _, D = q.shape
     G = Hq // Hkv
     out = torch.empty_like(q)
-    sp = triton.next_power_of_2(n_splits)
-    kd.decode_combine_kernel[(B * Hq,)](
-        m, l, o, out, out.stride(0), out.stride(1), Hkv, n_splits,
-        G=G, D=D, SP=sp, SB=min(sp, 16), num_warps=4,
+    kd.decode_combine_kernel[(B * Hkv,)](
+        m, l, o, out, out.stride(0), out.stride(1), Hkv, n_splits, G=G, D=D, **_combine_meta(G, D, n_splits),
+        num_warps=4,
     )
     return out
 
 
 def dense(q, k, v, kv_start, kv_end, *, scale=None):
     """Dense decode attention (split-KV). q [B, Hq, 1, D] -> out [B, Hq, 1, D] in q's dtype."""
-    _, m, l, o, n_splits = _split_pass(q, k, v, kv_start, kv_end, scale, write_scores=False, acc_v=True)
-    return _combine(q, m, l, o, n_splits, k.shape[1])
+    return _split_pass(q, k, v, kv_start, kv_end, scale, write_scores=False, acc_v=True)[3]
 
 
 def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None):
@@ -170,19 +204,24 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None):
     m = torch.empty((rows, n_splits, G), **f32)
     l = torch.empty((rows, n_splits, G), **f32)
     o = torch.empty((rows, n_splits, G, D), **f32)
+    fuse = TUNING["fuse_combine"]
+    out = torch.empty_like(q)
+    counter = _counter(q.device, rows) if fuse else m
     kv_start, kv_end = kv_start.contiguous(), kv_end.contiguous()
     kd.decode_sparse_kernel[(rows, n_splits)](
-        q, k, v, indices, kv_start, kv_end, (scores if scores is not None else m), m, l, o,
+        q, k, v, indices, kv_start, kv_end, (scores if scores is not None else m), m, l, o, out, counter,
         _scale2(scale, D),
         q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         indices.stride(0), indices.stride(1),
+        out.stride(0), out.stride(1),
         Hkv, Lk, W, n_splits, chunk,
         G=G, GP=_gp(G), D=D, BLOCK_N=block, PRECISION=_precision(q), FROM_SCORES=scores is not None,
+        FUSE_COMBINE=fuse, **_combine_meta(G, D, n_splits),
         num_warps=TUNING["sparse_num_warps"], num_stages=TUNING["sparse_num_stages"],
     )
-    return _combine(q, m, l, o, n_splits, Hkv)
+    return out if fuse else _combine(q, m, l, o, n_splits, Hkv)
 
 
 def select(scores, m, l, n_splits, kv_start, kv_end, *, Hkv, topk_fraction, topk_floor):
@@ -193,7 +232,7 @@ def select(scores, m, l, n_splits, kv_start, kv_end, *, Hkv, topk_fraction, topk
     ppm = round(topk_fraction * 1_000_000)
     device = scores.device
     block = TUNING["select_block"]
-    want = triton.cdiv(2 * _sm_count(device), max(rows, 1))
+    want = triton.cdiv(TUNING["select_programs_per_sm"] * _sm_count(device), max(rows, 1))
     sel_splits = max(1, min(want, triton.cdiv(Lk, TUNING["select_min_chunk"]), TUNING["max_splits"]))
     chunk = triton.cdiv(triton.cdiv(Lk, sel_splits), block) * block
     sel_splits = triton.cdiv(Lk, chunk)
@@ -226,12 +265,12 @@ def anchor(q, k, v, kv_start, kv_end, *, topk_fraction, topk_floor, scale=None, 
     them (dense_output=True: the dense output, layer 0). Returns (out [B, Hq, 1, D], indices
     [B, Hkv, W] int32 with each row's topk_budget(kv_end - kv_start) indices first, then -1)."""
     Hkv = k.shape[1]
-    scores, m, l, o, n_splits = _split_pass(q, k, v, kv_start, kv_end, scale, write_scores=True,
-                                            acc_v=dense_output)
+    scores, m, l, dense_out, n_splits = _split_pass(q, k, v, kv_start, kv_end, scale, write_scores=True,
+                                                    acc_v=dense_output)
     indices = select(scores, m, l, n_splits, kv_start, kv_end, Hkv=Hkv, topk_fraction=topk_fraction,
                      topk_floor=topk_floor)
     if dense_output:
-        out = _combine(q, m, l, o, n_splits, Hkv)
+        out = dense_out
     else:
         out = sparse(q, k, v, indices, kv_start, kv_end, scale=scale, scores=scores)
     return out, indices
