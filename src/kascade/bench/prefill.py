@@ -278,11 +278,15 @@ def _run_point(args, B, L, frac, T, Hq, Hkv, D, dtype_name) -> dict:
         ms_parts["pool"] = _bench(lambda: sel(("pool",), buf), w, r)
         ms_parts["select"] = _bench(lambda: sel(("select",), buf), w, r)
         if args.tune:
+            slots = torch.arange(idx.shape[3], device=q.device, dtype=torch.int32)
+            idx_c = torch.where(idx >= 0, slots.expand_as(idx), -1).contiguous()
             point["tune_ms"] = _tune({
                 "reuse": lambda: P.sparse(q, k, v, idx, ks, ke, **kw),
+                "reuse_contiguous": lambda: P.sparse(q, k, v, idx_c, ks, ke, **kw),
                 "lse": lambda: P._flash(q, k, v, ks, ke, None, with_v=False, store_lse=True, pad_rows=False),
                 "pool": lambda: sel(("pool",), buf),
             }, w, r)
+            del idx_c
         del buf
     point["anchor_parts_ms"] = ms_parts
     del idx, lse
@@ -302,9 +306,12 @@ def _run_point(args, B, L, frac, T, Hq, Hkv, D, dtype_name) -> dict:
 
 
 TUNE_VARIANTS = {
-    "reuse": ("SPARSE", ((64, 2, 4), (64, 1, 4), (32, 2, 4), (32, 3, 4), (64, 2, 8), (128, 2, 4), (128, 2, 8))),
-    "lse": ("LSE", ((64, 4, 8), (128, 3, 8), (128, 2, 8), (64, 3, 4), (64, 2, 8))),
-    "pool": ("POOL", ((128, 3, 8), (64, 3, 8), (128, 2, 8), (64, 3, 4), (128, 4, 8))),
+    "reuse": ("SPARSE", ((64, 2, 4, True), (64, 2, 4, False), (64, 3, 4, True), (64, 3, 8, True),
+                         (128, 2, 8, True), (32, 3, 4, True))),
+    # the same kernel over the first k keys of each tile (contiguous, L2-friendly): the gather's cost
+    "reuse_contiguous": ("SPARSE", ((64, 2, 4, True),)),
+    "lse": ("LSE", ((128, 2, 8), (64, 4, 8), (128, 3, 8), (128, 2, 4), (64, 2, 4))),
+    "pool": ("POOL", ((64, 3, 4), (64, 2, 4), (64, 4, 4), (32, 3, 4), (128, 2, 4))),
 }
 
 
@@ -315,14 +322,15 @@ def _tune(fns: dict, w, r) -> dict:
     res = {}
     for name, fn in fns.items():
         prefix, variants = TUNE_VARIANTS[name]
-        names = [f"{prefix}_BLOCK_N", f"{prefix}_STAGES", f"{prefix}_WARPS"]
+        names = [f"{prefix}_BLOCK_N", f"{prefix}_STAGES", f"{prefix}_WARPS", f"{prefix}_PREFETCH"]
+        names = [n for n in names if hasattr(P, n)]
         saved = [getattr(P, n) for n in names]
         res[name] = {}
         try:
             for var in variants:
                 for n, val in zip(names, var):
                     setattr(P, n, val)
-                key = "n{}_s{}_w{}".format(*var)
+                key = "n{}_s{}_w{}".format(*var) + ("" if len(var) < 4 else f"_pf{int(var[3])}")
                 try:
                     res[name][key] = _bench(fn, w, r)
                 except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: record and go on

@@ -48,6 +48,27 @@ def _online_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, key_ok, row_key_ok, qk_scale
 
 
 @triton.jit
+def _online_block_fast(acc, m_i, l_i, q, k_ptrs, v_ptrs, key_bias, qk_scale,
+                       HAS_BIAS: tl.constexpr, WITH_V: tl.constexpr, DOT_PREC: tl.constexpr):
+    """_online_block for blocks whose addresses are all valid and need no per-element mask: keys to
+    skip come as key_bias = -inf (one add per score instead of a mask and a select); rows without a
+    query have q = 0, give finite scores and are never stored."""
+    k = tl.load(k_ptrs)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    if HAS_BIAS:
+        s = s + key_bias[None, :]
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if WITH_V:
+        v = tl.load(v_ptrs)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, kv_start_ptr, kv_end_ptr,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, slb, slh,
@@ -89,10 +110,9 @@ def _attn_fwd_kernel(
     full_end = (r0 // BLOCK_N) * BLOCK_N
     for n0 in range(0, full_end, BLOCK_N):
         kn = n0 + offs_n
-        acc, m_i, l_i = _online_block(
+        acc, m_i, l_i = _online_block_fast(
             acc, m_i, l_i, q, k_base + kn[:, None] * skt + offs_d[None, :],
-            v_base + kn[:, None] * svt + offs_d[None, :], kn >= 0, row_ok[:, None] & (kn >= 0)[None, :],
-            qk_scale, WITH_V, DOT_PREC)
+            v_base + kn[:, None] * svt + offs_d[None, :], offs_n, qk_scale, False, WITH_V, DOT_PREC)
     diag_end = tl.minimum(r0 + BLOCK_T, L)
     for n0 in range(full_end, diag_end, BLOCK_N):
         kn = n0 + offs_n
@@ -254,7 +274,7 @@ def _sparse_kernel(
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sib, sih, sit,
     Lq, Hkv, G, n_gblocks, n_tiles, qk_scale,
     D: tl.constexpr, G_BLOCK: tl.constexpr, T: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    PREFETCH: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Rolling sparse prefill of one tile x G_BLOCK heads: the tile's selected prefix keys (gathered by
     index; all prefix keys when the tile is dense), then its own tile causally."""
@@ -288,23 +308,35 @@ def _sparse_kernel(
     k_budget = tl.load(tile_k_ptr + tile)
     if k_budget < 0:
         for n0 in range(0, prefix, BLOCK_N):
-            kn = start + n0 + offs_n
-            key_ok = n0 + offs_n < prefix
-            acc, m_i, l_i = _online_block(
+            rel = n0 + offs_n
+            bias = tl.where(rel < prefix, 0.0, float("-inf"))
+            kn = start + tl.minimum(rel, prefix - 1)
+            acc, m_i, l_i = _online_block_fast(
                 acc, m_i, l_i, q, k_base + kn[:, None] * skt + offs_d[None, :],
-                v_base + kn[:, None] * svt + offs_d[None, :], key_ok, row_ok[:, None] & key_ok[None, :],
-                qk_scale, True, DOT_PREC)
+                v_base + kn[:, None] * svt + offs_d[None, :], bias, qk_scale, True, True, DOT_PREC)
     else:
         i_base = idx_ptr + b.to(tl.int64) * sib + hkv.to(tl.int64) * sih + tile.to(tl.int64) * sit
-        for n0 in range(0, k_budget, BLOCK_N):
-            slot_ok = n0 + offs_n < k_budget
-            kn = tl.load(i_base + n0 + offs_n, mask=slot_ok, other=-1)
-            key_ok = kn >= 0
-            kn = tl.where(key_ok, kn, start)
-            acc, m_i, l_i = _online_block(
-                acc, m_i, l_i, q, k_base + kn[:, None] * skt + offs_d[None, :],
-                v_base + kn[:, None] * svt + offs_d[None, :], key_ok, row_ok[:, None] & key_ok[None, :],
-                qk_scale, True, DOT_PREC)
+        if PREFETCH:
+            # Indices of the next block are loaded one iteration ahead, so the gathers of a block
+            # never wait on the load of their own addresses.
+            kn_next = tl.load(i_base + offs_n, mask=offs_n < k_budget, other=-1)
+            for n0 in range(0, k_budget, BLOCK_N):
+                kn = kn_next
+                nxt = n0 + BLOCK_N + offs_n
+                kn_next = tl.load(i_base + nxt, mask=nxt < k_budget, other=-1)
+                bias = tl.where(kn >= 0, 0.0, float("-inf"))
+                kn = tl.where(kn >= 0, kn, start)
+                acc, m_i, l_i = _online_block_fast(
+                    acc, m_i, l_i, q, k_base + kn[:, None] * skt + offs_d[None, :],
+                    v_base + kn[:, None] * svt + offs_d[None, :], bias, qk_scale, True, True, DOT_PREC)
+        else:
+            for n0 in range(0, k_budget, BLOCK_N):
+                kn = tl.load(i_base + n0 + offs_n, mask=n0 + offs_n < k_budget, other=-1)
+                bias = tl.where(kn >= 0, 0.0, float("-inf"))
+                kn = tl.where(kn >= 0, kn, start)
+                acc, m_i, l_i = _online_block_fast(
+                    acc, m_i, l_i, q, k_base + kn[:, None] * skt + offs_d[None, :],
+                    v_base + kn[:, None] * svt + offs_d[None, :], bias, qk_scale, True, True, DOT_PREC)
     # Own tile, causally.
     offs_t = tl.arange(0, T)
     rk = prefix + offs_t
