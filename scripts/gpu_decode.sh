@@ -31,18 +31,25 @@ for B, L in [(64, 131072), (1, 131072)]:
     sb = 2 * q.shape[0] * k.shape[1] * idx.shape[-1] * 128 * 2
     print(f"== B={B} L={L}", flush=True)
     sc, m, l, _, n = K._split_pass(q, k, v, ks, ke, None, True, False)
-    for pps, mc in [(8, 4096), (2, 4096), (16, 4096), (16, 8192), (32, 2048)]:
-        K.TUNING.update(base, select_programs_per_sm=pps, select_min_chunk=mc)
+    for bits, blk, nw, pps in [((7, 7), 2048, 8, 8), ((8, 8), 2048, 8, 8), ((6, 6), 2048, 8, 8), ((7, 7), 4096, 8, 8),
+                               ((7, 7), 1024, 4, 8), ((7, 7), 2048, 8, 2), ((7, 7), 2048, 8, 16)]:
+        K.TUNING.update(base, select_bits=bits, select_block=blk, select_num_warps=nw, select_programs_per_sm=pps)
         ts = t(lambda: K.select(sc, m, l, n, ks, ke, Hkv=8, topk_fraction=0.1, topk_floor=128))
-        print(f"select pps={pps} min_chunk={mc}: {ts:.4f} ms", flush=True)
+        print(f"select bits={bits} blk={blk} nw={nw} pps={pps}: {ts:.4f} ms", flush=True)
     K.TUNING.update(base)
-    for fuse in (True, False):
-        K.TUNING.update(base, fuse_combine=fuse)
+    for mc, bn, ns, pps in [(128, 64, 3, 4), (512, 64, 3, 4), (64, 64, 3, 4), (128, 32, 3, 4), (128, 64, 2, 8), (128, 32, 4, 8)]:
+        K.TUNING.update(base, sparse_min_chunk=mc, sparse_block_n=bn, sparse_num_stages=ns, programs_per_sm=pps)
+        tr = t(lambda: K.sparse(q, k, v, idx, ks, ke))
+        tf = t(lambda: K.sparse(q, k, v, idx, ks, ke, scores=sc))
+        print(f"sparse min_chunk={mc} bn={bn} ns={ns} pps={pps}: {tr:.4f} ms ({sb/tr/1e9:.2f} TB/s) from scores {tf:.4f}", flush=True)
+    K.TUNING.update(base)
+    for fm in (16, 0):
+        K.TUNING.update(base, fuse_max_splits=fm)
         tr = t(lambda: K.sparse(q, k, v, idx, ks, ke))
         td = t(lambda: K.dense(q, k, v, ks, ke))
         ta = t(lambda: K.anchor(q, k, v, ks, ke, topk_fraction=0.1, topk_floor=128))
         t0 = t(lambda: K.anchor(q, k, v, ks, ke, topk_fraction=0.1, topk_floor=128, dense_output=True))
-        print(f"fuse={fuse}: reuse {tr:.4f} ({sb/tr/1e9:.2f} TB/s) dense {td:.4f} ({kvb/td/1e9:.2f} TB/s) anchor {ta:.4f} layer0 {t0:.4f}", flush=True)
+        print(f"fuse_max_splits={fm}: reuse {tr:.4f} ({sb/tr/1e9:.2f} TB/s) dense {td:.4f} ({kvb/td/1e9:.2f} TB/s) anchor {ta:.4f} layer0 {t0:.4f}", flush=True)
     K.TUNING.update(base)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
@@ -50,7 +57,7 @@ for B, L in [(64, 131072), (1, 131072)]:
             K.anchor(q, k, v, ks, ke, topk_fraction=0.1, topk_floor=128, dense_output=True)
             K.sparse(q, k, v, idx, ks, ke)
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=40), flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=9, max_name_column_width=30), flush=True)
     del q, k, v, idx, sc, m, l
     torch.cuda.empty_cache()
 PY

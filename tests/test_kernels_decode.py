@@ -192,7 +192,8 @@ def test_ties():
 def test_split_combine_many_splits(monkeypatch, fuse):
     """Force many splits (and selection split over several programs per row, with atomics); the splits
     merged by the last split of each row (tickets) or by a separate combine kernel."""
-    monkeypatch.setitem(D.TUNING, "fuse_combine", fuse)
+    monkeypatch.setitem(D.TUNING, "fuse_max_splits", 1000 if fuse else 0)
+    monkeypatch.setitem(D.TUNING, "sparse_min_chunk", 64)
     monkeypatch.setitem(D.TUNING, "min_chunk", 64)
     monkeypatch.setitem(D.TUNING, "select_min_chunk", 64)
     monkeypatch.setitem(D.TUNING, "select_block", 64)

@@ -208,10 +208,33 @@ def decode_combine_kernel(
     M_PART, L_PART, O_PART, OUT,
     stride_ob, stride_oh,
     H_KV, n_splits,
-    G: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, SP: tl.constexpr, SB: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, SP: tl.constexpr, SB: tl.constexpr,
 ):
-    """Merge the splits of one row (program = b * Hkv + h) into OUT (a separate launch; see FUSE_COMBINE)."""
-    row = tl.program_id(0)
+    """Merge the splits of one query head (program = b * Hq + head) into OUT: a separate launch, used when
+    a row has too many splits for its last split to merge them alone quickly."""
+    pid = tl.program_id(0)
+    row = pid // G
+    g = pid % G
     b = (row // H_KV).to(tl.int64)
-    h = (row % H_KV).to(tl.int64)
-    _combine_row(M_PART, L_PART, O_PART, OUT, row, b, h, n_splits, stride_ob, stride_oh, G, GQ, D, SP, SB)
+    head = ((row % H_KV) * G + g).to(tl.int64)
+    base = row.to(tl.int64) * n_splits
+
+    offs_s = tl.arange(0, SP)
+    s_mask = offs_s < n_splits
+    m = tl.load(M_PART + (base + offs_s) * G + g, mask=s_mask, other=float("-inf"))
+    l = tl.load(L_PART + (base + offs_s) * G + g, mask=s_mask, other=0.0)
+    m_max = tl.max(m, 0)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    l_tot = tl.sum(l * tl.math.exp2(m - m_safe), 0)
+
+    offs_d = tl.arange(0, D)
+    offs_b = tl.arange(0, SB)
+    acc = tl.zeros([D], tl.float32)
+    for s0 in range(0, n_splits, SB):
+        sb = s0 + offs_b
+        sb_mask = sb < n_splits
+        w = tl.math.exp2(tl.load(M_PART + (base + sb) * G + g, mask=sb_mask, other=float("-inf")) - m_safe)
+        o = tl.load(O_PART + ((base + sb) * G + g)[:, None] * D + offs_d[None, :], mask=sb_mask[:, None], other=0.0)
+        acc += tl.sum(o * w[:, None], 0)
+    out = tl.where(l_tot > 0, acc / tl.where(l_tot > 0, l_tot, 1.0), 0.0)
+    tl.store(OUT + b * stride_ob + head * stride_oh + offs_d, out.to(OUT.dtype.element_ty))

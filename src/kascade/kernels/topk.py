@@ -1,18 +1,20 @@
 """Triton kernels of Top-k selection over pooled post-softmax scores: a three-level radix select.
 
 Pooled scores are non-negative float32, so their bit patterns (as int32) order like the values. Level 1
-histograms bits 30..23 (the exponent, 256 bins), level 2 bits 22..15 of the keys inside level 1's
-boundary bin, level 3 bits 14..7 inside level 2's; the 24-bit key (bits 30..7, relative resolution
-2^-16) then splits each row's keys into "above the threshold" (all taken) and "at the threshold" (taken
-until the budget is filled). Keys closer than 2^-16 relative are treated as ties. Four passes over a
-row's pooled scores (the first fused with pooling), no sort. 256 bins because tl.histogram's cost grows
-with the bin count: 4096 bins made a pass compute-bound (measured 10x slower, notes_decode.md).
+histograms bits 30..23 (the exponent, 256 bins; fused with pooling), level 2 the next B2 bits of the
+keys inside level 1's boundary bin, level 3 the next B3 bits inside level 2's boundary bin. The
+(8 + B2 + B3)-bit key then splits each row's keys into "above the threshold" (all taken) and "at the
+threshold" (taken, in key order, until the budget is filled): keys whose top 8 + B2 + B3 bits agree
+(relative difference under 2^-(B2 + B3)) are treated as ties. No sort.
 
-A row may be split over several programs (fills the GPU at batch 1): histograms are summed with
-atomics into a zero-initialised [rows, 3 * 256 + 2] int32 buffer (its last two entries are slot
-counters used by the compaction pass). With several programs per row, the order of the written
-indices, and which of the threshold ties are taken, depends on scheduling; the selected set otherwise
-does not.
+tl.histogram's cost grows with the bin count (about 100 instructions per 32 keys at 256 bins), so the
+refinement levels use fewer bins (B2 = B3 = 7 by default: ties below 2^-14 relative).
+
+A row may be split over several programs (fills the GPU at batch 1): level histograms are summed with
+atomics into a zero-initialised [rows, 3 * 256] int32 buffer. The level-3 pass also stores each
+program's own level-3 histogram and count of keys above the level-2 prefix, from which the compaction
+pass derives where each program writes: indices come out in key order, deterministically, with no
+atomics.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import triton
 import triton.language as tl
 
 NBINS = 256
-HIST_STRIDE = 3 * NBINS + 2
+HIST_STRIDE = 3 * NBINS
+PART_STRIDE = NBINS + 1
 
 
 @triton.jit
@@ -86,39 +89,36 @@ def pool_hist_kernel(
                     other=float("-inf"))
         p = tl.sum(tl.math.exp2(s - lse[:, None]), 0)
         tl.store(p_base + n, p, mask=n_mask)
-        key = tl.where(n_mask, p.to(tl.int32, bitcast=True) >> 23, 0)
-        hist += tl.histogram(key, NB)
-        # masked lanes were counted in bin 0
-        hist -= tl.where(bins == 0, BLOCK - tl.sum(n_mask.to(tl.int32), 0), 0)
-    tl.atomic_add(HIST + row.to(tl.int64) * (3 * NB + 2) + bins, hist)
+        hist += tl.histogram(p.to(tl.int32, bitcast=True) >> 23, NB, mask=n_mask)
+    tl.atomic_add(HIST + row.to(tl.int64) * (3 * 256) + bins, hist)
 
 
 @triton.jit
-def _threshold(h_base, kk, LEVELS: tl.constexpr, NB: tl.constexpr):
-    """From the first LEVELS histograms: the boundary prefix (LEVELS * 8 bits of bits 30..7) and how many
+def _threshold(h_base, kk, LEVELS: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr):
+    """From the first LEVELS histograms: the boundary prefix (8, 8 + B2 or 8 + B2 + B3 bits) and how many
     keys lie strictly above it."""
-    bins = tl.arange(0, NB)
-    b1, gt = _boundary(tl.load(h_base + bins), kk, NB)
-    prefix = b1
+    prefix, gt = _boundary(tl.load(h_base + tl.arange(0, 256)), kk, 256)
     if LEVELS >= 2:
-        b2, gt2 = _boundary(tl.load(h_base + NB + bins), kk - gt, NB)
-        prefix = (prefix << 8) | b2
+        b2, gt2 = _boundary(tl.load(h_base + 256 + tl.arange(0, 1 << B2)), kk - gt, 1 << B2)
+        prefix = (prefix << B2) | b2
         gt += gt2
     if LEVELS >= 3:
-        b3, gt3 = _boundary(tl.load(h_base + 2 * NB + bins), kk - gt, NB)
-        prefix = (prefix << 8) | b3
+        b3, gt3 = _boundary(tl.load(h_base + 512 + tl.arange(0, 1 << B3)), kk - gt, 1 << B3)
+        prefix = (prefix << B3) | b3
         gt += gt3
     return prefix, gt
 
 
 @triton.jit
 def refine_hist_kernel(
-    POOLED, KV_START, KV_END, HIST,
-    H_KV, Lk, chunk, ppm, floor,
-    LEVEL: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr,
+    POOLED, KV_START, KV_END, HIST, PART,
+    H_KV, Lk, chunk, ppm, floor, n_sel,
+    LEVEL: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr, NB: tl.constexpr, B: tl.constexpr,
+    SHIFT: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Level-LEVEL histogram (LEVEL 2: bits 22..15, 3: bits 14..7) of the keys inside the boundary
-    prefix of the levels before."""
+    """Level-2 or level-3 histogram (NB = 2^B2 or 2^B3 bins of the bits just below bit SHIFT = 23 or
+    23 - B2) of the keys inside the boundary prefix of the levels before. Level 3 also stores this
+    program's histogram and its count of keys above the level-2 prefix in PART."""
     row = tl.program_id(0)
     sp = tl.program_id(1)
     b = row // H_KV
@@ -128,32 +128,38 @@ def refine_hist_kernel(
     lo = start + sp * chunk
     hi = tl.minimum(lo + chunk, end)
 
-    h_base = HIST + row.to(tl.int64) * (3 * NB + 2)
+    h_base = HIST + row.to(tl.int64) * (3 * 256)
+    prefix, _ = _threshold(h_base, kk, LEVEL - 1, B2, B3)
     bins = tl.arange(0, NB)
-    prefix, _ = _threshold(h_base, kk, LEVEL - 1, NB)
-    shift = 31 - 8 * (LEVEL - 1)  # the level's 8 bits sit just below bit `shift`
 
     p_base = POOLED + row.to(tl.int64) * Lk
     offs = tl.arange(0, BLOCK)
     hist = tl.zeros([NB], tl.int32)
+    above = 0
     for n0 in range(lo, hi, BLOCK):
         n = n0 + offs
         n_mask = n < hi
         bits = tl.load(p_base + n, mask=n_mask, other=0.0).to(tl.int32, bitcast=True)
-        inside = n_mask & ((bits >> shift) == prefix)
-        key = tl.where(inside, (bits >> (shift - 8)) & (NB - 1), 0)
-        hist += tl.histogram(key, NB)
-        hist -= tl.where(bins == 0, BLOCK - tl.sum(inside.to(tl.int32), 0), 0)
-    tl.atomic_add(h_base + (LEVEL - 1) * NB + bins, hist)
+        top = bits >> SHIFT
+        inside = n_mask & (top == prefix)
+        hist += tl.histogram((bits >> (SHIFT - B)) & (NB - 1), NB, mask=inside)
+        if LEVEL == 3:
+            above += tl.sum((n_mask & (top > prefix)).to(tl.int32), 0)
+    tl.atomic_add(h_base + (LEVEL - 1) * 256 + bins, hist)
+    if LEVEL == 3:
+        part = PART + (row.to(tl.int64) * n_sel + sp) * (256 + 1)
+        tl.store(part + bins, hist)
+        tl.store(part + 256, above)
 
 
 @triton.jit
 def compact_kernel(
-    POOLED, KV_START, KV_END, HIST, IDX,
-    H_KV, Lk, W, chunk, w_chunk, ppm, floor,
-    BLOCK: tl.constexpr, NB: tl.constexpr,
+    POOLED, KV_START, KV_END, HIST, PART, IDX,
+    H_KV, Lk, W, chunk, w_chunk, ppm, floor, n_sel,
+    B2: tl.constexpr, B3: tl.constexpr, NB3: tl.constexpr, SPP: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Write the absolute positions of each row's Top-k keys to IDX [rows, W]; slots >= k get -1."""
+    """Write the absolute positions of each row's Top-k keys to IDX [rows, W]; slots >= k get -1. Keys above
+    the threshold fill slots [0, n_gt) in key order, ties at the threshold fill [n_gt, k) in key order."""
     row = tl.program_id(0)
     sp = tl.program_id(1)
     b = row // H_KV
@@ -163,9 +169,20 @@ def compact_kernel(
     lo = start + sp * chunk
     hi = tl.minimum(lo + chunk, end)
 
-    h_base = HIST + row.to(tl.int64) * (3 * NB + 2)
-    thr, n_gt = _threshold(h_base, kk, 3, NB)
+    h_base = HIST + row.to(tl.int64) * (3 * 256)
+    thr, n_gt = _threshold(h_base, kk, 3, B2, B3)
     need = kk - n_gt
+    b3 = thr & (NB3 - 1)
+
+    # where this program starts writing: what the programs before it in the row found
+    offs_p = tl.arange(0, SPP)
+    bins = tl.arange(0, NB3)
+    p_mask = offs_p < sp
+    part = PART + (row.to(tl.int64) * n_sel + offs_p) * (256 + 1)
+    h3 = tl.load(part[:, None] + bins[None, :], mask=p_mask[:, None], other=0)
+    gt_run = tl.sum(tl.load(part + 256, mask=p_mask, other=0), 0) + tl.sum(tl.sum(
+        tl.where(bins[None, :] > b3, h3, 0), 1), 0)
+    eq_run = tl.sum(tl.sum(tl.where(bins[None, :] == b3, h3, 0), 1), 0)
 
     p_base = POOLED + row.to(tl.int64) * Lk
     i_base = IDX + row.to(tl.int64) * W
@@ -173,17 +190,15 @@ def compact_kernel(
     for n0 in range(lo, hi, BLOCK):
         n = n0 + offs
         n_mask = n < hi
-        key = tl.load(p_base + n, mask=n_mask, other=0.0).to(tl.int32, bitcast=True) >> 7
-        gt = n_mask & (key > thr)
-        eq = n_mask & (key == thr)
-        gt_i = gt.to(tl.int32)
-        eq_i = eq.to(tl.int32)
-        base_gt = tl.atomic_add(h_base + 3 * NB, tl.sum(gt_i, 0))
-        pos = base_gt + tl.cumsum(gt_i, 0) - 1
-        tl.store(i_base + pos, n, mask=gt)
-        base_eq = tl.atomic_add(h_base + 3 * NB + 1, tl.sum(eq_i, 0))
-        pos = base_eq + tl.cumsum(eq_i, 0) - 1
-        tl.store(i_base + n_gt + pos, n, mask=eq & (pos < need))
+        key = tl.load(p_base + n, mask=n_mask, other=0.0).to(tl.int32, bitcast=True) >> (23 - B2 - B3)
+        gt_i = (n_mask & (key > thr)).to(tl.int32)
+        eq_i = (n_mask & (key == thr)).to(tl.int32)
+        pos = gt_run + tl.cumsum(gt_i, 0) - 1
+        tl.store(i_base + pos, n, mask=gt_i > 0)
+        pos = eq_run + tl.cumsum(eq_i, 0) - 1
+        tl.store(i_base + n_gt + pos, n, mask=(eq_i > 0) & (pos < need))
+        gt_run += tl.sum(gt_i, 0)
+        eq_run += tl.sum(eq_i, 0)
 
     w_lo = sp * w_chunk
     w_hi = tl.minimum(w_lo + w_chunk, W)

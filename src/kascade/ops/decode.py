@@ -48,9 +48,13 @@ TUNING = {
     "select_block": 2048,  # keys per iteration of the selection passes
     "select_num_warps": 8,
     "select_min_chunk": 4096,  # fewest keys per selection program
-    "max_splits": 256,
-    "select_programs_per_sm": 8,  # programs per SM the selection passes aim for
-    "fuse_combine": True,  # the last split of a row merges the splits (no separate combine launch)
+    "max_splits": 128,
+    "select_programs_per_sm": 8,
+    "select_bits": (7, 7),  # bits resolved by the 2nd and 3rd radix levels (the 1st: the 8 exponent bits)  # programs per SM the selection passes aim for
+    # With at most this many splits per row, the last split of a row merges them (no combine launch);
+    # with more, one combine program per query head does (one program merging 256 splits was slow).
+    "fuse_max_splits": 16,
+    "sparse_min_chunk": 128,  # fewest index slots per split of the sparse pass
 }
 
 _SM_COUNT: dict[int, int] = {}
@@ -120,11 +124,12 @@ def _scale2(scale: float | None, D: int) -> float:
     return (1.0 / math.sqrt(D) if scale is None else float(scale)) * LOG2E
 
 
-def _splits(rows: int, length: int, device: torch.device, block: int) -> tuple[int, int]:
+def _splits(rows: int, length: int, device: torch.device, block: int, min_chunk: int | None = None) -> tuple[int, int]:
     """(n_splits, chunk): cut an axis of `length` into chunks (multiples of block) so that rows *
     n_splits is about programs_per_sm * SMs."""
     want = triton.cdiv(TUNING["programs_per_sm"] * _sm_count(device), max(rows, 1))
-    n = max(1, min(want, triton.cdiv(length, TUNING["min_chunk"]), TUNING["max_splits"]))
+    min_chunk = TUNING["min_chunk"] if min_chunk is None else min_chunk
+    n = max(1, min(want, triton.cdiv(length, min_chunk), TUNING["max_splits"]))
     chunk = triton.cdiv(triton.cdiv(length, n), block) * block
     return triton.cdiv(length, chunk), chunk
 
@@ -146,7 +151,7 @@ def _split_pass(q, k, v, kv_start, kv_end, scale, write_scores: bool, acc_v: boo
     m = torch.empty((rows, n_splits, G), **f32)
     l = torch.empty((rows, n_splits, G), **f32)
     o = torch.empty((rows, n_splits, G, D), **f32) if acc_v else m
-    fuse = acc_v and TUNING["fuse_combine"]
+    fuse = acc_v and n_splits <= TUNING["fuse_max_splits"]
     out = torch.empty_like(q) if fuse else q
     counter = _counter(q.device, rows) if fuse else m
     kv_start, kv_end = kv_start.contiguous(), kv_end.contiguous()
@@ -171,8 +176,9 @@ def _combine(q, m, l, o, n_splits, Hkv):
     B, Hq, _, D = q.shape
     G = Hq // Hkv
     out = torch.empty_like(q)
-    kd.decode_combine_kernel[(B * Hkv,)](
-        m, l, o, out, out.stride(0), out.stride(1), Hkv, n_splits, G=G, D=D, **_combine_meta(G, D, n_splits),
+    sp = triton.next_power_of_2(n_splits)
+    kd.decode_combine_kernel[(B * Hq,)](
+        m, l, o, out, out.stride(0), out.stride(1), Hkv, n_splits, G=G, D=D, SP=sp, SB=min(sp, 4096 // D),
         num_warps=4,
     )
     return out
@@ -199,12 +205,12 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None):
     rows = B * Hkv
     W = indices.shape[2]
     block = TUNING["sparse_block_n"]
-    n_splits, chunk = _splits(rows, W, q.device, block)
+    n_splits, chunk = _splits(rows, W, q.device, block, TUNING["sparse_min_chunk"])
     f32 = dict(dtype=torch.float32, device=q.device)
     m = torch.empty((rows, n_splits, G), **f32)
     l = torch.empty((rows, n_splits, G), **f32)
     o = torch.empty((rows, n_splits, G, D), **f32)
-    fuse = TUNING["fuse_combine"]
+    fuse = n_splits <= TUNING["fuse_max_splits"]
     out = torch.empty_like(q)
     counter = _counter(q.device, rows) if fuse else m
     kv_start, kv_end = kv_start.contiguous(), kv_end.contiguous()
@@ -237,25 +243,26 @@ def select(scores, m, l, n_splits, kv_start, kv_end, *, Hkv, topk_fraction, topk
     chunk = triton.cdiv(triton.cdiv(Lk, sel_splits), block) * block
     sel_splits = triton.cdiv(Lk, chunk)
     w_chunk = triton.cdiv(W, sel_splits)
-    nb = kt.NBINS
+    b2, b3 = TUNING["select_bits"]
     pooled = torch.empty((rows, Lk), dtype=torch.float32, device=device)
     hist = torch.zeros((rows, kt.HIST_STRIDE), dtype=torch.int32, device=device)
+    part = torch.empty((rows, sel_splits, kt.PART_STRIDE), dtype=torch.int32, device=device)
     indices = torch.empty((B, Hkv, W), dtype=torch.int32, device=device)
     grid = (rows, sel_splits)
     nw = TUNING["select_num_warps"]
     kt.pool_hist_kernel[grid](
         scores, m, l, kv_start, kv_end, pooled, hist, Hkv, Lk, n_splits, chunk,
-        G=G, GP=triton.next_power_of_2(G), SP=triton.next_power_of_2(n_splits), BLOCK=block, NB=nb,
+        G=G, GP=triton.next_power_of_2(G), SP=triton.next_power_of_2(n_splits), BLOCK=block, NB=kt.NBINS,
         num_warps=nw,
     )
-    for level in (2, 3):
+    for level, bits, shift in ((2, b2, 23), (3, b3, 23 - b2)):
         kt.refine_hist_kernel[grid](
-            pooled, kv_start, kv_end, hist, Hkv, Lk, chunk, ppm, int(topk_floor), LEVEL=level, BLOCK=block,
-            NB=nb, num_warps=nw,
+            pooled, kv_start, kv_end, hist, part, Hkv, Lk, chunk, ppm, int(topk_floor), sel_splits,
+            LEVEL=level, B2=b2, B3=b3, NB=1 << bits, B=bits, SHIFT=shift, BLOCK=block, num_warps=nw,
         )
     kt.compact_kernel[grid](
-        pooled, kv_start, kv_end, hist, indices, Hkv, Lk, W, chunk, w_chunk, ppm, int(topk_floor),
-        BLOCK=block, NB=nb, num_warps=nw,
+        pooled, kv_start, kv_end, hist, part, indices, Hkv, Lk, W, chunk, w_chunk, ppm, int(topk_floor),
+        sel_splits, B2=b2, B3=b3, NB3=1 << b3, SPP=triton.next_power_of_2(sel_splits), BLOCK=block, num_warps=nw,
     )
     return indices
 
