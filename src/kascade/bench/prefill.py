@@ -306,12 +306,12 @@ def _run_point(args, B, L, frac, T, Hq, Hkv, D, dtype_name) -> dict:
 
 
 TUNE_VARIANTS = {
-    "reuse": ("SPARSE", ((64, 2, 4, True), (64, 2, 4, False), (64, 3, 4, True), (64, 3, 8, True),
-                         (128, 2, 8, True), (32, 3, 4, True))),
+    "reuse": ("SPARSE", ((64, 2, 4, False), (64, 3, 4, False), (64, 2, 8, False), (64, 3, 8, False),
+                         (64, 4, 8, False), (32, 2, 4, False), (32, 3, 4, False), (32, 4, 4, False))),
     # the same kernel over the first k keys of each tile (contiguous, L2-friendly): the gather's cost
-    "reuse_contiguous": ("SPARSE", ((64, 2, 4, True),)),
-    "lse": ("LSE", ((128, 2, 8), (64, 4, 8), (128, 3, 8), (128, 2, 4), (64, 2, 4))),
-    "pool": ("POOL", ((64, 3, 4), (64, 2, 4), (64, 4, 4), (32, 3, 4), (128, 2, 4))),
+    "reuse_contiguous": ("SPARSE", ((64, 2, 4, False), (64, 3, 8, False))),
+    "lse": ("LSE", ((128, 2, 8),)),
+    "pool": ("POOL", ((64, 3, 4),)),
 }
 
 
