@@ -287,6 +287,13 @@ def _run_point(args, B, L, frac, T, Hq, Hkv, D, dtype_name) -> dict:
                 "pool": lambda: sel(("pool",), buf),
             }, w, r)
             del idx_c
+            saved16 = P.POOLED_FP16
+            try:
+                P.POOLED_FP16 = not saved16
+                point["tune_ms"]["pool_select_pooled_fp16" if not saved16 else "pool_select_pooled_fp32"] = \
+                    _bench(lambda: sel(("pool", "select")), w, r)
+            finally:
+                P.POOLED_FP16 = saved16
         del buf
     point["anchor_parts_ms"] = ms_parts
     del idx, lse

@@ -35,6 +35,9 @@ ROWS_PER_PROGRAM = 128  # M = query rows (tokens x heads of one GQA group) per p
 POOL_ROWS_PER_PROGRAM = 256  # the pooling kernel keeps a whole tile x group up to this size
 POOL_BUFFER_BYTES = 1 << 30  # pooled-score buffer of one chunk of tiles
 SELECT_BLOCK = 2048
+# Pooled scores stored as float16 (11-bit mantissa; pooled values are <= G*T, far inside its range):
+# scores closer than 2^-11 relative then tie. float32 keeps a 24-bit key (ties closer than 2^-16).
+POOLED_FP16 = False
 # (BLOCK_N, num_stages, num_warps; 0 warps: by block size) per kernel; the defaults are the fastest
 # of `kascade bench prefill --tune` on an H100 (bf16, 32/8/128, T=32, see benchmarks/notes_prefill.md).
 FLASH_BLOCK_N, FLASH_STAGES, FLASH_WARPS = 64, 3, 0
@@ -234,13 +237,15 @@ def _select(q, k, lse, indices, budgets, kv_start, kv_end, G, T, tile_lo, n_tile
     B, Hq, Lq, D = q.shape
     Hkv = k.shape[1]
     width = n_tiles * T
-    per_tile = B * Hkv * width * 4
+    per_tile = B * Hkv * width * 4  # sized for float32 either way
     chunk = max(1, min(n_tiles - tile_lo, POOL_BUFFER_BYTES // per_tile))
     g_block, n_gb = _group_blocking(G, T, POOL_ROWS_PER_PROGRAM)
     atomic = n_gb > 1
     alloc = torch.zeros if atomic else torch.empty
+    # float16 pooled scores halve the bytes the select reads; atomics (several head blocks) add in fp32.
+    pooled_dtype = torch.float16 if POOLED_FP16 and not atomic else torch.float32
     if pooled is None:
-        pooled = alloc((B, Hkv, chunk, width), dtype=torch.float32, device=q.device)
+        pooled = alloc((B, Hkv, chunk, width), dtype=pooled_dtype, device=q.device)
     M = g_block * T
     qk_scale = _scale(scale, D)
     for lo in range(tile_lo, n_tiles, chunk):
@@ -261,6 +266,6 @@ def _select(q, k, lse, indices, budgets, kv_start, kv_end, G, T, tile_lo, n_tile
                 pooled.stride(0), pooled.stride(1), pooled.stride(2),
                 indices.stride(0), indices.stride(1), indices.stride(2),
                 Lq, Hkv, lo, n_tiles, T,
-                BLOCK=SELECT_BLOCK, num_warps=8,
+                BLOCK=SELECT_BLOCK, KEY16=pooled.dtype == torch.float16, num_warps=8,
             )
     return pooled
