@@ -69,8 +69,8 @@ bench|all)
     --heads 32,16 --kv-heads 8,2 --budget-ms 200 --json "$OUT/decode_b1.json" ;;
 final)
   python -m kascade.cli bench decode --context 8192,32768,131072 --batch 64 --topk-fraction 0.1,0.2,0.3 \
-    --heads 32,16 --kv-heads 8,2 --json "$OUT/decode_b64.json" --plot "$OUT/decode_b64.png"
-  python -m kascade.cli bench decode --context 32768,131072 --batch 1 --topk-fraction 0.1,0.2,0.3 \
-    --heads 32,16 --kv-heads 8,2 --json "$OUT/decode_b1.json" ;;
+    --heads 32,16 --kv-heads 8,2 --budget-ms 200 --json "$OUT/decode_b64.json" --plot "$OUT/decode_b64.png"
+  python -m kascade.cli bench decode --context 131072 --batch 1 --topk-fraction 0.1,0.2,0.3 \
+    --heads 32,16 --kv-heads 8,2 --budget-ms 200 --json "$OUT/decode_b1.json" ;;
 esac
 done

@@ -30,7 +30,7 @@ def decode_split_kernel(
     WRITE_SCORES: tl.constexpr, ACC_V: tl.constexpr, PRECISION: tl.constexpr,
     FUSE_COMBINE: tl.constexpr, GQ: tl.constexpr, SP: tl.constexpr, SB: tl.constexpr,
 ):
-    """One split of one row's valid keys: scores of the G heads (written to SCORES [rows, G, Lk] when
+    """One split of one row's valid keys: scores of the G heads (written to SCORES [rows, Lk, G] when
     WRITE_SCORES), their split max/sum, and with ACC_V the unnormalised split output. With
     FUSE_COMBINE (needs ACC_V) the last split of a row to finish merges the row's splits into OUT."""
     row = tl.program_id(0)
@@ -62,7 +62,7 @@ def decode_split_kernel(
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(n_mask[None, :], s, float("-inf"))
         if WRITE_SCORES:
-            tl.store(s_base + offs_g[:, None] * Lk + n[None, :], s, mask=g_mask[:, None] & n_mask[None, :])
+            tl.store(s_base + n[None, :] * G + offs_g[:, None], s, mask=g_mask[:, None] & n_mask[None, :])
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - m_safe[:, None])
@@ -100,7 +100,7 @@ def decode_sparse_kernel(
     """One split of one row's index slots: gather K/V at the indices (absolute positions; -1 or
     positions outside [kv_start, kv_end) are skipped) and attend, writing the split's (m, l, acc).
     With FROM_SCORES (an anchor layer, right after its score pass) the scores are gathered from
-    SCORES [rows, G, Lk] instead of recomputed, so K is not read again."""
+    SCORES [rows, Lk, G] (one G * 4-byte read per key) instead of recomputed, so K is not read again."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     b = (row // H_KV).to(tl.int64)
@@ -130,7 +130,7 @@ def decode_sparse_kernel(
         valid = (idx >= start) & (idx < end)
         idx = tl.where(valid, idx, 0)
         if FROM_SCORES:
-            s = tl.load(s_base + offs_g[:, None] * Lk + idx[None, :], mask=g_mask[:, None] & valid[None, :],
+            s = tl.load(s_base + idx[None, :] * G + offs_g[:, None], mask=g_mask[:, None] & valid[None, :],
                         other=float("-inf"))
         else:
             k = tl.load(k_base + idx[:, None] * stride_kn + offs_d[None, :], mask=valid[:, None], other=0.0)

@@ -85,7 +85,7 @@ def pool_hist_kernel(
     for n0 in range(lo, hi, BLOCK):
         n = n0 + offs
         n_mask = n < hi
-        s = tl.load(s_base + offs_g[:, None] * Lk + n[None, :], mask=g_mask[:, None] & n_mask[None, :],
+        s = tl.load(s_base + n[None, :] * G + offs_g[:, None], mask=g_mask[:, None] & n_mask[None, :],
                     other=float("-inf"))
         p = tl.sum(tl.math.exp2(s - lse[:, None]), 0)
         tl.store(p_base + n, p, mask=n_mask)
@@ -191,14 +191,18 @@ def compact_kernel(
         n = n0 + offs
         n_mask = n < hi
         key = tl.load(p_base + n, mask=n_mask, other=0.0).to(tl.int32, bitcast=True) >> (23 - B2 - B3)
-        gt_i = (n_mask & (key > thr)).to(tl.int32)
-        eq_i = (n_mask & (key == thr)).to(tl.int32)
-        pos = gt_run + tl.cumsum(gt_i, 0) - 1
-        tl.store(i_base + pos, n, mask=gt_i > 0)
-        pos = eq_run + tl.cumsum(eq_i, 0) - 1
-        tl.store(i_base + n_gt + pos, n, mask=(eq_i > 0) & (pos < need))
-        gt_run += tl.sum(gt_i, 0)
-        eq_run += tl.sum(eq_i, 0)
+        gt = n_mask & (key > thr)
+        eq = n_mask & (key == thr)
+        # one scan for both ranks: the counts of a block (< 2^16) share an int32
+        both = tl.cumsum(gt.to(tl.int32) + (eq.to(tl.int32) << 16), 0)
+        r_gt = both & 0xFFFF
+        r_eq = both >> 16
+        tl.store(i_base + gt_run + r_gt - 1, n, mask=gt)
+        pos = eq_run + r_eq - 1
+        tl.store(i_base + n_gt + pos, n, mask=eq & (pos < need))
+        total = tl.max(both, 0)  # the last element holds the block's totals
+        gt_run += total & 0xFFFF
+        eq_run += total >> 16
 
     w_lo = sp * w_chunk
     w_hi = tl.minimum(w_lo + w_chunk, W)

@@ -8,7 +8,8 @@ holding absolute key positions, -1 padded.
   batch 1 fills the GPU, each program handles one (row, KV head, split) with the whole GQA group (K/V
   read once per KV head), then a combine kernel merges the splits.
 * ``anchor``: the same split pass over K only (V is not read), writing the base-2 scores of the group
-  [B*Hkv, G, Lk] fp32 and each split's max/sum; then pooling (sum over the group of the post-softmax
+  [B*Hkv, Lk, G] fp32 (key-major: the sparse step reads one key's G scores in one access) and each
+  split's max/sum; then pooling (sum over the group of the post-softmax
   probabilities) fused with the first radix-select histogram, two more histogram passes, a compaction
   pass writing the indices, and finally ``sparse`` over them, gathering the stored scores and V (K is
   not read twice). ``dense_output=True`` (layer 0) reads V in
@@ -147,7 +148,7 @@ def _split_pass(q, k, v, kv_start, kv_end, scale, write_scores: bool, acc_v: boo
     block = TUNING["block_n"]
     n_splits, chunk = _splits(rows, Lk, q.device, block)
     f32 = dict(dtype=torch.float32, device=q.device)
-    scores = torch.empty((rows, G, Lk), **f32) if write_scores else q.new_empty((1,), dtype=torch.float32)
+    scores = torch.empty((rows, Lk, G), **f32) if write_scores else q.new_empty((1,), dtype=torch.float32)
     m = torch.empty((rows, n_splits, G), **f32)
     l = torch.empty((rows, n_splits, G), **f32)
     o = torch.empty((rows, n_splits, G, D), **f32) if acc_v else m
@@ -192,7 +193,7 @@ def dense(q, k, v, kv_start, kv_end, *, scale=None):
 def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None):
     """Attention over each (row, KV head)'s selected keys: indices [B, Hkv, W] (absolute positions,
     -1 and positions outside [kv_start, kv_end) ignored). Returns [B, Hq, 1, D] in q's dtype.
-    scores: the anchor's score-pass output [B*Hkv, G, Lk] (base-2, scaled); when given, scores are
+    scores: the anchor's score-pass output [B*Hkv, Lk, G] (base-2, scaled); when given, scores are
     gathered from it instead of recomputed from K."""
     B, Hq, Hkv, Lk, D = _check(q, k, v)
     if indices.dim() != 3 or indices.shape[0] != B or indices.shape[1] != Hkv:
@@ -232,12 +233,14 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None):
 
 def select(scores, m, l, n_splits, kv_start, kv_end, *, Hkv, topk_fraction, topk_floor):
     """Top-k over pooled post-softmax scores from the split pass: indices [B, Hkv, W] int32."""
-    rows, G, Lk = scores.shape
+    rows, Lk, G = scores.shape
     B = rows // Hkv
     W = max(1, topk_budget(Lk, topk_fraction, topk_floor))
     ppm = round(topk_fraction * 1_000_000)
     device = scores.device
     block = TUNING["select_block"]
+    if not 1 <= block < 1 << 16:
+        raise KascadeInputError(f"select_block must be below 65536 (ranks share an int32), got {block}")
     want = triton.cdiv(TUNING["select_programs_per_sm"] * _sm_count(device), max(rows, 1))
     sel_splits = max(1, min(want, triton.cdiv(Lk, TUNING["select_min_chunk"]), TUNING["max_splits"]))
     chunk = triton.cdiv(triton.cdiv(Lk, sel_splits), block) * block
