@@ -96,12 +96,17 @@ def env_info() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                    text=True, timeout=5).stdout.strip())
-    except Exception:  # noqa: BLE001 - no git where it runs
-        commit, dirty = "", None
+    # KASCADE_COMMIT wins: the device machine gets a copy of the tree without a usable .git.
+    commit, dirty = os.environ.get("KASCADE_COMMIT", ""), None
+    if not commit:
+        try:
+            out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+            commit = out.stdout.strip() if out.returncode == 0 and len(out.stdout.strip()) == 40 else ""
+            if commit:
+                dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                            capture_output=True, text=True, timeout=5).stdout.strip())
+        except Exception:  # noqa: BLE001 - no git where it runs
+            commit = ""
     cuda = torch.cuda.is_available()
     return {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
@@ -111,7 +116,7 @@ def env_info() -> dict:
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if cuda else None,
         "python": platform.python_version(),
-        "git_commit": commit or os.environ.get("KASCADE_COMMIT", ""),
+        "git_commit": commit,
         "git_dirty": dirty,
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
