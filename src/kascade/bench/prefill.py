@@ -141,6 +141,7 @@ def _check_small(q, k, v, kw, scale) -> dict:
     ref_idx = R.select_prefill(q, k, ks, ke, scale=scale, **kw)
     mass_k, _, _ = R.selection_stats(q, k, idx1, ks, ke, scale=scale, **kw)
     mass_r, _, _ = R.selection_stats(q, k, ref_idx, ks, ke, scale=scale, **kw)
+    mass_0, _, _ = R.selection_stats(q, k, idx0, ks, ke, scale=scale, **kw)
     ref_sparse = R.sparse_attention(q, k, v, idx1, ks, ke, scale=scale, **kw)
     reuse = P.sparse(q, k, v, idx1, ks, ke, scale=scale, **kw)
     dense = P.dense(q, k, v, ks, ke, scale=scale)
@@ -153,6 +154,7 @@ def _check_small(q, k, v, kw, scale) -> dict:
         "indices_equal_layer0_anchor": bool((idx0 == idx1).all()),
         "captured_mass_kernel": float(mass_k.mean()),
         "captured_mass_reference": float(mass_r.mean()),
+        "captured_mass_layer0": float(mass_0.mean()),
     }
     res["ok"] = (max(res["dense_rel_err"], res["layer0_rel_err"], res["anchor_rel_err"], res["reuse_rel_err"]) < 2e-2
                  and abs(res["captured_mass_kernel"] - res["captured_mass_reference"]) < 1e-3)
