@@ -286,7 +286,7 @@ def _select(q, k, lse, indices, budgets, kv_start, kv_end, G, T, tile_lo, n_tile
                 lse.stride(0), lse.stride(1), pooled.stride(0), pooled.stride(1), pooled.stride(2),
                 Lq, Hkv, G, n_gb, lo, n_tiles, qk_scale,
                 D=D, G_BLOCK=g_block, T=T, BLOCK_N=POOL_BLOCK_N, ATOMIC=atomic,
-                DOT_PREC=_dot_precision(q.dtype), num_warps=POOL_WARPS or _warps(M, D), num_stages=POOL_STAGES,
+                DOT_PREC=_dot_precision(q.dtype), num_warps=(POOL_WARPS if M <= 128 else 0) or _warps(M, D), num_stages=POOL_STAGES,
             )
         if "select" in stages:
             K._select_kernel[(chunk, B * Hkv)](
