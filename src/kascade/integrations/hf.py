@@ -82,6 +82,31 @@ class KascadeMask:
     q_length: int
     kv_length: int
 
+    # Enough of the tensor interface for the code between mask creation and attention: generate()
+    # prepares masks ahead for compileable (static) caches and calls .contiguous(); the model then
+    # hands the object back to the mask function as its "attention_mask" (see kascade_mask).
+    ndim = 4
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((int(self.kv_start.shape[0]), 1, self.q_length, self.kv_length))
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_start.device
+
+    def dim(self) -> int:
+        return 4
+
+    def contiguous(self) -> "KascadeMask":
+        return self
+
+    def to(self, *args, **kwargs) -> "KascadeMask":
+        device = kwargs.get("device", args[0] if args and isinstance(args[0], (str, torch.device)) else None)
+        if device is None:
+            return self
+        return KascadeMask(self.kv_start.to(device), self.kv_end.to(device), self.q_length, self.kv_length)
+
     def to_bool(self) -> torch.Tensor:
         """The equivalent [B, 1, Lq, Lk] boolean mask (True = attend); for dense fallbacks only."""
         return _bounds_to_bool(self.kv_start, self.kv_end, self.q_length, self.kv_length)
@@ -109,6 +134,12 @@ def kascade_mask(batch_size: int, *args, **kwargs):
     from transformers import masking_utils
 
     params = _bind_mask_args(batch_size, args, kwargs)
+    prepared = params.get("attention_mask")
+    if isinstance(prepared, KascadeMask):  # made ahead by generate() for a static cache
+        if (prepared.q_length, prepared.kv_length) == (params.get("q_length"), params.get("kv_length")):
+            return prepared
+        raise ValueError(f"a prepared Kascade mask for {prepared.q_length} queries x {prepared.kv_length} keys "
+                         f"was given to a pass of {params.get('q_length')} x {params.get('kv_length')}")
     bounds = _plain_bounds(params, masking_utils.causal_mask_function)
     if bounds is not None:
         return bounds
