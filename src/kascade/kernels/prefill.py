@@ -191,17 +191,18 @@ def _pool_kernel(
 
 
 @triton.jit
-def _load_bits(ptrs, ok):
+def _load_bits(ptrs, ok, KEY16: tl.constexpr):
     """Pooled scores (>= 0, float32 or float16) as int32 bit patterns, which order like the values."""
-    x = tl.load(ptrs, mask=ok, other=0.0)
-    if x.dtype == tl.float16:
-        return x.to(tl.int16, bitcast=True).to(tl.int32)
-    return x.to(tl.int32, bitcast=True)
+    if KEY16:
+        bits = tl.load(ptrs, mask=ok, other=0.0).to(tl.int16, bitcast=True).to(tl.int32)
+    else:
+        bits = tl.load(ptrs, mask=ok, other=0.0).to(tl.int32, bitcast=True)
+    return bits
 
 
 @triton.jit
 def _radix_pass(row_ptr, length, shift: tl.constexpr, prefix_bits, need, check_prefix: tl.constexpr,
-                BITS: tl.constexpr, BLOCK: tl.constexpr):
+                BITS: tl.constexpr, BLOCK: tl.constexpr, KEY16: tl.constexpr):
     """One radix digit of the k-th largest value: histogram of bits [shift, shift+BITS) among the
     elements whose higher bits equal prefix_bits; returns (digit, need left within that digit)."""
     NB: tl.constexpr = 1 << BITS
@@ -211,7 +212,7 @@ def _radix_pass(row_ptr, length, shift: tl.constexpr, prefix_bits, need, check_p
     for i0 in range(0, length, BLOCK):
         idx = i0 + offs
         ok = idx < length
-        x = _load_bits(row_ptr + idx, ok)
+        x = _load_bits(row_ptr + idx, ok, KEY16)
         match = ok
         if check_prefix:
             match = ok & ((x >> (shift + BITS)) == prefix_bits)
@@ -232,7 +233,7 @@ def _select_kernel(
     pooled_ptr, idx_ptr, tile_k_ptr, kv_start_ptr, kv_end_ptr,
     spb, sph, spt, sib, sih, sit,
     Lq, Hkv, tile_lo, n_tiles, T,
-    BLOCK: tl.constexpr, KEY16: tl.constexpr,
+    BLOCK: tl.constexpr, KEY16: tl.constexpr, KEY_SHIFT: tl.constexpr,
 ):
     """Top-k of one (row, KV head, tile) pooled row by a 3-digit radix select on the float bits
     (pooled scores are >= 0, so their int32 bit patterns order like the values), then one compaction
@@ -257,16 +258,14 @@ def _select_kernel(
     # cheaper. Three digits give a 24-bit key (bits 30..7): values closer than 2^-16 relative tie.
     if KEY16:
         # float16 pooled scores: two 8-bit digits give the exact k-th value.
-        d1, need = _radix_pass(row_ptr, prefix, 8, 0, k_budget, False, 8, BLOCK)
-        d2, need = _radix_pass(row_ptr, prefix, 0, d1, need, True, 8, BLOCK)
+        d1, need = _radix_pass(row_ptr, prefix, 8, 0, k_budget, False, 8, BLOCK, KEY16)
+        d2, need = _radix_pass(row_ptr, prefix, 0, d1, need, True, 8, BLOCK, KEY16)
         thresh = (d1 << 8) | d2
-        KEY_SHIFT: tl.constexpr = 0
     else:
-        d1, need = _radix_pass(row_ptr, prefix, 23, 0, k_budget, False, 8, BLOCK)
-        d2, need = _radix_pass(row_ptr, prefix, 15, d1, need, True, 8, BLOCK)
-        d3, need = _radix_pass(row_ptr, prefix, 7, (d1 << 8) | d2, need, True, 8, BLOCK)
+        d1, need = _radix_pass(row_ptr, prefix, 23, 0, k_budget, False, 8, BLOCK, KEY16)
+        d2, need = _radix_pass(row_ptr, prefix, 15, d1, need, True, 8, BLOCK, KEY16)
+        d3, need = _radix_pass(row_ptr, prefix, 7, (d1 << 8) | d2, need, True, 8, BLOCK, KEY16)
         thresh = (((d1 << 8) | d2) << 8) | d3
-        KEY_SHIFT: tl.constexpr = 7
     out_base = idx_ptr + b.to(tl.int64) * sib + hkv.to(tl.int64) * sih + tile.to(tl.int64) * sit
     offs = tl.arange(0, BLOCK)
     written = 0
@@ -274,7 +273,7 @@ def _select_kernel(
     for i0 in range(0, prefix, BLOCK):
         idx = i0 + offs
         ok = idx < prefix
-        x = _load_bits(row_ptr + idx, ok) >> KEY_SHIFT
+        x = _load_bits(row_ptr + idx, ok, KEY16) >> KEY_SHIFT
         eq = ok & (x == thresh)
         eq_rank = ties_taken + tl.cumsum(eq.to(tl.int32), 0) - 1
         sel = (ok & (x > thresh)) | (eq & (eq_rank < need))

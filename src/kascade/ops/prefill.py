@@ -294,6 +294,7 @@ def _select(q, k, lse, indices, budgets, kv_start, kv_end, G, T, tile_lo, n_tile
                 pooled.stride(0), pooled.stride(1), pooled.stride(2),
                 indices.stride(0), indices.stride(1), indices.stride(2),
                 Lq, Hkv, lo, n_tiles, T,
-                BLOCK=SELECT_BLOCK, KEY16=pooled.dtype == torch.float16, num_warps=8,
+                BLOCK=SELECT_BLOCK, KEY16=pooled.dtype == torch.float16,
+                KEY_SHIFT=0 if pooled.dtype == torch.float16 else 7, num_warps=8,
             )
     return pooled
