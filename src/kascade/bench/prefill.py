@@ -315,10 +315,9 @@ def _run_point(args, B, L, frac, T, Hq, Hkv, D, dtype_name) -> dict:
 
 
 TUNE_VARIANTS = {
-    "reuse": ("SPARSE", ((64, 2, 4, False), (64, 3, 4, False), (64, 2, 8, False), (64, 3, 8, False),
-                         (64, 4, 8, False), (32, 2, 4, False), (32, 3, 4, False), (32, 4, 4, False))),
+    "reuse": ("SPARSE", ((64, 2, 4, False, False), (64, 2, 4, False, True), (64, 3, 8, False, True))),
     # the same kernel over the first k keys of each tile (contiguous, L2-friendly): the gather's cost
-    "reuse_contiguous": ("SPARSE", ((64, 2, 4, False), (64, 3, 8, False))),
+    "reuse_contiguous": ("SPARSE", ((64, 2, 4, False, False),)),
     "lse": ("LSE", ((128, 2, 8),)),
     "pool": ("POOL", ((64, 3, 4),)),
 }
@@ -331,7 +330,7 @@ def _tune(fns: dict, w, r) -> dict:
     res = {}
     for name, fn in fns.items():
         prefix, variants = TUNE_VARIANTS[name]
-        names = [f"{prefix}_BLOCK_N", f"{prefix}_STAGES", f"{prefix}_WARPS", f"{prefix}_PREFETCH"]
+        names = [f"{prefix}_BLOCK_N", f"{prefix}_STAGES", f"{prefix}_WARPS", f"{prefix}_PREFETCH", f"{prefix}_UNIFIED"]
         names = [n for n in names if hasattr(P, n)]
         saved = [getattr(P, n) for n in names]
         res[name] = {}
@@ -339,7 +338,7 @@ def _tune(fns: dict, w, r) -> dict:
             for var in variants:
                 for n, val in zip(names, var):
                     setattr(P, n, val)
-                key = "n{}_s{}_w{}".format(*var) + ("" if len(var) < 4 else f"_pf{int(var[3])}")
+                key = "n{}_s{}_w{}".format(*var) + "".join(f"_{t}{int(x)}" for t, x in zip(("pf", "uni"), var[3:]))
                 try:
                     res[name][key] = _bench(fn, w, r)
                 except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: record and go on

@@ -41,13 +41,14 @@ SELECT_BLOCK = 2048
 LAYER0_CUDNN = True
 # Pooled scores stored as float16 (11-bit mantissa; pooled values are <= G*T, far inside its range):
 # scores closer than 2^-11 relative then tie. float32 keeps a 24-bit key (ties closer than 2^-16).
-POOLED_FP16 = False
+POOLED_FP16 = True
 # (BLOCK_N, num_stages, num_warps; 0 warps: by block size) per kernel; the defaults are the fastest
 # of `kascade bench prefill --tune` on an H100 (bf16, 32/8/128, T=32, see benchmarks/notes_prefill.md).
 FLASH_BLOCK_N, FLASH_STAGES, FLASH_WARPS = 64, 3, 0
 LSE_BLOCK_N, LSE_STAGES, LSE_WARPS = 128, 2, 8
 POOL_BLOCK_N, POOL_STAGES, POOL_WARPS = 64, 3, 4
 SPARSE_BLOCK_N, SPARSE_STAGES, SPARSE_WARPS = 64, 2, 4
+SPARSE_UNIFIED = False  # one loop body for dense and sparse tiles
 SPARSE_PREFETCH = False  # True: next block's indices one iteration ahead (slower: 74 vs 41 ms at 128K)
 
 
@@ -202,7 +203,7 @@ def _launch_sparse(q, k, v, out, indices, budgets, kv_start, kv_end, G, T, scale
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         indices.stride(0), indices.stride(1), indices.stride(2),
         Lq, Hkv, G, n_gb, budgets.numel(), _scale(scale, D),
-        D=D, G_BLOCK=g_block, T=T, BLOCK_N=SPARSE_BLOCK_N, PREFETCH=SPARSE_PREFETCH,
+        D=D, G_BLOCK=g_block, T=T, BLOCK_N=SPARSE_BLOCK_N, PREFETCH=SPARSE_PREFETCH, UNIFIED=SPARSE_UNIFIED,
         DOT_PREC=_dot_precision(q.dtype),
         num_warps=SPARSE_WARPS or _warps(M, D), num_stages=SPARSE_STAGES,
     )
