@@ -5,17 +5,17 @@ contiguous KV cache; row b's valid keys are kv_start[b] <= j < kv_end[b]), indic
 holding absolute key positions, -1 padded.
 
 * ``dense``: split-KV ("flash-decoding") dense attention: the key axis is cut into splits so that even
-  batch 1 fills the GPU, each program handles one (row, KV head, split) with the whole GQA group (K/V
-  read once per KV head), then a combine kernel merges the splits.
-* ``anchor``: the same split pass over K only (V is not read), writing the base-2 scores of the group
-  [B*Hkv, Lk, G] fp32 (key-major: the sparse step reads one key's G scores in one access) and each
-  split's max/sum; then pooling (sum over the group of the post-softmax
-  probabilities) fused with the first radix-select histogram, two more histogram passes, a compaction
-  pass writing the indices, and finally ``sparse`` over them, gathering the stored scores and V (K is
-  not read twice). ``dense_output=True`` (layer 0) reads V in
-  the split pass and returns its dense output instead of a sparse one.
-* ``sparse``: each (row, KV head) gathers K/V rows at its indices, split over the index slots, then
-  combine.
+  batch 1 fills the GPU; each program handles one (row, KV head, split) with the whole GQA group (K/V
+  read once per KV head); the splits are merged by the last split of each row to finish, or by a
+  combine kernel when a row has many splits.
+* ``anchor``: the same split pass over K only (V is not read), writing the base-2 scores of the group,
+  [B*Hkv, Lk, G] fp32 (key-major: the sparse step reads one key's G scores in one access), and each
+  split's max/sum; then pooling (sum over the group of the post-softmax probabilities) fused with the
+  first radix-select histogram, two more histogram passes, a compaction pass writing the indices, and
+  ``sparse`` over them, gathering the stored scores and V (K is read once). ``dense_output=True``
+  (layer 0) reads V in the split pass and returns its dense output instead.
+* ``sparse``: each (row, KV head) gathers K/V rows at its indices, split over the index slots, then the
+  splits are merged as in ``dense``.
 
 No host synchronisation: every size below comes from tensor shapes, the budget of each row is computed
 on the device (reference.topk_budget's integer formula), so the ops can be captured in a CUDA graph.
@@ -41,21 +41,21 @@ TUNING = {
     "block_n": 128,  # keys per iteration of the split (dense / score) pass
     "num_warps": 4,
     "num_stages": 3,
+    "programs_per_sm": 4,  # programs per SM the split counts aim for
+    "min_chunk": 512,  # fewest keys per split of the split pass
+    "max_splits": 128,
     "sparse_block_n": 64,  # index slots per iteration of the sparse pass
     "sparse_num_warps": 4,
     "sparse_num_stages": 3,
-    "programs_per_sm": 4,  # how many programs per SM the split count aims for
-    "min_chunk": 512,  # fewest keys (or slots) per split
-    "select_block": 2048,  # keys per iteration of the selection passes
-    "select_num_warps": 8,
-    "select_min_chunk": 4096,  # fewest keys per selection program
-    "max_splits": 128,
-    "select_programs_per_sm": 8,
-    "select_bits": (7, 7),  # bits resolved by the 2nd and 3rd radix levels (the 1st: the 8 exponent bits)  # programs per SM the selection passes aim for
+    "sparse_min_chunk": 128,  # fewest index slots per split of the sparse pass
     # With at most this many splits per row, the last split of a row merges them (no combine launch);
     # with more, one combine program per query head does (one program merging 256 splits was slow).
     "fuse_max_splits": 16,
-    "sparse_min_chunk": 128,  # fewest index slots per split of the sparse pass
+    "select_block": 2048,  # keys per iteration of the selection passes
+    "select_num_warps": 8,
+    "select_programs_per_sm": 8,  # programs per SM the selection passes aim for
+    "select_min_chunk": 4096,  # fewest keys per selection program
+    "select_bits": (7, 7),  # bits resolved by the 2nd and 3rd radix levels (the 1st: the 8 exponent bits)
 }
 
 _SM_COUNT: dict[int, int] = {}
@@ -203,6 +203,10 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None):
     if indices.stride(2) != 1:
         indices = indices.contiguous()
     G = Hq // Hkv
+    if scores is not None and (scores.shape != (B * Hkv, Lk, G) or scores.dtype != torch.float32
+                               or not scores.is_contiguous()):
+        raise KascadeInputError(f"scores must be contiguous float32 [{B * Hkv}, {Lk}, {G}] (the anchor's score "
+                                f"pass), got {scores.dtype} {tuple(scores.shape)}")
     rows = B * Hkv
     W = indices.shape[2]
     block = TUNING["sparse_block_n"]
@@ -232,7 +236,8 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None):
 
 
 def select(scores, m, l, n_splits, kv_start, kv_end, *, Hkv, topk_fraction, topk_floor):
-    """Top-k over pooled post-softmax scores from the split pass: indices [B, Hkv, W] int32."""
+    """Top-k over pooled post-softmax scores from the split pass (scores [B*Hkv, Lk, G], split partials
+    m, l [B*Hkv, n_splits, G]): indices [B, Hkv, W] int32, W = topk_budget(Lk)."""
     rows, Lk, G = scores.shape
     B = rows // Hkv
     W = max(1, topk_budget(Lk, topk_fraction, topk_floor))
@@ -247,6 +252,7 @@ def select(scores, m, l, n_splits, kv_start, kv_end, *, Hkv, topk_fraction, topk
     sel_splits = triton.cdiv(Lk, chunk)
     w_chunk = triton.cdiv(W, sel_splits)
     b2, b3 = TUNING["select_bits"]
+    kv_start, kv_end = kv_start.contiguous(), kv_end.contiguous()
     pooled = torch.empty((rows, Lk), dtype=torch.float32, device=device)
     hist = torch.zeros((rows, kt.HIST_STRIDE), dtype=torch.int32, device=device)
     part = torch.empty((rows, sel_splits, kt.PART_STRIDE), dtype=torch.int32, device=device)
@@ -271,9 +277,10 @@ def select(scores, m, l, n_splits, kv_start, kv_end, *, Hkv, topk_fraction, topk
 
 
 def anchor(q, k, v, kv_start, kv_end, *, topk_fraction, topk_floor, scale=None, dense_output=False):
-    """Anchor decode: exact Top-k of the group-pooled post-softmax scores, then sparse attention over
-    them (dense_output=True: the dense output, layer 0). Returns (out [B, Hq, 1, D], indices
-    [B, Hkv, W] int32 with each row's topk_budget(kv_end - kv_start) indices first, then -1)."""
+    """Anchor decode: Top-k of the group-pooled post-softmax scores (exact up to ties: pooled scores
+    within 2^-14 relative of the threshold count as equal), then sparse attention over them
+    (dense_output=True: the dense output, layer 0). Returns (out [B, Hq, 1, D], indices [B, Hkv, W]
+    int32 with each row's topk_budget(kv_end - kv_start) indices first, in key order, then -1)."""
     Hkv = k.shape[1]
     scores, m, l, dense_out, n_splits = _split_pass(q, k, v, kv_start, kv_end, scale, write_scores=True,
                                                     acc_v=dense_output)
