@@ -280,7 +280,8 @@ def anchor(q, k, v, kv_start, kv_end, *, topk_fraction, topk_floor, scale=None, 
     """Anchor decode: Top-k of the group-pooled post-softmax scores (exact up to ties: pooled scores
     within 2^-14 relative of the threshold count as equal), then sparse attention over them
     (dense_output=True: the dense output, layer 0). Returns (out [B, Hq, 1, D], indices [B, Hkv, W]
-    int32 with each row's topk_budget(kv_end - kv_start) indices first, in key order, then -1)."""
+    int32 with each row's topk_budget(kv_end - kv_start) indices first (keys above the threshold in key
+    order, then threshold ties in key order), then -1)."""
     Hkv = k.shape[1]
     scores, m, l, dense_out, n_splits = _split_pass(q, k, v, kv_start, kv_end, scale, write_scores=True,
                                                     acc_v=dense_output)
