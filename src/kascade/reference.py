@@ -367,7 +367,8 @@ def _check_indices(indices: torch.Tensor, q: torch.Tensor, k: torch.Tensor, deco
         raise KascadeInputError(f"indices are on {indices.device}, q is on {q.device}")
     if indices.shape[0] != q.shape[0]:
         raise KascadeInputError(f"indices have batch {indices.shape[0]}, q has batch {q.shape[0]}")
-    if indices.numel() and int(indices.max()) >= k.shape[2]:
+    capturing = indices.is_cuda and torch.cuda.is_current_stream_capturing()  # no host reads in a graph
+    if indices.numel() and not capturing and int(indices.max()) >= k.shape[2]:
         raise KascadeInputError(f"index {int(indices.max())} out of range for key length {k.shape[2]}")
 
 
