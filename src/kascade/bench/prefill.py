@@ -77,15 +77,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _env() -> dict:
     import triton
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
-    except Exception:  # noqa: BLE001 - no git on the device is fine
-        commit = os.environ.get("KASCADE_COMMIT", "")
+    commit = os.environ.get("KASCADE_COMMIT", "")
+    if not commit:
+        try:
+            res = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], capture_output=True, text=True, timeout=5)
+            commit = res.stdout.strip() if res.returncode == 0 else ""
+        except (OSError, subprocess.SubprocessError):  # no git on the device machine
+            commit = ""
     return {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
         "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
-        "git_commit": commit or os.environ.get("KASCADE_COMMIT", ""),
+        "git_commit": commit or "unknown (no git; set KASCADE_COMMIT)",
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -315,9 +318,9 @@ def _run_point(args, B, L, frac, T, Hq, Hkv, D, dtype_name) -> dict:
 
 
 TUNE_VARIANTS = {
-    "reuse": ("SPARSE", ((64, 2, 4, False, False), (64, 2, 4, False, True), (64, 3, 8, False, True))),
+    "reuse": ("SPARSE", ((64, 2, 4), (64, 3, 4), (64, 2, 8), (64, 3, 8), (32, 3, 4))),
     # the same kernel over the first k keys of each tile (contiguous, L2-friendly): the gather's cost
-    "reuse_contiguous": ("SPARSE", ((64, 2, 4, False, False),)),
+    "reuse_contiguous": ("SPARSE", ((64, 2, 4),)),
     "lse": ("LSE", ((128, 2, 8),)),
     "pool": ("POOL", ((64, 3, 4),)),
 }
@@ -330,15 +333,14 @@ def _tune(fns: dict, w, r) -> dict:
     res = {}
     for name, fn in fns.items():
         prefix, variants = TUNE_VARIANTS[name]
-        names = [f"{prefix}_BLOCK_N", f"{prefix}_STAGES", f"{prefix}_WARPS", f"{prefix}_PREFETCH", f"{prefix}_UNIFIED"]
-        names = [n for n in names if hasattr(P, n)]
+        names = [f"{prefix}_BLOCK_N", f"{prefix}_STAGES", f"{prefix}_WARPS"]
         saved = [getattr(P, n) for n in names]
         res[name] = {}
         try:
             for var in variants:
                 for n, val in zip(names, var):
                     setattr(P, n, val)
-                key = "n{}_s{}_w{}".format(*var) + "".join(f"_{t}{int(x)}" for t, x in zip(("pf", "uni"), var[3:]))
+                key = "n{}_s{}_w{}".format(*var)
                 try:
                     res[name][key] = _bench(fn, w, r)
                 except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: record and go on

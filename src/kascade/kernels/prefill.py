@@ -290,7 +290,7 @@ def _sparse_kernel(
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sib, sih, sit,
     Lq, Hkv, G, n_gblocks, n_tiles, qk_scale,
     D: tl.constexpr, G_BLOCK: tl.constexpr, T: tl.constexpr, BLOCK_N: tl.constexpr,
-    PREFETCH: tl.constexpr, UNIFIED: tl.constexpr, DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """Rolling sparse prefill of one tile x G_BLOCK heads: the tile's selected prefix keys (gathered by
     index; all prefix keys when the tile is dense), then its own tile causally."""
@@ -323,21 +323,7 @@ def _sparse_kernel(
     v_base = v_ptr + b * svb + hkv * svh
     k_budget = tl.load(tile_k_ptr + tile)
     i_base = idx_ptr + b.to(tl.int64) * sib + hkv.to(tl.int64) * sih + tile.to(tl.int64) * sit
-    if UNIFIED:
-        # One loop for dense and sparse tiles (dense: positions 0..prefix-1 generated, not loaded),
-        # so the kernel holds a single loop body.
-        dense = k_budget < 0
-        n_keys = tl.where(dense, prefix, k_budget)
-        for n0 in range(0, n_keys, BLOCK_N):
-            slot = n0 + offs_n
-            loaded = tl.load(i_base + slot, mask=slot < k_budget, other=-1)
-            kn = tl.where(dense, tl.where(slot < n_keys, start + slot, -1), loaded)
-            bias = tl.where(kn >= 0, 0.0, float("-inf"))
-            kn = tl.where(kn >= 0, kn, start)
-            acc, m_i, l_i = _online_block_fast(
-                acc, m_i, l_i, q, k_base + kn[:, None] * skt + offs_d[None, :],
-                v_base + kn[:, None] * svt + offs_d[None, :], bias, qk_scale, True, True, DOT_PREC)
-    elif k_budget < 0:
+    if k_budget < 0:
         for n0 in range(0, prefix, BLOCK_N):
             rel = n0 + offs_n
             bias = tl.where(rel < prefix, 0.0, float("-inf"))
@@ -346,27 +332,16 @@ def _sparse_kernel(
                 acc, m_i, l_i, q, k_base + kn[:, None] * skt + offs_d[None, :],
                 v_base + kn[:, None] * svt + offs_d[None, :], bias, qk_scale, True, True, DOT_PREC)
     else:
-        if PREFETCH:
-            # Indices of the next block are loaded one iteration ahead, so the gathers of a block
-            # never wait on the load of their own addresses.
-            kn_next = tl.load(i_base + offs_n, mask=offs_n < k_budget, other=-1)
-            for n0 in range(0, k_budget, BLOCK_N):
-                kn = kn_next
-                nxt = n0 + BLOCK_N + offs_n
-                kn_next = tl.load(i_base + nxt, mask=nxt < k_budget, other=-1)
-                bias = tl.where(kn >= 0, 0.0, float("-inf"))
-                kn = tl.where(kn >= 0, kn, start)
-                acc, m_i, l_i = _online_block_fast(
-                    acc, m_i, l_i, q, k_base + kn[:, None] * skt + offs_d[None, :],
-                    v_base + kn[:, None] * svt + offs_d[None, :], bias, qk_scale, True, True, DOT_PREC)
-        else:
-            for n0 in range(0, k_budget, BLOCK_N):
-                kn = tl.load(i_base + n0 + offs_n, mask=n0 + offs_n < k_budget, other=-1)
-                bias = tl.where(kn >= 0, 0.0, float("-inf"))
-                kn = tl.where(kn >= 0, kn, start)
-                acc, m_i, l_i = _online_block_fast(
-                    acc, m_i, l_i, q, k_base + kn[:, None] * skt + offs_d[None, :],
-                    v_base + kn[:, None] * svt + offs_d[None, :], bias, qk_scale, True, True, DOT_PREC)
+        # Measured on the H100 (benchmarks/notes_prefill.md): loading the next block's indices one
+        # iteration ahead stops Triton from pipelining the gathers (+80 %), and one loop body shared
+        # with dense tiles is 10 % slower; so: plain index load, two loops.
+        for n0 in range(0, k_budget, BLOCK_N):
+            kn = tl.load(i_base + n0 + offs_n, mask=n0 + offs_n < k_budget, other=-1)
+            bias = tl.where(kn >= 0, 0.0, float("-inf"))
+            kn = tl.where(kn >= 0, kn, start)
+            acc, m_i, l_i = _online_block_fast(
+                acc, m_i, l_i, q, k_base + kn[:, None] * skt + offs_d[None, :],
+                v_base + kn[:, None] * svt + offs_d[None, :], bias, qk_scale, True, True, DOT_PREC)
     # Own tile, causally.
     offs_t = tl.arange(0, T)
     rk = prefix + offs_t

@@ -48,8 +48,6 @@ FLASH_BLOCK_N, FLASH_STAGES, FLASH_WARPS = 64, 3, 0
 LSE_BLOCK_N, LSE_STAGES, LSE_WARPS = 128, 2, 8
 POOL_BLOCK_N, POOL_STAGES, POOL_WARPS = 64, 3, 4
 SPARSE_BLOCK_N, SPARSE_STAGES, SPARSE_WARPS = 64, 2, 4
-SPARSE_UNIFIED = False  # one loop body for dense and sparse tiles
-SPARSE_PREFETCH = False  # True: next block's indices one iteration ahead (slower: 74 vs 41 ms at 128K)
 
 
 def _next_pow2(x: int) -> int:
@@ -203,7 +201,7 @@ def _launch_sparse(q, k, v, out, indices, budgets, kv_start, kv_end, G, T, scale
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         indices.stride(0), indices.stride(1), indices.stride(2),
         Lq, Hkv, G, n_gb, budgets.numel(), _scale(scale, D),
-        D=D, G_BLOCK=g_block, T=T, BLOCK_N=SPARSE_BLOCK_N, PREFETCH=SPARSE_PREFETCH, UNIFIED=SPARSE_UNIFIED,
+        D=D, G_BLOCK=g_block, T=T, BLOCK_N=SPARSE_BLOCK_N,
         DOT_PREC=_dot_precision(q.dtype),
         num_warps=SPARSE_WARPS or _warps(M, D), num_stages=SPARSE_STAGES,
     )
