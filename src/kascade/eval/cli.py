@@ -39,6 +39,8 @@ def register(subparsers) -> None:
     p.add_argument("--plan", default=None, help="plan JSON for the Kascade methods (default: the shipped plan)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="cap on generated tokens per sample (default: RULER's per-task length)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="samples of one task generated together, left-padded (default 8)")
     p.add_argument("--no-mass", action="store_true", help="do not measure captured attention mass (faster)")
     p.add_argument("--no-chat-template", action="store_true", help="feed tasks without the chat template")
     p.add_argument("--out", default="results/eval", help="output directory (default results/eval)")
@@ -65,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = EvalConfig(model=args.model, tasks=tuple(tasks), lengths=tuple(args.lengths), num_samples=args.samples,
                      methods=tuple(args.methods), budgets=tuple(args.budgets), topk_floor=args.topk_floor,
                      seed=args.seed, out_dir=args.out, plan=args.plan, max_new_tokens=args.max_new_tokens,
-                     probe_mass=not args.no_mass, chat=not args.no_chat_template)
+                     probe_mass=not args.no_mass, batch_size=args.batch_size, chat=not args.no_chat_template)
     from .. import models
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

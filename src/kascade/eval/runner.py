@@ -107,6 +107,7 @@ class EvalConfig:
     out_dir: str = "results/eval"
     plan: str | None = None  # path; default: the shipped plan of the model
     max_new_tokens: int | None = None  # cap on RULER's per-task generation length
+    batch_size: int = 8  # samples of one task generated together (left-padded)
     probe_mass: bool = True
     chat: bool = True
     extra: dict = field(default_factory=dict)
@@ -148,18 +149,28 @@ def plan_id(plan: Plan | None) -> str | None:
 
 
 @torch.no_grad()
-def greedy(model, past, first_logits, max_new_tokens: int, eos_ids: set[int], device) -> list[int]:
-    """Greedy continuation from a prefilled cache and the prefill's last logits."""
-    out: list[int] = []
+def greedy(model, past, first_logits, attention_mask, max_new_tokens: int, eos_ids: set[int]) -> list[list[int]]:
+    """Greedy continuation of a left-padded batch from its prefilled cache and last logits. Each row
+    stops at its first EOS (kept); rows that finished early ride along until all are done."""
+    B = first_logits.shape[0]
+    outs: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
     logits = first_logits
+    positions = attention_mask.sum(-1, keepdim=True) - 1  # position id of each row's last token
     for _ in range(max_new_tokens):
-        tok = int(logits[0, -1].argmax())
-        out.append(tok)
-        if tok in eos_ids:
+        tok = logits[:, -1].argmax(-1)
+        for b, t in enumerate(tok.tolist()):
+            if not done[b]:
+                outs[b].append(t)
+                done[b] = t in eos_ids
+        if all(done):
             break
-        res = model(input_ids=torch.tensor([[tok]], device=device), past_key_values=past, use_cache=True)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+        positions = positions + 1
+        res = model(input_ids=tok[:, None], attention_mask=attention_mask, position_ids=positions,
+                    past_key_values=past, use_cache=True)
         past, logits = res.past_key_values, res.logits
-    return out
+    return outs
 
 
 def eos_ids_of(model, tokenizer) -> set[int]:
@@ -230,8 +241,9 @@ class Runner:
     def _method(self, name: str, fraction: float):
         return make_method(name, self.plan, self.spec, fraction, self.cfg.topk_floor, record_selection=self.cfg.probe_mass)
 
-    def _prefill(self, ids: torch.Tensor):
-        res = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        res = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         return res.past_key_values, res.logits
 
     def _base(self, sample: tasks_mod.Sample, method: str, fraction: float | None) -> dict:
@@ -245,11 +257,11 @@ class Runner:
         cap = self.cfg.max_new_tokens
         return sample.max_new_tokens if cap is None else min(cap, sample.max_new_tokens)
 
-    def _finish(self, base: dict, sample, tokens: list[int], seconds: float) -> dict:
+    def _finish(self, base: dict, sample, tokens: list[int], seconds: float, batch: int = 1) -> dict:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         cell = dict(base, n_tokens=sample.n_tokens, answers=list(sample.answers), prediction=text,
                     score=scoring.score(text, sample.answers, sample.metric), metric=sample.metric,
-                    new_tokens=len(tokens), seconds=round(seconds, 2))
+                    new_tokens=len(tokens), seconds=round(seconds, 2), batch=batch)
         if sample.task == "niah_all_values":
             cell["ordered_score"] = scoring.ordered_match(text, sample.answers)
         mass = self.dispatch.mass_report()
@@ -269,11 +281,20 @@ class Runner:
         return runs
 
     # ------------------------------------------------------------------ the loop
-    def samples(self) -> Iterable[tasks_mod.Sample]:
+    def samples(self) -> Iterable[tuple[int, str, int]]:
+        # Sample-major: an interrupted run leaves every task with about the same number of samples.
         for length in self.cfg.lengths:
-            for task in self.cfg.tasks:
-                for i in range(self.cfg.num_samples):
+            for i in range(self.cfg.num_samples):
+                for task in self.cfg.tasks:
                     yield length, task, i
+
+    def batches(self) -> Iterable[list[tuple[int, str, int]]]:
+        """Groups of up to batch_size samples of one (length, task), taken in sample-major order."""
+        cfg = self.cfg
+        for length in cfg.lengths:
+            for i0 in range(0, cfg.num_samples, cfg.batch_size):
+                for task in cfg.tasks:
+                    yield [(length, task, i) for i in range(i0, min(cfg.num_samples, i0 + cfg.batch_size))]
 
     @torch.no_grad()
     def run(self) -> list[dict]:
@@ -281,38 +302,50 @@ class Runner:
         per_sample = sum(1 if m in BUDGET_FREE else len(cfg.budgets) for m in self.methods)
         total = per_sample * len(cfg.lengths) * len(cfg.tasks) * cfg.num_samples
         bar = _progress(total, f"kascade eval {cfg.model}")
-        for length, task, i in self.samples():
-            sample = tasks_mod.generate_sample(task, self.tokenizer, length, i, cfg.seed, chat=cfg.chat)
-            todo = self._todo(sample)
-            bar.update(per_sample - len(todo))
+        for batch in self.batches():
+            samples = [tasks_mod.generate_sample(task, self.tokenizer, length, i, cfg.seed, chat=cfg.chat)
+                       for length, task, i in batch]
+            todo = sorted({run for s in samples for run in self._todo(s)}, key=lambda r: (self.methods.index(r[0]), r[1] or 0))
+            bar.update(sum(per_sample - len(self._todo(s)) for s in samples))
             if not todo:
                 continue
-            ids = self.tokenizer(sample.prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.device)
-            dense_prefill_runs = [(n, f) for n, f in todo if self._shares_dense_prefill(n)]
-            own_prefill_runs = [(n, f) for n, f in todo if not self._shares_dense_prefill(n)]
-            if dense_prefill_runs:
+            enc = self.tokenizer([s.prompt for s in samples], add_special_tokens=False, return_tensors="pt",
+                                 padding=True, padding_side="left")
+            ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+            max_new = max(self._max_new(s) for s in samples)
+            what = f"{samples[0].context_length} {samples[0].task}#{batch[0][2]}-{batch[-1][2]}"
+            shared = [(n, f) for n, f in todo if self._shares_dense_prefill(n)]
+            own = [(n, f) for n, f in todo if not self._shares_dense_prefill(n)]
+            if shared:
                 self.dispatch.use(make_method("dense", None, self.spec))
                 t0 = time.perf_counter()
-                past, logits = self._prefill(ids)
+                past, logits = self._prefill(ids, mask)
                 prefill_s = time.perf_counter() - t0
-                for name, fraction in dense_prefill_runs:
-                    bar.set_postfix_str(f"{length} {task}#{i} {name}@{fraction}")
+                for name, fraction in shared:
+                    bar.set_postfix_str(f"{what} {name}@{fraction}")
                     self.dispatch.use(self._method(name, fraction or 0.1), probe=cfg.probe_mass)
                     t0 = time.perf_counter()
-                    toks = greedy(self.model, copy.deepcopy(past), logits, self._max_new(sample), self.eos, self.device)
-                    self._finish(self._base(sample, name, fraction), sample, toks, time.perf_counter() - t0 + prefill_s)
-                    bar.update(1)
+                    toks = greedy(self.model, copy.deepcopy(past), logits, mask, max_new, self.eos)
+                    self._finish_batch(samples, name, fraction, toks, time.perf_counter() - t0 + prefill_s, bar)
                 del past
-            for name, fraction in own_prefill_runs:
-                bar.set_postfix_str(f"{length} {task}#{i} {name}@{fraction}")
+            for name, fraction in own:
+                bar.set_postfix_str(f"{what} {name}@{fraction}")
                 self.dispatch.use(self._method(name, fraction or 0.1), probe=cfg.probe_mass)
                 t0 = time.perf_counter()
-                past, logits = self._prefill(ids)
-                toks = greedy(self.model, past, logits, self._max_new(sample), self.eos, self.device)
-                self._finish(self._base(sample, name, fraction), sample, toks, time.perf_counter() - t0)
-                bar.update(1)
+                past, logits = self._prefill(ids, mask)
+                toks = greedy(self.model, past, logits, mask, max_new, self.eos)
+                del past
+                self._finish_batch(samples, name, fraction, toks, time.perf_counter() - t0, bar)
         bar.close()
         return self.selected_cells()
+
+    def _finish_batch(self, samples, name, fraction, toks, seconds, bar) -> None:
+        for s, t in zip(samples, toks):
+            base = self._base(s, name, fraction)
+            if cell_key(base) in self.cells:
+                continue
+            self._finish(base, s, t[: self._max_new(s)], seconds / len(samples), batch=len(samples))
+            bar.update(1)
 
     def _shares_dense_prefill(self, name: str) -> bool:
         return bool(getattr(self._method(name, 0.1), "decode_only", False))
