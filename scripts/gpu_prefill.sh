@@ -5,6 +5,7 @@
 #   bash scripts/gpu_prefill.sh bench [bench args]    # one `kascade bench prefill` run -> prefill_main.json
 #   bash scripts/gpu_prefill.sh all [bench args]      # both
 #   bash scripts/gpu_prefill.sh sweep                 # tests + 256K + 20/30 %, T=16/64, Qwen-like 16/2
+# Pass the commit from the checkout (the device copy has no .git): KASCADE_COMMIT=<sha> bash scripts/gpu_prefill.sh ...
 set -uo pipefail
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}

@@ -26,8 +26,6 @@ import itertools
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -75,25 +73,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # --------------------------------------------------------------------------------------------- helpers
 def _env() -> dict:
-    import triton
+    """The environment record of kascade.bench.common (device, versions, git commit from KASCADE_COMMIT
+    or git, UTC time)."""
+    from .common import env_info
 
-    commit = os.environ.get("KASCADE_COMMIT", "")
-    if not commit:
-        try:
-            res = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], capture_output=True, text=True, timeout=5)
-            commit = res.stdout.strip() if res.returncode == 0 else ""
-        except (OSError, subprocess.SubprocessError):  # no git on the device machine
-            commit = ""
-    return {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-        "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
-        "git_commit": commit or "unknown (no git; set KASCADE_COMMIT)",
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    return env_info()
 
 
 def _bench(fn, warmup, rep) -> float:
+    """Median ms by triton.testing.do_bench (L2 flushed between repetitions). Not common.bench_ms's CUDA
+    graphs: the launchers read the row lengths on the host (one sync per call), which a graph cannot
+    capture; every committed prefill result was timed this way."""
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
