@@ -167,7 +167,13 @@ def dense(q, k, v, kv_start, kv_end, *, scale=None):
 
 # --------------------------------------------------------------------------------------------- sparse
 def sparse(q, k, v, indices, kv_start, kv_end, *, topk_fraction, topk_floor, tile_size, scale=None):
-    """Rolling sparse prefill over given indices [B, Hkv, n_tiles, W] (absolute positions, -1 padded)."""
+    """Rolling sparse prefill (reuse layers).
+
+    q [B, Hq, Lq, D] (Lq > 1, queries aligned to each row's end), k/v [B, Hkv, Lk, D], one of float16,
+    bfloat16, float32, last dim contiguous; kv_start/kv_end int64 [B]; indices [B, Hkv, n_tiles, W]
+    int32/int64 absolute key positions, -1 padded, already mapped to this layer's heads (W at least the
+    largest budget; each sparse tile's first budget slots are used). Returns out like q; padding
+    queries are zero."""
     G = _check(q, k, v, tile_size)
     B, Hq, Lq, D = q.shape
     Hkv = k.shape[1]
@@ -209,7 +215,12 @@ def _launch_sparse(q, k, v, out, indices, budgets, kv_start, kv_end, G, T, scale
 
 # --------------------------------------------------------------------------------------------- anchor
 def anchor(q, k, v, kv_start, kv_end, *, topk_fraction, topk_floor, tile_size, scale=None, dense_output=False):
-    """Exact rolling Top-k selection and attention. Returns (out, indices [B, Hkv, n_tiles, kmax])."""
+    """Exact rolling Top-k selection (pooled post-softmax over tile x GQA group) and attention.
+
+    Inputs as in ``sparse``. Returns (out like q, indices int32 [B, Hkv, n_tiles, kmax]) with
+    n_tiles = ceil(max row length / T) and kmax the largest budget of a sparse tile: each sparse tile
+    of this call holds exactly its budget of distinct prefix positions (ascending), -1 after; dense
+    tiles and tiles without queries hold -1. dense_output=True (layer 0): out is dense attention."""
     G = _check(q, k, v, tile_size)
     B, Hq, Lq, D = q.shape
     Hkv = k.shape[1]
