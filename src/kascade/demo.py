@@ -154,8 +154,11 @@ def run(model_name: str = "smollm2-135m", context_tokens: int = 4000, max_new_to
               else f"{kas_s:.1f} s (decode, from the dense prefill's cache")
     print(f"kascade answer: {kas_text!r}  [{'correct' if answer in kas_text else 'WRONG'}]  "
           f"{timing}; {where}; CPU reference ops, statistics on)")
-    print(f"kascade decode steps, layers 1..{plan.model.num_layers - 1}: attended {frac:.1%} of the keys dense "
-          f"attention reads and captured {mass:.1%} of its attention mass")
+    if fractions:
+        print(f"kascade decode steps, layers 1..{plan.model.num_layers - 1}: attended {frac:.1%} of the keys "
+              f"dense attention reads and captured {mass:.1%} of its attention mass")
+    else:
+        print(f"(the engine keeps no selection statistics for variant {variant!r})")
     print("(on a CPU the Kascade ops are the pure-PyTorch reference, not faster than dense; see `kascade bench` "
           "for GPU speed)")
     return {"answer": answer, "dense": dense_text, "kascade": kas_text, "dense_s": dense_s, "kascade_s": kas_s,
@@ -173,6 +176,8 @@ def register(subparsers) -> None:
                    help="Kascade in the prefill too (rolling tiles); on a CPU the reference ops make a 4K prefill "
                         "take minutes")
     p.add_argument("--plan", default=None, help="plan JSON (default: the plan shipped for the model)")
+    p.add_argument("--variant", default="kascade",
+                   help="engine variant: kascade, all_heads_pooled, no_remap, pre_softmax, oracle (default kascade)")
     p.add_argument("--depth", type=float, default=0.5, help="needle depth in the essays, 0..1 (default 0.5)")
     p.add_argument("--seed", type=int, default=0, help="picks the needle's key and number")
     p.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")
@@ -181,7 +186,7 @@ def register(subparsers) -> None:
 
 def _main(args: argparse.Namespace) -> int:
     result = run(args.model, args.tokens, args.max_new_tokens, args.plan, args.seed, args.depth,
-                 sparse_prefill=args.sparse_prefill)
+                 variant=args.variant, sparse_prefill=args.sparse_prefill)
     if args.json:
         print(json.dumps(result))
     return 0 if result["kascade_correct"] else 1
