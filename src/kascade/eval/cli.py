@@ -47,6 +47,8 @@ def register(subparsers) -> None:
     p.add_argument("--name", default=None, help="result file stem (default eval_<model>)")
     p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--report-only", action="store_true",
+                   help="do not run anything: summarize the cells already cached in OUT/cells.jsonl")
     p.add_argument("--decode-heavy", action="store_true",
                    help="also (or with --tasks none, only) run the teacher-forced long-continuation measurement")
     p.add_argument("--dh-context", type=int, default=4096, help="decode-heavy context tokens (default 4096)")
@@ -68,15 +70,25 @@ def main(args: argparse.Namespace) -> int:
                      methods=tuple(args.methods), budgets=tuple(args.budgets), topk_floor=args.topk_floor,
                      seed=args.seed, out_dir=args.out, plan=args.plan, max_new_tokens=args.max_new_tokens,
                      probe_mass=not args.no_mass, batch_size=args.batch_size, chat=not args.no_chat_template)
+    out = Path(args.out)
+    stem = args.name or f"eval_{args.model}"
+    extra = {"command": command, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if args.report_only:
+        from .runner import load_cells, select_cells
+
+        cells = select_cells(load_cells(out / "cells.jsonl").values(), cfg)
+        summary = report.summarize(cells)
+        report.print_table(summary)
+        report.write_json(out / f"{stem}.json", summary, {"config": _config_dict(cfg), "report_only": True}, cells, extra)
+        plots = report.plot(summary, out, stem)
+        print(f"wrote {out / f'{stem}.json'} ({len(cells)} cached cells) and {len(plots)} plots")
+        return 0
     from .. import models
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = models.load(args.model, dtype=getattr(torch, args.dtype))
     model = model.to(device)
     runner = Runner(cfg, model, tokenizer)
-    out = Path(args.out)
-    stem = args.name or f"eval_{args.model}"
-    extra = {"command": command, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     summary = {"rows": []}
     cells = []
     if tasks:
@@ -97,3 +109,9 @@ def main(args: argparse.Namespace) -> int:
     plots = report.plot(summary, out, stem) if summary["rows"] else []
     print(f"wrote {path}" + (f" and {len(plots)} plots" if plots else ""))
     return 0
+
+
+def _config_dict(cfg) -> dict:
+    from dataclasses import asdict
+
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}

@@ -352,15 +352,7 @@ class Runner:
 
     def selected_cells(self) -> list[dict]:
         """The cached cells this configuration asks for (the cache may hold others)."""
-        cfg = self.cfg
-        want = set()
-        for length, task, i in self.samples():
-            for name in self.methods:
-                for fraction in ([None] if name in BUDGET_FREE else cfg.budgets):
-                    want.add((task, length, i, name, fraction))
-        return [c for c in self.cells.values()
-                if c["model"] == cfg.model and c["seed"] == cfg.seed
-                and (c["task"], c["context_length"], c["index"], c["method"], c["topk_fraction"]) in want]
+        return select_cells(self.cells.values(), self.cfg, self.methods)
 
     def metadata(self) -> dict:
         import platform
@@ -373,6 +365,20 @@ class Runner:
                 "methods": {m: self._method(m, 0.1).describe() for m in self.methods},
                 "device": str(self.device), "torch": torch.__version__, "transformers": transformers.__version__,
                 "python": platform.python_version(), "git_commit": _git_commit()}
+
+
+def select_cells(cells: Iterable[dict], cfg: EvalConfig, methods: Sequence[str] | None = None) -> list[dict]:
+    """The cells of ``cells`` that configuration ``cfg`` asks for."""
+    methods = list(cfg.methods if methods is None else methods)
+    want = set()
+    for length in cfg.lengths:
+        for i in range(cfg.num_samples):
+            for task in cfg.tasks:
+                for name in methods:
+                    for fraction in ([None] if name in BUDGET_FREE else cfg.budgets):
+                        want.add((task, length, i, name, fraction))
+    return [c for c in cells if c["model"] == cfg.model and c["seed"] == cfg.seed
+            and (c["task"], c["context_length"], c["index"], c["method"], c["topk_fraction"]) in want]
 
 
 def _git_commit() -> str | None:
