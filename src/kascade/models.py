@@ -159,8 +159,13 @@ def load(name: str = "smollm2-135m", dtype: torch.dtype = torch.float32, *, use_
     _require_hf()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import transformers
+
     source = _source(name)
-    saved = cache_dir() / source.name / "hf-fp32"
+    # Tokenizer files saved by one transformers major version need not load in another (5.x writes a
+    # TokenizersBackend class 4.x lacks), so each major version keeps its own copy.
+    major = transformers.__version__.split(".")[0]
+    saved = cache_dir() / source.name / f"hf-fp32-transformers{major}"
     stamp = saved / "kascade-source.json"
     if use_cache and stamp.is_file() and json.loads(stamp.read_text()).get("sha256") == source.sha256:
         tokenizer = AutoTokenizer.from_pretrained(saved)
