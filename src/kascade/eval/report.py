@@ -130,6 +130,7 @@ def plot(summary: dict, out_dir: Path, prefix: str = "eval") -> list[Path]:
                 elif len(mr) > 1:
                     ax.plot([100 * r["topk_fraction"] for r in mr], [r["average"] for r in mr], marker="o", label=method)
             ax.set_xscale("log")
+            ax.minorticks_off()
             ax.set_xticks([100 * b for b in budgets], [f"{100 * b:g}%" for b in budgets])
             ax.set_xlabel("Top-k budget (fraction of keys)")
             ax.set_ylabel("suite average score")
