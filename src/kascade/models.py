@@ -101,6 +101,12 @@ def _sha256(paths: list[Path]) -> str:
 def gguf_path(name: str) -> Path:
     """The verified GGUF file of ``name`` (assembled into the cache directory when split)."""
     source = _source(name)
+    target = cache_dir() / source.name / source.gguf_name
+    stamp = target.with_suffix(".sha256")
+    if len(source.packages) > 1 and _assembled(target, stamp, source):
+        # An assembled, verified copy is enough: the packages may be gone (or never installed, as on a
+        # machine the file was copied to and stamped after a sha256 check).
+        return target
     parts = []
     for pkg, rel in zip(source.packages, source.files):
         path = _package_dir(pkg, source) / rel
@@ -111,11 +117,6 @@ def gguf_path(name: str) -> Path:
         path = parts[0]
         _verify(path, source)
         return path
-    target = cache_dir() / source.name / source.gguf_name
-    stamp = target.with_suffix(".sha256")
-    if target.is_file() and stamp.is_file() and stamp.read_text().strip() == source.sha256 \
-            and target.stat().st_size == source.size:
-        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".partial")
     with open(tmp, "wb") as out:
@@ -126,6 +127,11 @@ def gguf_path(name: str) -> Path:
     tmp.replace(target)
     stamp.write_text(source.sha256 + "\n")
     return target
+
+
+def _assembled(target: Path, stamp: Path, source: ModelSource) -> bool:
+    return (target.is_file() and stamp.is_file() and stamp.read_text().strip() == source.sha256
+            and target.stat().st_size == source.size)
 
 
 def _verify(path: Path, source: ModelSource) -> None:
