@@ -241,3 +241,68 @@ def test_launcher_rejects_strided_head_dim():
     s, e = torch.zeros(1, dtype=torch.int64), torch.full((1,), 50, dtype=torch.int64)
     with pytest.raises(KascadeInputError, match="stride 1"):
         D.dense(q, k, k, s, e)
+
+
+# Launch variants the GPU benchmark compares (TUNING overrides); every one must give a correct result.
+VARIANTS = {
+    # one split per row: the program stores its output directly (no partials, no merge)
+    "direct": dict(sparse_programs_per_sm=0.01),
+    # hand-pipelined sparse loop, with several blocks per split and several splits per row
+    "prefetch": dict(sparse_prefetch=True, sparse_num_stages=1, sparse_block_n=16, sparse_min_chunk=16),
+    "prefetch-direct": dict(sparse_prefetch=True, sparse_num_stages=1, sparse_block_n=16,
+                            sparse_programs_per_sm=0.01),
+    # hybrid histograms: small blocks so that both the atomic and the tl.histogram path run
+    "atomic-hist": dict(select_atomic_max=(8, 8), select_block=64, select_min_chunk=64),
+    "atomic-only": dict(select_atomic_max=(4096, 4096)),
+    "atomic-l3": dict(select_atomic_max=(0, 256), select_block=128, select_min_chunk=128),
+}
+
+
+@pytest.fixture(params=list(VARIANTS), ids=list(VARIANTS))
+def variant(request, monkeypatch):
+    for key, value in VARIANTS[request.param].items():
+        monkeypatch.setitem(D.TUNING, key, value)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,Hq,Hkv,Lk,Dh,kind,frac,floor", CASES)
+def test_variants_anchor_and_reuse(B, Hq, Hkv, Lk, Dh, kind, frac, floor, dtype, variant):
+    q, k, v = make(B, Hq, Hkv, Lk, Dh, dtype, seed=12, spread=2.0)
+    starts, ends = ranges(B, Lk, kind)
+    out, indices = D.anchor(q, k, v, starts, ends, topk_fraction=frac, topk_floor=floor)
+    check_selection(indices, q, k, starts, ends, frac, floor)
+    allowed = allowed_from(indices, starts, ends, Hkv, Lk)
+    check_close(out, q, k, v, allowed, R.sparse_attention(q.float(), k.float(), v.float(), indices, starts, ends))
+    # reuse: another layer's q, K/V over these indices, with holes
+    q2, k2, v2 = make(B, Hq, Hkv, Lk, Dh, dtype, seed=13)
+    holed = indices.clone()
+    holed[..., 2::7] = -1
+    out2 = D.sparse(q2, k2, v2, holed, starts, ends)
+    ref2 = R.sparse_attention(q2.float(), k2.float(), v2.float(), holed, starts, ends)
+    check_close(out2, q2, k2, v2, allowed_from(holed, starts, ends, Hkv, Lk), ref2)
+
+
+def test_variants_ties(variant):
+    """Identical keys put many keys in one level-3 bin (the atomics of the hybrid histogram collide)."""
+    q, k, v = make(2, 8, 2, 257, 64, torch.float32, seed=6)
+    k[:, :, 100:200] = k[:, :, 100:101]
+    starts, ends = ranges(2, 257, "full")
+    out, indices = D.anchor(q, k, v, starts, ends, topk_fraction=0.2, topk_floor=8)
+    check_selection(indices, q, k, starts, ends, 0.2, 8)
+    ref32 = R.sparse_attention(q, k, v, indices, starts, ends)
+    check_close(out, q, k, v, allowed_from(indices, starts, ends, 2, 257), ref32)
+
+
+def test_atomic_hist_same_indices(monkeypatch):
+    """The hybrid histograms give exactly the indices of tl.histogram (same counts, same compaction)."""
+    monkeypatch.setitem(D.TUNING, "select_block", 64)
+    monkeypatch.setitem(D.TUNING, "select_min_chunk", 64)
+    monkeypatch.setattr(D, "_sm_count", lambda device: 64)
+    q, k, v = make(2, 8, 2, 1000, 64, torch.float32, seed=14, spread=2.0)
+    starts, ends = ranges(2, 1000, "varied")
+    _, ref = D.anchor(q, k, v, starts, ends, topk_fraction=0.1, topk_floor=16)
+    for amax in ((8, 8), (0, 64), (4096, 4096)):
+        monkeypatch.setitem(D.TUNING, "select_atomic_max", amax)
+        _, got = D.anchor(q, k, v, starts, ends, topk_fraction=0.1, topk_floor=16)
+        assert torch.equal(got, ref), amax

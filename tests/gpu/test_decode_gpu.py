@@ -21,6 +21,20 @@ if torch.cuda.is_available():
     from kascade.ops import decode as D
 
 
+@pytest.fixture(autouse=True)
+def _tuning_from_env(monkeypatch):
+    """KASCADE_DECODE_TUNING='{"sparse_prefetch": true, ...}' runs every test under those TUNING overrides
+    (scripts/gpu_decode_tune2.sh checks the new launch variants this way)."""
+    import json
+    import os
+
+    overrides = json.loads(os.environ.get("KASCADE_DECODE_TUNING", "{}") or "{}")
+    for key, value in overrides.items():
+        if key not in D.TUNING:
+            raise KeyError(f"KASCADE_DECODE_TUNING: unknown TUNING key {key!r}")
+        monkeypatch.setitem(D.TUNING, key, tuple(value) if isinstance(value, list) else value)
+
+
 def make(B, Hq, Hkv, L, Dh, dtype, seed=0, spread=1.0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     q = (torch.randn(B, Hq, 1, Dh, device="cuda", generator=g) * spread).to(dtype)

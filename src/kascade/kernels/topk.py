@@ -114,11 +114,16 @@ def refine_hist_kernel(
     POOLED, KV_START, KV_END, HIST, PART,
     H_KV, Lk, chunk, ppm, floor, n_sel,
     LEVEL: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr, NB: tl.constexpr, B: tl.constexpr,
-    SHIFT: tl.constexpr, BLOCK: tl.constexpr,
+    SHIFT: tl.constexpr, BLOCK: tl.constexpr, ATOMIC_MAX: tl.constexpr = 0, ZERO_PART: tl.constexpr = 0,
 ):
     """Level-2 or level-3 histogram (NB = 2^B2 or 2^B3 bins of the bits just below bit SHIFT = 23 or
     23 - B2) of the keys inside the boundary prefix of the levels before. Level 3 also stores this
-    program's histogram and its count of keys above the level-2 prefix in PART."""
+    program's histogram and its count of keys above the level-2 prefix in PART.
+
+    ATOMIC_MAX > 0: a block with at most ATOMIC_MAX keys inside the prefix adds them one by one with
+    relaxed atomics (into HIST, and at level 3 also into this program's PART histogram, which must then
+    be zero: the level-2 launch zeroes its first ZERO_PART bins); fuller blocks use tl.histogram. The
+    counts, and so the selection, are the same either way."""
     row = tl.program_id(0)
     sp = tl.program_id(1)
     b = row // H_KV
@@ -133,6 +138,8 @@ def refine_hist_kernel(
     bins = tl.arange(0, NB)
 
     p_base = POOLED + row.to(tl.int64) * Lk
+    part = PART + (row.to(tl.int64) * n_sel + sp) * (256 + 1)
+    h_level = h_base + (LEVEL - 1) * 256
     offs = tl.arange(0, BLOCK)
     hist = tl.zeros([NB], tl.int32)
     above = 0
@@ -142,14 +149,28 @@ def refine_hist_kernel(
         bits = tl.load(p_base + n, mask=n_mask, other=0.0).to(tl.int32, bitcast=True)
         top = bits >> SHIFT
         inside = n_mask & (top == prefix)
-        hist += tl.histogram((bits >> (SHIFT - B)) & (NB - 1), NB, mask=inside)
+        digit = (bits >> (SHIFT - B)) & (NB - 1)
+        if ATOMIC_MAX > 0:
+            n_in = tl.sum(inside.to(tl.int32), 0)
+            if n_in > ATOMIC_MAX:
+                hist += tl.histogram(digit, NB, mask=inside)
+            elif n_in > 0:
+                tl.atomic_add(h_level + digit, 1, mask=inside, sem="relaxed")
+                if LEVEL == 3:
+                    tl.atomic_add(part + digit, 1, mask=inside, sem="relaxed")
+        else:
+            hist += tl.histogram(digit, NB, mask=inside)
         if LEVEL == 3:
             above += tl.sum((n_mask & (top > prefix)).to(tl.int32), 0)
-    tl.atomic_add(h_base + (LEVEL - 1) * 256 + bins, hist)
+    tl.atomic_add(h_level + bins, hist)
     if LEVEL == 3:
-        part = PART + (row.to(tl.int64) * n_sel + sp) * (256 + 1)
-        tl.store(part + bins, hist)
+        if ATOMIC_MAX > 0:
+            tl.atomic_add(part + bins, hist, sem="relaxed")
+        else:
+            tl.store(part + bins, hist)
         tl.store(part + 256, above)
+    if ZERO_PART > 0:
+        tl.store(part + tl.arange(0, ZERO_PART), tl.zeros([ZERO_PART], tl.int32))
 
 
 @triton.jit

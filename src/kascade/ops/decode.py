@@ -48,6 +48,17 @@ TUNING = {
     "sparse_num_warps": 4,
     "sparse_num_stages": 3,
     "sparse_min_chunk": 128,  # fewest index slots per split of the sparse pass
+    "sparse_programs_per_sm": None,  # programs per SM the sparse split count aims for (None: programs_per_sm)
+    "sparse_max_splits": None,  # most splits per row of the sparse pass (None: max_splits)
+    "sparse_direct": True,  # one split per row: its program stores the output itself (no partials, no merge)
+    # Pipelining by hand in the sparse loop (indices two blocks ahead, K/V one block ahead; meant for
+    # sparse_num_stages=1). The compiler's pipeliner single-buffers gathers that depend on an index
+    # load below num_stages=5 (Triton 3.9 TTGIR), i.e. one block of K/V in flight per program.
+    "sparse_prefetch": False,
+    # Register cap of the sparse kernel (None: the compiler's choice). Triton 3.9 builds the non-fused
+    # variant (> fuse_max_splits splits, e.g. batch 1) with 136 registers per thread = 3 programs per SM,
+    # the fused one with 104 = 4; a cap of 104 spills 24 bytes.
+    "sparse_maxnreg": None,
     # With at most this many splits per row, the last split of a row merges them (no combine launch);
     # with more, one combine program per query head does (one program merging 256 splits was slow).
     "fuse_max_splits": 16,
@@ -56,6 +67,12 @@ TUNING = {
     "select_programs_per_sm": 8,  # programs per SM the selection passes aim for
     "select_min_chunk": 4096,  # fewest keys per selection program
     "select_bits": (7, 7),  # bits resolved by the 2nd and 3rd radix levels (the 1st: the 8 exponent bits)
+    # Hybrid histograms of the 2nd / 3rd radix level: a block of select_block keys with at most this many
+    # keys inside the boundary prefix adds them with relaxed atomics (one per key) instead of tl.histogram,
+    # whose cost does not depend on how many keys the mask keeps; 0: tl.histogram always. Level 3 keeps
+    # only the keys of one level-2 bin (a few per block), so its pass becomes a plain read of the pooled
+    # scores.
+    "select_atomic_max": (0, 0),
 }
 
 _SM_COUNT: dict[int, int] = {}
@@ -125,14 +142,31 @@ def _scale2(scale: float | None, D: int) -> float:
     return (1.0 / math.sqrt(D) if scale is None else float(scale)) * LOG2E
 
 
-def _splits(rows: int, length: int, device: torch.device, block: int, min_chunk: int | None = None) -> tuple[int, int]:
+def _splits(rows: int, length: int, device: torch.device, block: int, min_chunk: int | None = None,
+            programs_per_sm: float | None = None, max_splits: int | None = None) -> tuple[int, int]:
     """(n_splits, chunk): cut an axis of `length` into chunks (multiples of block) so that rows *
     n_splits is about programs_per_sm * SMs."""
-    want = triton.cdiv(TUNING["programs_per_sm"] * _sm_count(device), max(rows, 1))
+    pps = TUNING["programs_per_sm"] if programs_per_sm is None else programs_per_sm
+    want = max(1, math.ceil(pps * _sm_count(device) / max(rows, 1)))
     min_chunk = TUNING["min_chunk"] if min_chunk is None else min_chunk
-    n = max(1, min(want, triton.cdiv(length, min_chunk), TUNING["max_splits"]))
+    max_splits = TUNING["max_splits"] if max_splits is None else max_splits
+    n = max(1, min(want, triton.cdiv(length, min_chunk), max_splits))
     chunk = triton.cdiv(triton.cdiv(length, n), block) * block
     return triton.cdiv(length, chunk), chunk
+
+
+def _maxnreg(device: torch.device) -> dict:
+    """The sparse kernel's register cap as a launch option (compiled launches whose Triton has it only)."""
+    cap = TUNING["sparse_maxnreg"]
+    if not cap or device.type != "cuda":
+        return {}
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+
+        known = "maxnreg" in CUDAOptions.__dataclass_fields__
+    except Exception:  # noqa: BLE001 - another backend layout: no cap
+        known = False
+    return {"maxnreg": int(cap)} if known else {}
 
 
 def _gp(G: int) -> int:
@@ -210,12 +244,17 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None):
     rows = B * Hkv
     W = indices.shape[2]
     block = TUNING["sparse_block_n"]
-    n_splits, chunk = _splits(rows, W, q.device, block, TUNING["sparse_min_chunk"])
+    n_splits, chunk = _splits(rows, W, q.device, block, TUNING["sparse_min_chunk"],
+                              TUNING["sparse_programs_per_sm"], TUNING["sparse_max_splits"])
+    direct = n_splits == 1 and TUNING["sparse_direct"]
     f32 = dict(dtype=torch.float32, device=q.device)
-    m = torch.empty((rows, n_splits, G), **f32)
-    l = torch.empty((rows, n_splits, G), **f32)
-    o = torch.empty((rows, n_splits, G, D), **f32)
-    fuse = n_splits <= TUNING["fuse_max_splits"]
+    if direct:
+        m = l = o = q.new_empty((1,), dtype=torch.float32)
+    else:
+        m = torch.empty((rows, n_splits, G), **f32)
+        l = torch.empty((rows, n_splits, G), **f32)
+        o = torch.empty((rows, n_splits, G, D), **f32)
+    fuse = n_splits <= TUNING["fuse_max_splits"] and not direct
     out = torch.empty_like(q)
     counter = _counter(q.device, rows) if fuse else m
     kv_start, kv_end = kv_start.contiguous(), kv_end.contiguous()
@@ -229,10 +268,10 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None):
         out.stride(0), out.stride(1),
         Hkv, Lk, W, n_splits, chunk,
         G=G, GP=_gp(G), D=D, BLOCK_N=block, PRECISION=_precision(q), FROM_SCORES=scores is not None,
-        FUSE_COMBINE=fuse, **_combine_meta(G, D, n_splits),
-        num_warps=TUNING["sparse_num_warps"], num_stages=TUNING["sparse_num_stages"],
+        FUSE_COMBINE=fuse, **_combine_meta(G, D, n_splits), DIRECT=direct, PREFETCH=bool(TUNING["sparse_prefetch"]),
+        num_warps=TUNING["sparse_num_warps"], num_stages=TUNING["sparse_num_stages"], **_maxnreg(q.device),
     )
-    return out if fuse else _combine(q, m, l, o, n_splits, Hkv)
+    return out if (fuse or direct) else _combine(q, m, l, o, n_splits, Hkv)
 
 
 def select(scores, m, l, n_splits, kv_start, kv_end, *, Hkv, topk_fraction, topk_floor):
@@ -264,10 +303,12 @@ def select(scores, m, l, n_splits, kv_start, kv_end, *, Hkv, topk_fraction, topk
         G=G, GP=triton.next_power_of_2(G), SP=triton.next_power_of_2(n_splits), BLOCK=block, NB=kt.NBINS,
         num_warps=nw,
     )
-    for level, bits, shift in ((2, b2, 23), (3, b3, 23 - b2)):
+    a2, a3 = (max(0, int(a)) for a in TUNING["select_atomic_max"])
+    for level, bits, shift, amax in ((2, b2, 23, a2), (3, b3, 23 - b2, a3)):
         kt.refine_hist_kernel[grid](
             pooled, kv_start, kv_end, hist, part, Hkv, Lk, chunk, ppm, int(topk_floor), sel_splits,
-            LEVEL=level, B2=b2, B3=b3, NB=1 << bits, B=bits, SHIFT=shift, BLOCK=block, num_warps=nw,
+            LEVEL=level, B2=b2, B3=b3, NB=1 << bits, B=bits, SHIFT=shift, BLOCK=block, ATOMIC_MAX=amax,
+            ZERO_PART=(1 << b3) if (level == 2 and a3 > 0) else 0, num_warps=nw,
         )
     kt.compact_kernel[grid](
         pooled, kv_start, kv_end, hist, part, indices, Hkv, Lk, W, chunk, w_chunk, ppm, int(topk_floor),
