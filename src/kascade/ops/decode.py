@@ -48,7 +48,10 @@ TUNING = {
     "sparse_num_warps": 4,
     "sparse_num_stages": 3,
     "sparse_min_chunk": 128,  # fewest index slots per split of the sparse pass
-    "sparse_programs_per_sm": None,  # programs per SM the sparse split count aims for (None: programs_per_sm)
+    # Programs per SM the sparse split count aims for (None: programs_per_sm). 3, measured on the H100
+    # (benchmarks/results/decode_tune2.json): one split per row at batch 64 (direct store, no merge;
+    # reuse -2 % at 32K, -7 % at 8K) and one wave of 41 splits x 8 rows at batch 1 (-2 %).
+    "sparse_programs_per_sm": 3,
     "sparse_max_splits": None,  # most splits per row of the sparse pass (None: max_splits)
     "sparse_direct": True,  # one split per row: its program stores the output itself (no partials, no merge)
     # Pipelining by hand in the sparse loop (indices two blocks ahead, K/V one block ahead; meant for
@@ -72,7 +75,7 @@ TUNING = {
     # whose cost does not depend on how many keys the mask keeps; 0: tl.histogram always. Level 3 keeps
     # only the keys of one level-2 bin (a few per block), so its pass becomes a plain read of the pooled
     # scores.
-    "select_atomic_max": (0, 0),
+    "select_atomic_max": (0, 64),  # level 3 hybrid: selection -8 % at 128K b64, -6 % at 32K (tune2)
 }
 
 _SM_COUNT: dict[int, int] = {}
