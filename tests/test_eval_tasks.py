@@ -105,3 +105,25 @@ def test_ordered_match():
     assert scoring.ordered_match("22 11 33 44", refs) == 75.0
     assert scoring.ordered_match("44 33", refs) == 25.0
     assert scoring.ordered_match("none", refs) == 0.0
+
+
+def test_summary_paired_delta_vs_dense():
+    """The paired difference to dense: per task the mean of (method - dense) over the same samples,
+    averaged over tasks; its standard error from the per-task differences."""
+    import math
+
+    from kascade.eval import report
+
+    def cell(method, task, i, score):
+        return {"method": method, "topk_fraction": None if method == "dense" else 0.1, "context_length": 4096,
+                "task": task, "index": i, "score": score}
+
+    cells = [cell("dense", "a", 0, 100), cell("dense", "a", 1, 0), cell("dense", "b", 0, 50), cell("dense", "b", 1, 50),
+             cell("m", "a", 0, 100), cell("m", "a", 1, 0), cell("m", "b", 0, 0), cell("m", "b", 1, 50)]
+    rows = {r["method"]: r for r in report.summarize(cells)["rows"]}
+    assert "delta_vs_dense" not in rows["dense"]
+    m = rows["m"]
+    # task a: diffs (0, 0) -> mean 0, stderr 0; task b: (-50, 0) -> mean -25, stderr 25
+    assert m["delta_vs_dense"] == -12.5 and m["average"] - rows["dense"]["average"] == -12.5
+    assert math.isclose(m["delta_stderr"], math.sqrt(25 ** 2) / 2)
+    assert "-12.5 ± 12.5" in report.format_table({"rows": list(rows.values())})

@@ -55,7 +55,38 @@ def summarize(cells: list[dict]) -> dict:
             row["mean_captured_mass"] = round(_mean(row["captured_mass"]), 4)
             row["mean_oracle_mass"] = round(_mean(row["oracle_mass"]), 4)
         rows.append(row)
+    _add_paired_delta(rows, cells)
     return {"rows": rows}
+
+
+def _add_paired_delta(rows: list[dict], cells: list[dict]) -> None:
+    """Per row: its suite average minus dense's on the same samples, with a paired standard error.
+
+    Samples are paired by (task, index) at the row's length; per task the mean difference and its
+    variance / n, then the mean over tasks (each task weighs the same, as in the suite average). The
+    paired error is much smaller than the unpaired spread of two averages: both methods see the same
+    prompts, and most samples score the same under both."""
+    dense = {(c["task"], c["context_length"], c["index"]): float(c["score"]) for c in cells if c["method"] == "dense"}
+    by_row: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for c in cells:
+        ref = dense.get((c["task"], c["context_length"], c["index"]))
+        if c["method"] != "dense" and ref is not None:
+            by_row[(c["method"], c["topk_fraction"], c["context_length"])][c["task"]].append(float(c["score"]) - ref)
+    for row in rows:
+        diffs = by_row.get((row["method"], row["topk_fraction"], row["context_length"]))
+        if not diffs:
+            continue
+        means = [_mean(d) for d in diffs.values()]
+        var = sum(_stderr(d) ** 2 for d in diffs.values()) / len(diffs) ** 2
+        row["delta_vs_dense"] = round(_mean(means), 2)
+        row["delta_stderr"] = round(math.sqrt(var), 2)
+        row["delta_tasks"] = len(diffs)
+
+
+def _delta(row: dict) -> str:
+    if "delta_vs_dense" not in row:
+        return "-"
+    return f"{row['delta_vs_dense']:+.1f} ± {row['delta_stderr']:.1f}"
 
 
 def format_table(summary: dict) -> str:
@@ -63,19 +94,20 @@ def format_table(summary: dict) -> str:
     if not rows:
         return "(no finished cells)"
     tasks = sorted({t for r in rows for t in r["tasks"]})
-    header = ["length", "method", *tasks, "avg", "mass"]
+    header = ["length", "method", *tasks, "avg", "vs dense", "mass"]
     lines = [header]
     for r in rows:
         lines.append([str(r["context_length"]), label(r["method"], r["topk_fraction"]),
                       *[f"{r['tasks'][t]['score']:.1f}" if t in r["tasks"] else "-" for t in tasks],
-                      f"{r['average']:.1f}",
+                      f"{r['average']:.1f}", _delta(r),
                       f"{r['mean_captured_mass']:.3f}" if "mean_captured_mass" in r else "-"])
     widths = [max(len(l[i]) for l in lines) for i in range(len(header))]
     out = ["  ".join(c.rjust(w) if j >= 2 else c.ljust(w) for j, (c, w) in enumerate(zip(l, widths))) for l in lines]
     out.insert(1, "-" * len(out[0]))
     n = {r["tasks"][t]["n"] for r in rows for t in r["tasks"]}
     out.append(f"(scores: RULER string match, mean over {min(n)}-{max(n)} samples per cell; mass: mean share of "
-               "dense attention mass on the attended keys over decode steps and layers)")
+               "dense attention mass on the attended keys over decode steps and layers; vs dense: paired "
+               "difference of the suite average on the same samples ± its standard error)")
     return "\n".join(out)
 
 
@@ -89,13 +121,18 @@ def print_table(summary: dict) -> None:
     rows = summary["rows"]
     tasks = sorted({t for r in rows for t in r["tasks"]})
     table = Table(title="kascade eval (RULER string-match score, 0-100)")
-    for col in ["length", "method", *tasks, "avg", "mass"]:
+    for col in ["length", "method", *tasks, "avg", "vs dense", "mass"]:
         table.add_column(col, justify="left" if col in ("length", "method") else "right")
     for r in rows:
         table.add_row(str(r["context_length"]), label(r["method"], r["topk_fraction"]),
                       *[f"{r['tasks'][t]['score']:.1f}" if t in r["tasks"] else "-" for t in tasks],
-                      f"{r['average']:.1f}", f"{r['mean_captured_mass']:.3f}" if "mean_captured_mass" in r else "-")
-    Console().print(table)
+                      f"{r['average']:.1f}", _delta(r),
+                      f"{r['mean_captured_mass']:.3f}" if "mean_captured_mass" in r else "-")
+    console = Console()
+    if not console.is_terminal:
+        # Piped or logged output: rich would squeeze the table into 80 columns and cut every cell.
+        console = Console(width=max(120, 14 * (len(tasks) + 4)))
+    console.print(table)
 
 
 def write_json(path: Path, summary: dict, metadata: dict, cells: list[dict], extra: dict | None = None) -> None:
