@@ -34,9 +34,6 @@ REUSE_KERNEL = {
     "ns5": dict(sparse_num_stages=5),  # pipeliner double-buffers the gathers (2 blocks in flight)
     "bn32-ns5": dict(sparse_block_n=32, sparse_num_stages=5),  # 80 regs, 38 KB smem: 5 programs / SM
     "bn128-w8": dict(sparse_block_n=128, sparse_num_warps=8),  # 64 KB of gathers per block
-    "prefetch": dict(sparse_prefetch=True, sparse_num_stages=1),  # by hand: 2 blocks in flight
-    "prefetch-bn32": dict(sparse_prefetch=True, sparse_num_stages=1, sparse_block_n=32),
-    "maxnreg104": dict(sparse_maxnreg=104),  # non-fused launches (b1): 4 instead of 3 programs / SM
 }
 # Split-count variants, layered on the fastest kernel variant of the point.
 REUSE_SPLITS_B64 = {

@@ -27,9 +27,9 @@ timeout 330 python scripts/decode_tune2.py --out "$OUT/decode_tune2.json" 2>&1 |
 [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
 echo "   ($((SECONDS - t0)) s)"
 
-echo "== 3. GPU decode tests, subset, with the new code paths on (prefetch loop, direct store, hybrid histograms)"
-for cfg in '{"sparse_prefetch": true, "sparse_num_stages": 1, "select_atomic_max": [64, 256]}' \
-           '{"sparse_programs_per_sm": 0.01, "sparse_num_stages": 5, "select_atomic_max": [0, 256], "sparse_maxnreg": 104}'; do
+echo "== 3. GPU decode tests, subset, with the new code paths on (direct store, hybrid histograms)"
+for cfg in '{"sparse_num_stages": 5, "select_atomic_max": [64, 256]}' \
+           '{"sparse_programs_per_sm": 0.01, "sparse_num_stages": 5, "select_atomic_max": [0, 256]}'; do
   echo "   KASCADE_DECODE_TUNING=$cfg"
   KASCADE_DECODE_TUNING="$cfg" timeout 120 python -m pytest -q -x tests/gpu/test_decode_gpu.py \
     -k "full-131072 or varied-32768 or geometries or no_host_sync" 2>&1 | tail -3

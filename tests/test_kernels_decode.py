@@ -247,10 +247,8 @@ def test_launcher_rejects_strided_head_dim():
 VARIANTS = {
     # one split per row: the program stores its output directly (no partials, no merge)
     "direct": dict(sparse_programs_per_sm=0.01),
-    # hand-pipelined sparse loop, with several blocks per split and several splits per row
-    "prefetch": dict(sparse_prefetch=True, sparse_num_stages=1, sparse_block_n=16, sparse_min_chunk=16),
-    "prefetch-direct": dict(sparse_prefetch=True, sparse_num_stages=1, sparse_block_n=16,
-                            sparse_programs_per_sm=0.01),
+    # several blocks per split and several splits per row
+    "small-blocks": dict(sparse_block_n=16, sparse_min_chunk=16, sparse_programs_per_sm=64),
     # hybrid histograms: small blocks so that both the atomic and the tl.histogram path run
     "atomic-hist": dict(select_atomic_max=(8, 8), select_block=64, select_min_chunk=64),
     "atomic-only": dict(select_atomic_max=(4096, 4096)),

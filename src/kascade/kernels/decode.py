@@ -95,17 +95,15 @@ def decode_sparse_kernel(
     H_KV, Lk, W, n_splits, chunk,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     FROM_SCORES: tl.constexpr, FUSE_COMBINE: tl.constexpr, GQ: tl.constexpr, SP: tl.constexpr,
-    SB: tl.constexpr, DIRECT: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+    SB: tl.constexpr, DIRECT: tl.constexpr = False,
 ):
     """One split of one row's index slots: gather K/V at the indices (absolute positions; -1 or
     positions outside [kv_start, kv_end) are skipped) and attend, writing the split's (m, l, acc).
     With FROM_SCORES (an anchor layer, right after its score pass) the scores are gathered from
     SCORES [rows, Lk, G] (one G * 4-byte read per key) instead of recomputed, so K is not read again.
     DIRECT (only with one split per row): the normalised output goes straight to OUT (no partials, no
-    merge). PREFETCH (meant for num_stages=1): pipelining by hand: the loop loads the indices two blocks
-    ahead and the K/V (or score) rows one block ahead of the block it computes, so two blocks of gathers
-    are in flight per program (the compiler's pipeliner keeps one in flight: the gathers depend on an
-    index load, and below num_stages=5 it single-buffers them)."""
+    merge). (A loop pipelined by hand, indices two blocks and K/V one block ahead, measured slower at
+    every point on the H100: benchmarks/notes_decode.md, v6.)"""
     row = tl.program_id(0)
     split = tl.program_id(1)
     b = (row // H_KV).to(tl.int64)
@@ -129,50 +127,28 @@ def decode_sparse_kernel(
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
-    if PREFETCH:
-        # block lo: indices and K/V (or scores) rows; block lo + BLOCK_N: raw indices
-        valid_c, idx_c = _sparse_idx(i_base, lo + offs_n, hi, start, end)
-        ks_c = _sparse_ks(k_base, s_base, idx_c, valid_c, offs_g, offs_d, g_mask, stride_kn, G, FROM_SCORES)
-        v_c = tl.load(v_base + idx_c[:, None] * stride_vn + offs_d[None, :], mask=valid_c[:, None], other=0.0)
-        slot = lo + BLOCK_N + offs_n
-        raw_n = tl.load(i_base + slot, mask=slot < hi, other=-1)
-        for n0 in range(lo, hi, BLOCK_N):
-            # issue the next block's gathers (its indices arrived during the last iteration) and the indices
-            # of the block after it, then compute this block
-            idx_n = raw_n.to(tl.int64)
-            valid_n = (idx_n >= start) & (idx_n < end)
-            idx_n = tl.where(valid_n, idx_n, 0)
-            ks_n = _sparse_ks(k_base, s_base, idx_n, valid_n, offs_g, offs_d, g_mask, stride_kn, G, FROM_SCORES)
-            v_n = tl.load(v_base + idx_n[:, None] * stride_vn + offs_d[None, :], mask=valid_n[:, None], other=0.0)
-            slot = n0 + 2 * BLOCK_N + offs_n
-            raw_n = tl.load(i_base + slot, mask=slot < hi, other=-1)
-            m_i, l_i, acc = _sparse_step(q, ks_c, v_c, valid_c, m_i, l_i, acc, qk_scale, FROM_SCORES, PRECISION)
-            valid_c = valid_n
-            ks_c = ks_n
-            v_c = v_n
-    else:
-        # V is loaded after the score dot: loaded before it, its registers stay live across the softmax
-        # (202 instead of 104 registers per thread, Triton 3.9 sm_90 build)
-        for n0 in range(lo, hi, BLOCK_N):
-            slot = n0 + offs_n
-            idx = tl.load(i_base + slot, mask=slot < hi, other=-1).to(tl.int64)
-            valid = (idx >= start) & (idx < end)
-            idx = tl.where(valid, idx, 0)
-            if FROM_SCORES:
-                s = tl.load(s_base + idx[None, :] * G + offs_g[:, None], mask=g_mask[:, None] & valid[None, :],
-                            other=float("-inf"))
-            else:
-                k = tl.load(k_base + idx[:, None] * stride_kn + offs_d[None, :], mask=valid[:, None], other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + idx[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+    # V is loaded after the score dot: loaded before it, its registers stay live across the softmax
+    # (202 instead of 104 registers per thread, Triton 3.9 sm_90 build)
+    for n0 in range(lo, hi, BLOCK_N):
+        slot = n0 + offs_n
+        idx = tl.load(i_base + slot, mask=slot < hi, other=-1).to(tl.int64)
+        valid = (idx >= start) & (idx < end)
+        idx = tl.where(valid, idx, 0)
+        if FROM_SCORES:
+            s = tl.load(s_base + idx[None, :] * G + offs_g[:, None], mask=g_mask[:, None] & valid[None, :],
+                        other=float("-inf"))
+        else:
+            k = tl.load(k_base + idx[:, None] * stride_kn + offs_d[None, :], mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + idx[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
 
     if DIRECT:
         # the only split of its row: normalise and store (a head that saw no key gets zeros)
@@ -188,43 +164,6 @@ def decode_sparse_kernel(
         if FUSE_COMBINE:
             _last_split_combines(M_PART, L_PART, O_PART, OUT, COUNTER, row, b, h, n_splits, stride_ob, stride_oh,
                                  G, GQ, D, SP, SB)
-
-
-@triton.jit
-def _sparse_idx(i_base, slot, hi, start, end):
-    """One block of index slots: (valid, index with 0 where not valid)."""
-    idx = tl.load(i_base + slot, mask=slot < hi, other=-1).to(tl.int64)
-    valid = (idx >= start) & (idx < end)
-    return valid, tl.where(valid, idx, 0)
-
-
-@triton.jit
-def _sparse_ks(k_base, s_base, idx, valid, offs_g, offs_d, g_mask, stride_kn, G: tl.constexpr,
-               FROM_SCORES: tl.constexpr):
-    """The gathered K rows [BLOCK_N, D], or with FROM_SCORES the gathered scores [GP, BLOCK_N]."""
-    if FROM_SCORES:
-        ks = tl.load(s_base + idx[None, :] * G + offs_g[:, None], mask=g_mask[:, None] & valid[None, :],
-                     other=float("-inf"))
-    else:
-        ks = tl.load(k_base + idx[:, None] * stride_kn + offs_d[None, :], mask=valid[:, None], other=0.0)
-    return ks
-
-
-@triton.jit
-def _sparse_step(q, ks, v, valid, m_i, l_i, acc, qk_scale, FROM_SCORES: tl.constexpr, PRECISION: tl.constexpr):
-    """Online-softmax update of (m, l, acc) with one block of gathered keys (ks: K rows or scores)."""
-    if FROM_SCORES:
-        s = ks
-    else:
-        s = tl.dot(q, tl.trans(ks), input_precision=PRECISION) * qk_scale
-    s = tl.where(valid[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return m_new, l_i, acc
 
 
 @triton.jit

@@ -54,14 +54,6 @@ TUNING = {
     "sparse_programs_per_sm": 3,
     "sparse_max_splits": None,  # most splits per row of the sparse pass (None: max_splits)
     "sparse_direct": True,  # one split per row: its program stores the output itself (no partials, no merge)
-    # Pipelining by hand in the sparse loop (indices two blocks ahead, K/V one block ahead; meant for
-    # sparse_num_stages=1). The compiler's pipeliner single-buffers gathers that depend on an index
-    # load below num_stages=5 (Triton 3.9 TTGIR), i.e. one block of K/V in flight per program.
-    "sparse_prefetch": False,
-    # Register cap of the sparse kernel (None: the compiler's choice). Triton 3.9 builds the non-fused
-    # variant (> fuse_max_splits splits, e.g. batch 1) with 136 registers per thread = 3 programs per SM,
-    # the fused one with 104 = 4; a cap of 104 spills 24 bytes.
-    "sparse_maxnreg": None,
     # With at most this many splits per row, the last split of a row merges them (no combine launch);
     # with more, one combine program per query head does (one program merging 256 splits was slow).
     "fuse_max_splits": 16,
@@ -156,20 +148,6 @@ def _splits(rows: int, length: int, device: torch.device, block: int, min_chunk:
     n = max(1, min(want, triton.cdiv(length, min_chunk), max_splits))
     chunk = triton.cdiv(triton.cdiv(length, n), block) * block
     return triton.cdiv(length, chunk), chunk
-
-
-def _maxnreg(device: torch.device) -> dict:
-    """The sparse kernel's register cap as a launch option (compiled launches whose Triton has it only)."""
-    cap = TUNING["sparse_maxnreg"]
-    if not cap or device.type != "cuda":
-        return {}
-    try:
-        from triton.backends.nvidia.compiler import CUDAOptions
-
-        known = "maxnreg" in CUDAOptions.__dataclass_fields__
-    except Exception:  # noqa: BLE001 - another backend layout: no cap
-        known = False
-    return {"maxnreg": int(cap)} if known else {}
 
 
 def _gp(G: int) -> int:
@@ -271,8 +249,8 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None):
         out.stride(0), out.stride(1),
         Hkv, Lk, W, n_splits, chunk,
         G=G, GP=_gp(G), D=D, BLOCK_N=block, PRECISION=_precision(q), FROM_SCORES=scores is not None,
-        FUSE_COMBINE=fuse, **_combine_meta(G, D, n_splits), DIRECT=direct, PREFETCH=bool(TUNING["sparse_prefetch"]),
-        num_warps=TUNING["sparse_num_warps"], num_stages=TUNING["sparse_num_stages"], **_maxnreg(q.device),
+        FUSE_COMBINE=fuse, **_combine_meta(G, D, n_splits), DIRECT=direct,
+        num_warps=TUNING["sparse_num_warps"], num_stages=TUNING["sparse_num_stages"],
     )
     return out if (fuse or direct) else _combine(q, m, l, o, n_splits, Hkv)
 
