@@ -214,3 +214,117 @@ def test_shipped_plans_validate():
         table = plan.provenance["dp_table"]
         chosen = next(r for r in table if r["num_anchors"] == len(plan.anchor_layers))
         assert chosen["anchor_layers"] == list(plan.anchor_layers)
+
+
+def _naive_variants(qs, ks, T, kk, budget):
+    """Per-tile ratios for every (a, b, h, g), at k = kk and at the per-tile budget k_t; then min and mean."""
+    from kascade.reference import topk_budget
+
+    Lyr, Hkv = len(qs), ks[0].shape[1]
+    pooled = []
+    for q, k in zip(qs, ks):
+        G = q.shape[1] // Hkv
+        s = torch.einsum("hgqd,hkd->hgqk", q[0].reshape(Hkv, G, *q.shape[2:]), k[0]) / math.sqrt(q.shape[-1])
+        n = s.shape[-2]
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -math.inf)
+        p = torch.softmax(s, -1).sum(1)
+        pooled.append([(t, p[:, t * T:(t + 1) * T, : t * T].sum(1)) for t in range(-(-n // T)) if t * T > kk])
+    out = {}
+    for name in ("min", "mean", "budget_min", "budget_mean"):
+        out[name] = torch.zeros(Lyr, Lyr, Hkv, Hkv, dtype=torch.float64)
+    for b in range(Lyr):
+        for a in range(b + 1):
+            for h in range(Hkv):
+                for g in range(Hkv):
+                    fixed, bud = [], []
+                    for (t, pb), (_, pa) in zip(pooled[b], pooled[a]):
+                        fixed.append(float(pb[h, pa[g].topk(kk).indices].sum() / pb[h].topk(kk).values.sum()))
+                        kt = topk_budget(t * T, *budget)
+                        if t * T > kt:
+                            bud.append(float(pb[h, pa[g].topk(kt).indices].sum() / pb[h].topk(kt).values.sum()))
+                    out["min"][a, b, h, g], out["mean"][a, b, h, g] = min(fixed), sum(fixed) / len(fixed)
+                    out["budget_min"][a, b, h, g], out["budget_mean"][a, b, h, g] = min(bud), sum(bud) / len(bud)
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1 << 24, 4 * 61 * 4])
+def test_collector_variants_match_naive(monkeypatch, chunk):
+    """The mean-over-tiles and plan-budget-k variants recorded beside the default statistics."""
+    from kascade.calibrate import stats as stats_mod
+
+    monkeypatch.setattr(stats_mod, "_CHUNK_ELEMENTS", chunk)
+    torch.manual_seed(3)
+    spec = ModelSpec("llama", 3, 4, 2, 8)
+    T, kk, n, budget = 4, 6, 61, (0.25, 9)
+    coll = StatsCollector(spec, stats_k=kk, tile_size=T, budget=budget)
+    qs = [torch.randn(1, 4, n, 8) * 2 for _ in range(3)]
+    ks = [torch.randn(1, 2, n, 8) * 2 for _ in range(3)]
+    v = torch.randn(1, 2, n, 8)
+    coll.begin_prompt()
+    for j in range(3):
+        coll(j, qs[j], ks[j], v)
+        coll.record_importance(j, torch.ones(1, n, 16), torch.zeros(1, n, 16))
+    assert coll.end_prompt()
+    stats = coll.result()
+    want = _naive_variants(qs, ks, T, kk, budget)
+    upper = torch.triu(torch.ones(3, 3, dtype=torch.bool))
+    torch.testing.assert_close(stats.similarity[upper], want["min"][upper], rtol=1e-5, atol=1e-5)
+    for name in ("mean", "budget_min", "budget_mean"):
+        torch.testing.assert_close(stats.variants[name][upper], want[name][upper], rtol=1e-5, atol=1e-5)
+        assert stats.variant(name).similarity is stats.variants[name]
+    assert stats.variant("min") is stats
+
+
+def test_make_plan_options_and_defaults():
+    L, H = 6, 2
+    g = torch.Generator().manual_seed(0)
+    sim = torch.rand(L, L, H, H, generator=g, dtype=torch.float64)
+    mean = torch.rand(L, L, H, H, generator=g, dtype=torch.float64)
+    imp = torch.tensor([0.5, 0.3, 0.2, 0.01, 0.01, 0.01], dtype=torch.float64)
+    spec = ModelSpec("llama", L, 4, H, 8)
+    stats = CalibrationStats(spec, sim, imp, 2, 100, 8, 4, variants={"mean": mean})
+    from kascade.calibrate import make_plan
+
+    default = make_plan(stats, 3)[0]
+    assert default == make_plan(stats, 3, aggregate="min", weighting="importance")[0]
+    assert default.anchor_layers == dp.best_anchors(stats.layer_similarity() * imp[None], 3).anchor_layers
+    uni = make_plan(stats, 3, weighting="uniform")[0]
+    assert uni.anchor_layers == dp.best_anchors(stats.layer_similarity(), 3).anchor_layers
+    m = make_plan(stats, 3, aggregate="mean")[0]
+    assert m.anchor_layers == dp.best_anchors(mean.amax(3).mean(2) * imp[None], 3).anchor_layers
+    assert m.head_map == dp.head_map(mean, m.anchor_layers) and "mean over tiles" in m.provenance["method"]
+    with pytest.raises(ValueError, match="budget_min"):
+        make_plan(stats, 3, stats_budget=True)  # not collected
+    with pytest.raises(ValueError, match="aggregate"):
+        make_plan(stats, 3, aggregate="max")
+
+
+def test_cli_replans_from_stats_with_options(tmp_path):
+    """`kascade calibrate --from-stats` with --aggregate/--stats-budget/--weighting; the default is unchanged."""
+    import argparse
+
+    from kascade.calibrate import cli, make_plan
+
+    L, H = 5, 2
+    g = torch.Generator().manual_seed(4)
+    variants = {n: torch.rand(L, L, H, H, generator=g, dtype=torch.float64) for n in ("mean", "budget_min", "budget_mean")}
+    stats = CalibrationStats(ModelSpec("llama", L, 4, H, 8), torch.rand(L, L, H, H, generator=g, dtype=torch.float64),
+                             torch.rand(L, generator=g, dtype=torch.float64), 3, 300, 8, 4, variants=variants)
+    stats.save(tmp_path / "s.pt")
+    parser = argparse.ArgumentParser(prog="kascade")
+    cli.register(parser.add_subparsers())
+
+    def run(*extra):
+        out = tmp_path / f"plan{len(list(tmp_path.iterdir()))}.json"
+        ns = parser.parse_args(["calibrate", "--from-stats", str(tmp_path / "s.pt"), "--anchors", "3",
+                                "--out", str(out), *extra])
+        assert ns.func(ns) == 0
+        return Plan.load(out)
+
+    base = run()
+    assert base.anchor_layers == make_plan(stats, 3)[0].anchor_layers
+    assert "--aggregate" not in base.provenance["command"]
+    got = run("--aggregate", "mean", "--stats-budget", "--weighting", "uniform")
+    want = make_plan(stats, 3, aggregate="mean", stats_budget=True, weighting="uniform")[0]
+    assert got.anchor_layers == want.anchor_layers and got.head_map == want.head_map
+    assert "--aggregate mean --stats-budget --weighting uniform" in got.provenance["command"]

@@ -37,12 +37,17 @@ def collect(
     progress: bool = True,
     total: int | None = None,
     info: dict[str, Any] | None = None,
+    budget: tuple[float, int] | None = None,
+    on_prompt=None,
 ) -> CalibrationStats:
-    """Dense forward passes over ``inputs`` (token ids [1, n] each) with statistics collection."""
+    """Dense forward passes over ``inputs`` (token ids [1, n] each) with statistics collection.
+
+    ``budget=(topk_fraction, topk_floor)`` also records the budget-k variants (see :mod:`.stats`);
+    ``on_prompt(collector)`` is called after every prompt (e.g. to checkpoint partial statistics)."""
     from ..integrations import hf
 
     spec = hf.model_spec(model)
-    collector = StatsCollector(spec, stats_k=stats_k, tile_size=tile_size)
+    collector = StatsCollector(spec, stats_k=stats_k, tile_size=tile_size, budget=budget)
     previous = hf.method_of(model)
     hf.enable(model, collector)
     hooks = []
@@ -69,6 +74,8 @@ def collect(
                 model(ids.to(model.device), use_cache=False, logits_to_keep=1)
             if not collector.end_prompt():
                 skipped += 1
+            elif on_prompt is not None:
+                on_prompt(collector)
             bar(ids.shape[1], time.perf_counter() - start)
     finally:
         for h in hooks:
@@ -119,16 +126,30 @@ def make_plan(
     topk_floor: int = 128,
     tile_size: int = 32,
     provenance: dict[str, Any] | None = None,
+    aggregate: str = "min",
+    stats_budget: bool = False,
+    weighting: str = "importance",
 ) -> tuple[Plan, list[AnchorChoice]]:
-    """The plan with ``num_anchors`` anchors, and the DP table (best sets for M = 3..8)."""
-    score = stats.weighted_similarity()
+    """The plan with ``num_anchors`` anchors, and the DP table (best sets for M = 3..8).
+
+    The defaults are the paper's objective: per-prompt minimum over tiles at k = stats_k, importance
+    weighted. ``aggregate="mean"`` averages over tiles instead; ``stats_budget=True`` scores at the plan's
+    per-tile budget k (needs statistics collected with ``budget``); ``weighting="uniform"`` drops w_j."""
+    if aggregate not in ("min", "mean"):
+        raise ValueError(f"aggregate={aggregate!r}; expected 'min' or 'mean'")
+    variant = ("budget_" if stats_budget else "") + aggregate
+    stats = stats.variant(variant)
+    score = stats.weighted_similarity(weighting)
     choice = best_anchors(score, num_anchors)
     table = anchor_table(score)
     layer_sim = stats.layer_similarity()
     prov = dict(provenance or {})
+    agg = {"min": "min", "mean": "mean"}[aggregate]
+    k_desc = "per-tile plan budget k" if stats_budget else "k = stats_k"
+    w_desc = "importance-weighted" if weighting == "importance" else "unweighted"
     prov.update({
-        "method": "kascade calibrate (post-softmax tile pooling, min over tiles, mean over prompts, "
-                  "importance-weighted exact DP, head remapping)",
+        "method": f"kascade calibrate (post-softmax tile pooling, {agg} over tiles, mean over prompts, "
+                  f"{w_desc} exact DP, head remapping)" + ("" if variant == "min" else f" [{k_desc}]"),
         "samples": stats.num_prompts,
         "tokens": stats.num_tokens,
         "stats_k": stats.stats_k,

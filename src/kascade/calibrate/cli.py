@@ -29,6 +29,13 @@ def register(subparsers) -> None:
     p.add_argument("--topk-floor", type=int, default=128, help="plan's minimum k (default 128)")
     p.add_argument("--tile-size", type=int, default=32, help="plan's prefill query tile (default 32)")
     p.add_argument("--stats-k", type=int, default=64, help="k of the calibration statistics (default 64)")
+    p.add_argument("--aggregate", choices=("min", "mean"), default="min",
+                   help="per-prompt aggregation of the similarity over query tiles (default min, the paper's)")
+    p.add_argument("--stats-budget", action="store_true",
+                   help="score the similarity at the plan's per-tile Top-k budget (--topk-fraction/--topk-floor) "
+                        "instead of the fixed --stats-k")
+    p.add_argument("--weighting", choices=("importance", "uniform"), default="importance",
+                   help="layer weights of the anchor objective: importance w_j (default, the paper's) or uniform")
     p.add_argument("--out", default=None, help="plan path (default: <model>.plan.json)")
     p.add_argument("--save-stats", default=None, metavar="PATH", help="also save the raw statistics (.pt)")
     p.add_argument("--from-stats", default=None, metavar="PATH",
@@ -45,6 +52,12 @@ def _canonical_command(args) -> str:
               "--anchors", str(args.anchors), "--topk-fraction", str(args.topk_fraction),
               "--topk-floor", str(args.topk_floor), "--tile-size", str(args.tile_size),
               "--stats-k", str(args.stats_k)]
+    if args.aggregate != "min":
+        parts += ["--aggregate", args.aggregate]
+    if args.stats_budget:
+        parts.append("--stats-budget")
+    if args.weighting != "importance":
+        parts += ["--weighting", args.weighting]
     if args.no_chat_template:
         parts.append("--no-chat-template")
     if args.out:
@@ -88,7 +101,7 @@ def main(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         import torch
 
-        stats = collect(model, inputs, stats_k=args.stats_k, tile_size=args.tile_size, total=len(inputs), info={
+        info = {
             "model": args.model,
             "model_name": getattr(model.config, "_name_or_path", args.model),
             "data": devset.description,
@@ -96,13 +109,23 @@ def main(args: argparse.Namespace) -> int:
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "environment": f"python {platform.python_version()}, torch {torch.__version__}, "
                            f"transformers {__import__('transformers').__version__}",
-        })
+        }
+
+        def checkpoint(collector):  # partial statistics after every prompt: an interrupted run can re-plan
+            if args.save_stats:
+                partial = collector.result(info)
+                partial.info["partial"] = True
+                partial.save(args.save_stats)
+
+        stats = collect(model, inputs, stats_k=args.stats_k, tile_size=args.tile_size, total=len(inputs), info=info,
+                        budget=(args.topk_fraction, args.topk_floor), on_prompt=checkpoint)
         stats.info["collect_seconds"] = round(time.perf_counter() - start, 1)
         if args.save_stats:
             stats.save(args.save_stats)
             print(f"statistics saved to {args.save_stats}")
     plan, table = make_plan(stats, args.anchors, topk_fraction=args.topk_fraction, topk_floor=args.topk_floor,
-                            tile_size=args.tile_size, provenance={"command": command})
+                            tile_size=args.tile_size, provenance={"command": command}, aggregate=args.aggregate,
+                            stats_budget=args.stats_budget, weighting=args.weighting)
     print("best anchor sets (importance-weighted similarity; relative = score / score with every layer an anchor):")
     print(format_table(table))
     print("layer importance w_j: " + " ".join(f"{w:.3f}" for w in stats.importance))

@@ -15,6 +15,12 @@ tiles at a time: no layer's full L x L matrix is ever held.
 
 Layer importance w_j = 1 - cos(x_j, x_j + attn_j(x_j)) per token (x_j: the residual stream entering
 layer j), averaged over tokens, then over prompts, is gathered by hooks on the decoder layers.
+
+Variants (the paper's objective is the default; the others are recorded in the same pass for studies):
+``similarity`` is the minimum over tiles with k = ``stats_k``; ``variants["mean"]`` is the mean over the same
+tiles; with ``budget=(fraction, floor)`` the collector also scores each tile's sets at the plan's own budget
+k_t = min(max(ceil(fraction * prefix_t), floor), prefix_t) (``variants["budget_min"]``/``["budget_mean"]``,
+over the tiles whose prefix exceeds both stats_k and k_t).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Any
 import torch
 
 from ..plan import ModelSpec
+from ..reference import topk_budget
 
 # Scores of one chunk stay under ~16M floats (64 MB).
 _CHUNK_ELEMENTS = 1 << 24
@@ -38,6 +45,8 @@ class CalibrationStats:
 
     similarity: [L, L, H, H] float64, similarity[a, b, h, g] (defined for a <= b; 0 elsewhere), the mean
     over prompts of the per-prompt minimum over query tiles. importance: [L] float64 (w_j).
+    variants: other aggregations of the same runs, by name ("min" = ``similarity``, "mean", "budget_min",
+    "budget_mean"; see the module docstring); empty for statistics saved before they existed.
     """
 
     spec: ModelSpec
@@ -48,21 +57,38 @@ class CalibrationStats:
     stats_k: int
     tile_size: int
     info: dict[str, Any] = field(default_factory=dict)
+    variants: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def layer_similarity(self) -> torch.Tensor:
         """[L, L]: mean over reuse heads h of max over anchor heads g (head remapping), a <= b."""
         return self.similarity.amax(dim=3).mean(dim=2)
 
-    def weighted_similarity(self) -> torch.Tensor:
-        """[L, L]: S[a][j] * w_j, the objective of the anchor dynamic program."""
+    def weighted_similarity(self, weighting: str = "importance") -> torch.Tensor:
+        """[L, L]: S[a][j] * w_j, the objective of the anchor dynamic program (``weighting="uniform"``:
+        w_j = 1, every layer counts the same)."""
+        if weighting == "uniform":
+            return self.layer_similarity()
+        if weighting != "importance":
+            raise ValueError(f"weighting={weighting!r}; expected 'importance' or 'uniform'")
         return self.layer_similarity() * self.importance[None, :]
+
+    def variant(self, name: str = "min") -> "CalibrationStats":
+        """These statistics with ``similarity`` replaced by variant ``name`` ("min" is the default one)."""
+        from dataclasses import replace
+
+        if name == "min":
+            return self
+        if name not in self.variants:
+            have = ", ".join(["min", *sorted(self.variants)])
+            raise ValueError(f"these statistics have no {name!r} variant (they have: {have}); collect them again")
+        return replace(self, similarity=self.variants[name], info=dict(self.info, variant=name))
 
     def save(self, path: str | Path) -> None:
         from dataclasses import asdict
 
         torch.save({"spec": asdict(self.spec), "similarity": self.similarity, "importance": self.importance,
                     "num_prompts": self.num_prompts, "num_tokens": self.num_tokens, "stats_k": self.stats_k,
-                    "tile_size": self.tile_size, "info": self.info}, path)
+                    "tile_size": self.tile_size, "info": self.info, "variants": self.variants}, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "CalibrationStats":
@@ -77,12 +103,17 @@ class StatsCollector:
     Call ``begin_prompt()`` before and ``end_prompt()`` after each single-prompt forward pass.
     """
 
-    def __init__(self, spec: ModelSpec, *, stats_k: int = 64, tile_size: int = 32) -> None:
+    def __init__(self, spec: ModelSpec, *, stats_k: int = 64, tile_size: int = 32,
+                 budget: tuple[float, int] | None = None) -> None:
         self.spec = spec
         self.stats_k = stats_k
         self.tile_size = tile_size
+        self.budget = budget
         L, H = spec.num_layers, spec.num_kv_heads
         self.sim_sum = torch.zeros(L, L, H, H, dtype=torch.float64)
+        names = ["mean"] + (["budget_min", "budget_mean"] if budget is not None else [])
+        self.variant_sums = {n: torch.zeros(L, L, H, H, dtype=torch.float64) for n in names}
+        self.variant_prompts = {n: 0 for n in names}
         self.importance_sum = torch.zeros(L, dtype=torch.float64)
         self.num_prompts = 0
         self.num_tokens = 0
@@ -95,6 +126,11 @@ class StatsCollector:
     def begin_prompt(self) -> None:
         L, H = self.spec.num_layers, self.spec.num_kv_heads
         self._prompt_min = torch.full((L, L, H, H), math.inf, dtype=torch.float32)
+        # Per prompt: sum over tiles of the ratio and the tile count per reuse layer, for "mean"; the
+        # budget-k minimum and sum/count when collected.
+        self._prompt_acc = {"sum": torch.zeros(L, L, H, H, dtype=torch.float64), "count": torch.zeros(L),
+                            "bmin": torch.full((L, L, H, H), math.inf, dtype=torch.float32),
+                            "bsum": torch.zeros(L, L, H, H, dtype=torch.float64), "bcount": torch.zeros(L)}
         self._indices = {}
         self._importance = {}
         self._length = 0
@@ -111,6 +147,16 @@ class StatsCollector:
         if not torch.isfinite(done[upper]).all():
             return False
         self.sim_sum += torch.where(upper[:, :, None, None], done.double(), 0.0)
+        acc, up4 = self._prompt_acc, upper[:, :, None, None]
+        mean = acc["sum"] / acc["count"].clamp_min(1)[None, :, None, None]
+        self.variant_sums["mean"] += torch.where(up4, mean, 0.0)
+        self.variant_prompts["mean"] += 1
+        if self.budget is not None and torch.isfinite(acc["bmin"][upper]).all():
+            self.variant_sums["budget_min"] += torch.where(up4, acc["bmin"].double(), 0.0)
+            bmean = acc["bsum"] / acc["bcount"].clamp_min(1)[None, :, None, None]
+            self.variant_sums["budget_mean"] += torch.where(up4, bmean, 0.0)
+            self.variant_prompts["budget_min"] += 1
+            self.variant_prompts["budget_mean"] += 1
         self.importance_sum += torch.tensor([self._importance[j] for j in range(L)], dtype=torch.float64)
         self.num_prompts += 1
         self.num_tokens += self._length
@@ -126,7 +172,10 @@ class StatsCollector:
         return CalibrationStats(
             spec=self.spec, similarity=self.sim_sum / self.num_prompts,
             importance=self.importance_sum / self.num_prompts, num_prompts=self.num_prompts,
-            num_tokens=self.num_tokens, stats_k=self.stats_k, tile_size=self.tile_size, info=dict(info or {}),
+            num_tokens=self.num_tokens, stats_k=self.stats_k, tile_size=self.tile_size,
+            info=dict(info or {}, budget=list(self.budget) if self.budget else None,
+                      variant_prompts=dict(self.variant_prompts)),
+            variants={n: t / self.variant_prompts[n] for n, t in self.variant_sums.items() if self.variant_prompts[n]},
         )
 
     # ------------------------------------------------------------------ the attention method
@@ -148,13 +197,18 @@ class StatsCollector:
         out = torch.empty(Hkv, G, L, D, dtype=torch.float32, device=q.device)
         n_tiles = -(-L // T)
         first_stat = kk // T + 1  # first tile whose prefix (t*T keys) exceeds k
-        layer_idx = torch.full((Hkv, max(0, n_tiles - first_stat), kk), -1, dtype=torch.long, device=q.device)
+        # Indices kept per tile: the stats_k set, or (budget variant) the largest per-tile budget; every
+        # smaller set is a prefix of it (torch.topk returns them sorted by mass).
+        K = kk
+        if self.budget is not None and n_tiles > first_stat:
+            K = max(kk, int(topk_budget((n_tiles - 1) * T, *self.budget)))
+        layer_idx = torch.full((Hkv, max(0, n_tiles - first_stat), K), -1, dtype=torch.long, device=q.device)
         tiles_per_chunk = max(1, _CHUNK_ELEMENTS // (Hq * L * T))
         keys = torch.arange(L, device=q.device)
         earlier = [self._indices[a] for a in range(layer) if a in self._indices]
         if len(earlier) != layer:
             raise RuntimeError(f"layer {layer} called before layers 0..{layer - 1} of this pass")
-        prompt_min = self._prompt_min
+        prompt_min, acc = self._prompt_min, self._prompt_acc
         for t0 in range(0, n_tiles, tiles_per_chunk):
             t1 = min(n_tiles, t0 + tiles_per_chunk)
             lo, hi = t0 * T, min(L, t1 * T)
@@ -173,16 +227,29 @@ class StatsCollector:
             prefix = torch.arange(s0, t1, device=q.device) * T
             in_prefix = keys[None, :] < prefix[:, None]  # [nt, L]
             pooled = torch.where(in_prefix[None], pooled, 0.0)
-            own_mass, own_idx = torch.topk(torch.where(in_prefix[None], pooled, -1.0), kk, dim=-1)
-            den = own_mass.sum(-1).clamp_min(1e-30)  # [Hkv, nt]
+            own_mass, own_idx = torch.topk(torch.where(in_prefix[None], pooled, -1.0), K, dim=-1)
+            den = own_mass[..., :kk].sum(-1).clamp_min(1e-30)  # [Hkv, nt]
             layer_idx[:, s0 - first_stat : t1 - first_stat] = own_idx
             # Every earlier-or-same layer a's sets against this layer's distribution: [a, h, g, nt].
             cand = torch.stack([e[:, s0 - first_stat : t1 - first_stat] for e in earlier] + [own_idx])
             A = cand.shape[0]
             src = pooled[None, :, None].expand(A, Hkv, Hkv, t1 - s0, L)
-            idx = cand[:, None].expand(A, Hkv, Hkv, t1 - s0, kk)
-            num = torch.gather(src, -1, idx).sum(-1)
-            ratio = (num / den[None, :, None, :]).amin(-1).cpu()  # [A, h, g]
-            prompt_min[:A, layer] = torch.minimum(prompt_min[:A, layer], ratio)
+            idx = cand[:, None].expand(A, Hkv, Hkv, t1 - s0, K)
+            got = torch.gather(src, -1, idx)  # [A, h, g, nt, K]
+            ratio = got[..., :kk].sum(-1) / den[None, :, None, :]  # [A, h, g, nt]
+            prompt_min[:A, layer] = torch.minimum(prompt_min[:A, layer], ratio.amin(-1).cpu())
+            acc["sum"][:A, layer] += ratio.sum(-1).double().cpu()
+            acc["count"][layer] += t1 - s0
+            if self.budget is not None:
+                kt = topk_budget(prefix, *self.budget)  # [nt]
+                valid = prefix > kt
+                if bool(valid.any()):
+                    rank = (torch.arange(K, device=q.device)[None, :] < kt[:, None]).float()  # [nt, K]
+                    bden = (own_mass.clamp_min(0) * rank).sum(-1).clamp_min(1e-30)  # [Hkv, nt]
+                    bratio = (got * rank).sum(-1) / bden[None, :, None, :]
+                    bmin = torch.where(valid, bratio, math.inf).amin(-1).cpu()
+                    acc["bmin"][:A, layer] = torch.minimum(acc["bmin"][:A, layer], bmin)
+                    acc["bsum"][:A, layer] += torch.where(valid, bratio, 0.0).sum(-1).double().cpu()
+                    acc["bcount"][layer] += int(valid.sum())
         self._indices[layer] = layer_idx
         return out.reshape(1, Hq, L, D).to(q.dtype)
