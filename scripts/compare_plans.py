@@ -44,12 +44,16 @@ def _decode(model, past, tokens: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def compare(model, plans: dict, inputs: list[tuple[str, torch.Tensor]], *, steps: int = 32,
-            topk_fraction: float = 0.10, topk_floor: int = 128, progress: bool = True) -> dict:
+            topk_fraction: float = 0.10, topk_floor: int = 128, progress: bool = True,
+            decode_threads: int | None = None, on_prompt=None) -> dict:
     """Run the comparison. ``plans``: label -> Plan; ``inputs``: (label, token ids [1, n]) per prompt.
 
     Returns a JSON-able dict: per plan, per-layer captured and oracle mass (mean over prompts, steps,
     heads), their means over layers 1..L-1, mean KL(dense || plan) and top-1 agreement, and per-prompt rows.
+    ``decode_threads``: torch threads for the decode steps (one is often faster on a busy CPU; prefill keeps
+    the current setting); ``on_prompt(partial_result)`` is called after every prompt.
     """
+    prefill_threads = torch.get_num_threads()
     import kascade
     from kascade.baselines import make_method
     from kascade.eval.runner import Dispatch
@@ -81,9 +85,12 @@ def compare(model, plans: dict, inputs: list[tuple[str, torch.Tensor]], *, steps
             ids = ids.to(next(model.parameters()).device)
             t0 = time.perf_counter()
             dispatch.use(dense)
+            torch.set_num_threads(prefill_threads)
             res = model(input_ids=ids, use_cache=True, logits_to_keep=1)
             past, first = res.past_key_values, res.logits[0, -1]
             # The dense greedy continuation: token 0 from the prefill, then `steps` decode steps.
+            if decode_threads:
+                torch.set_num_threads(decode_threads)
             tokens, ref = [int(first.argmax())], []
             cache = copy.deepcopy(past)
             for _ in range(steps):
@@ -124,10 +131,17 @@ def compare(model, plans: dict, inputs: list[tuple[str, torch.Tensor]], *, steps
                     bar.update(1)
             rows.append(row)
             del past
+            if on_prompt is not None:
+                on_prompt(_result(dispatch, plans, agg, rows, steps, topk_fraction, topk_floor, L))
     finally:
+        torch.set_num_threads(prefill_threads)
         kascade.disable(model)
         if bar is not None:
             bar.close()
+    return _result(dispatch, plans, agg, rows, steps, topk_fraction, topk_floor, L)
+
+
+def _result(dispatch, plans, agg, rows, steps, topk_fraction, topk_floor, L) -> dict:
     summary = {}
     for name, plan in plans.items():
         rep = dispatch.mass_report(name)
@@ -143,7 +157,7 @@ def compare(model, plans: dict, inputs: list[tuple[str, torch.Tensor]], *, steps
             "kl_median": float(kl.median()) if kl.numel() else math.nan,
             "top1": float(top1.mean()) if top1.numel() else math.nan,
         }
-    return {"plans": summary, "prompts": rows, "steps": steps, "topk_fraction": topk_fraction,
+    return {"plans": summary, "prompts": list(rows), "steps": steps, "topk_fraction": topk_fraction,
             "topk_floor": topk_floor, "num_layers": L}
 
 
@@ -192,7 +206,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=7, help="task seed (default 7: not the eval's 0)")
     ap.add_argument("--topk-fraction", type=float, default=0.10)
     ap.add_argument("--topk-floor", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for prefill (default: torch's)")
+    ap.add_argument("--decode-threads", type=int, default=1,
+                    help="torch threads for the decode steps (default 1: several threads are slower there on a "
+                         "shared 2-core CPU)")
     ap.add_argument("--out", default=None, help="JSON output path")
     args = ap.parse_args(argv)
     if args.threads:
@@ -217,13 +234,22 @@ def main(argv=None) -> int:
         ids = tok(s.prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
         inputs.append((f"{task}#{i // len(args.tasks)}", ids))
     start = time.perf_counter()
+    meta = {}
+
+    def partial(res):  # written after every prompt, so a cut run leaves what it finished
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(dict(res, **meta, partial=True), indent=1))
+
     result = compare(model, plans, inputs, steps=args.steps, topk_fraction=args.topk_fraction,
-                     topk_floor=args.topk_floor)
-    result.update({"command": " ".join(["python", "scripts/compare_plans.py", *sys.argv[1:]] if argv is None
+                     topk_floor=args.topk_floor, decode_threads=args.decode_threads, on_prompt=partial)
+    meta.update({"command": " ".join(["python", "scripts/compare_plans.py", *sys.argv[1:]] if argv is None
                                        else ["compare_plans", *argv]),
                    "plan_files": dict(zip(plans, args.plans)), "model": args.model, "tasks": args.tasks,
                    "length": args.length, "seed": args.seed, "seconds": round(time.perf_counter() - start, 1),
-                   "torch": torch.__version__, "threads": torch.get_num_threads()})
+                   "torch": torch.__version__, "threads": torch.get_num_threads(),
+                   "decode_threads": args.decode_threads})
+    result.update(meta)
     print(format_table(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
