@@ -125,6 +125,7 @@ def compare(model, plans: dict, inputs: list[tuple[str, torch.Tensor]], *, steps
                                       "mass_mean": sum(cap[1:]) / max(1, L - 1),
                                       "oracle_mean": sum(orc[1:]) / max(1, L - 1),
                                       "captured_mass": [round(x, 5) for x in cap],
+                                      "oracle_mass": [round(x, 5) for x in orc],
                                       "seconds": round(time.perf_counter() - t0, 1)}
                 if bar is not None:
                     bar.set_postfix_str(f"{label} {name}")
@@ -201,6 +202,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="qwen2.5-0.5b")
     ap.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
     ap.add_argument("--prompts", type=int, default=4, help="prompts in all, cycling over --tasks (default 4)")
+    ap.add_argument("--first", type=int, default=0,
+                    help="index of the first prompt of the task cycle (to continue a cut run; default 0)")
     ap.add_argument("--length", type=int, default=4096, help="context length of the samples (default 4096)")
     ap.add_argument("--steps", type=int, default=32, help="teacher-forced decode steps per prompt (default 32)")
     ap.add_argument("--seed", type=int, default=7, help="task seed (default 7: not the eval's 0)")
@@ -228,7 +231,7 @@ def main(argv=None) -> int:
     model, tok = models.load(args.model)
     model.eval()
     inputs = []
-    for i in range(args.prompts):
+    for i in range(args.first, args.first + args.prompts):
         task = args.tasks[i % len(args.tasks)]
         s = tasks_mod.generate_sample(task, tok, args.length, i // len(args.tasks), args.seed)
         ids = tok(s.prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
