@@ -107,7 +107,7 @@ def run(args, points):
 
     from kascade import reference as R
     from kascade.bench.common import bench_ms, env_info, write_results
-    from kascade.bench.decode import _check, _lowp, _sdpa_fn
+    from kascade.bench.decode import _check, _lowp, _sdpa_fn, random_inputs
     from kascade.ops import decode as K
 
     smoke = args.cpu_smoke
@@ -148,12 +148,7 @@ def run(args, points):
 
     for L, B in points:
         t_pt = time.time()
-        gen = torch.Generator(device=dev).manual_seed(L + B)
-        q = torch.randn(B, Hq, 1, D, device=dev, dtype=dtype, generator=gen)
-        k = torch.randn(B, Hkv, L, D, device=dev, dtype=dtype, generator=gen)
-        v = torch.randn(B, Hkv, L, D, device=dev, dtype=dtype, generator=gen)
-        ks = torch.zeros(B, dtype=torch.int64, device=dev)
-        ke = torch.full((B,), L, dtype=torch.int64, device=dev)
+        q, k, v, ks, ke = random_inputs(B, Hq, Hkv, L, D, dtype, L + B, dev)
         scale = 1.0 / math.sqrt(D)
         sel = dict(topk_fraction=frac, topk_floor=floor, scale=scale)
         kb = R.topk_budget(L, frac, floor)

@@ -68,9 +68,9 @@ def _dense(q, k, v, scale):
     return torch.nn.functional.scaled_dot_product_attention(q, kk, vv, is_causal=True, scale=scale)
 
 
-def _naive_similarity(qs, ks, T, kk):
-    """Brute force per prompt: materialise every layer's full probabilities (fine at test sizes)."""
-    Lyr = len(qs)
+def _naive_pooled_tiles(qs, ks, T, kk):
+    """Per layer: [(tile t, its post-softmax probabilities summed over the tile's queries and the GQA group,
+    over the keys before the tile)] for the tiles whose prefix exceeds kk; full matrices (test sizes)."""
     Hkv = ks[0].shape[1]
     pooled = []
     for q, k in zip(qs, ks):
@@ -79,8 +79,15 @@ def _naive_similarity(qs, ks, T, kk):
         n = s.shape[-2]
         s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -math.inf)
         p = torch.softmax(s, -1).sum(1)  # [Hkv, n, n]
-        tiles = [(t, p[:, t * T:(t + 1) * T, : t * T].sum(1)) for t in range(-(-n // T)) if t * T > kk]
-        pooled.append(tiles)
+        pooled.append([(t, p[:, t * T:(t + 1) * T, : t * T].sum(1)) for t in range(-(-n // T)) if t * T > kk])
+    return pooled
+
+
+def _naive_similarity(qs, ks, T, kk):
+    """Brute force per prompt: materialise every layer's full probabilities (fine at test sizes)."""
+    Lyr = len(qs)
+    Hkv = ks[0].shape[1]
+    pooled = _naive_pooled_tiles(qs, ks, T, kk)
     sim = torch.full((Lyr, Lyr, Hkv, Hkv), math.inf)
     for b in range(Lyr):
         for a in range(b + 1):
@@ -221,14 +228,7 @@ def _naive_variants(qs, ks, T, kk, budget):
     from kascade.reference import topk_budget
 
     Lyr, Hkv = len(qs), ks[0].shape[1]
-    pooled = []
-    for q, k in zip(qs, ks):
-        G = q.shape[1] // Hkv
-        s = torch.einsum("hgqd,hkd->hgqk", q[0].reshape(Hkv, G, *q.shape[2:]), k[0]) / math.sqrt(q.shape[-1])
-        n = s.shape[-2]
-        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -math.inf)
-        p = torch.softmax(s, -1).sum(1)
-        pooled.append([(t, p[:, t * T:(t + 1) * T, : t * T].sum(1)) for t in range(-(-n // T)) if t * T > kk])
+    pooled = _naive_pooled_tiles(qs, ks, T, kk)
     out = {}
     for name in ("min", "mean", "budget_min", "budget_mean"):
         out[name] = torch.zeros(Lyr, Lyr, Hkv, Hkv, dtype=torch.float64)

@@ -22,11 +22,12 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
+
+from ..provenance import git_commit
 
 _FLUSH: dict[int, torch.Tensor] = {}
 
@@ -96,17 +97,7 @@ def env_info() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    # KASCADE_COMMIT wins: the device machine gets a copy of the tree without a usable .git.
-    commit, dirty = os.environ.get("KASCADE_COMMIT", ""), None
-    if not commit:
-        try:
-            out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-            commit = out.stdout.strip() if out.returncode == 0 and len(out.stdout.strip()) == 40 else ""
-            if commit:
-                dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                            capture_output=True, text=True, timeout=5).stdout.strip())
-        except Exception:  # noqa: BLE001 - no git where it runs
-            commit = ""
+    commit, dirty = git_commit()
     cuda = torch.cuda.is_available()
     return {
         "device": torch.cuda.get_device_name() if cuda else "cpu",

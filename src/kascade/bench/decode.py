@@ -149,18 +149,23 @@ def _sdpa_fn(backend, q, k, v, scale):
     return fn
 
 
+def random_inputs(B, Hq, Hkv, L, D, dtype, seed, device="cuda"):
+    """A decode step's q [B, Hq, 1, D], full caches k, v [B, Hkv, L, D] of random data (never zeros)
+    and the per-row key range (every row holds L keys)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(B, Hq, 1, D, device=device, dtype=dtype, generator=gen)
+    k = torch.randn(B, Hkv, L, D, device=device, dtype=dtype, generator=gen)
+    v = torch.randn(B, Hkv, L, D, device=device, dtype=dtype, generator=gen)
+    ks = torch.zeros(B, dtype=torch.int64, device=device)
+    ke = torch.full((B,), L, dtype=torch.int64, device=device)
+    return q, k, v, ks, ke
+
+
 def _run_point(args, B, L, frac, Hq, Hkv, D, dt, layers, anchors) -> dict:
     from .. import reference as R
     from ..ops import decode as K
 
-    dtype = DTYPES[dt]
-    dev = torch.device("cuda")
-    gen = torch.Generator(device=dev).manual_seed(args.seed)
-    q = torch.randn(B, Hq, 1, D, device=dev, dtype=dtype, generator=gen)
-    k = torch.randn(B, Hkv, L, D, device=dev, dtype=dtype, generator=gen)
-    v = torch.randn(B, Hkv, L, D, device=dev, dtype=dtype, generator=gen)
-    ks = torch.zeros(B, dtype=torch.int64, device=dev)
-    ke = torch.full((B,), L, dtype=torch.int64, device=dev)
+    q, k, v, ks, ke = random_inputs(B, Hq, Hkv, L, D, DTYPES[dt], args.seed)
     scale = 1.0 / math.sqrt(D)
     floor = args.topk_floor
     kb = R.topk_budget(L, frac, floor)
@@ -212,7 +217,7 @@ def _run_point(args, B, L, frac, Hq, Hkv, D, dt, layers, anchors) -> dict:
     ms = {name: bench_ms(fn, **timing) for name, fn in kernels.items()}
     best_name = min(dense_ms, key=dense_ms.get)
     best = dense_ms[best_name]
-    elt = torch.finfo(dtype).bits // 8
+    elt = q.element_size()
     kv_bytes = 2 * B * Hkv * L * D * elt
     reuse_bytes = 2 * B * Hkv * kb * D * elt + B * Hkv * kb * 4
     model_ms = ms["layer0"] + (anchors - 1) * ms["anchor"] + (layers - anchors) * ms["reuse"]

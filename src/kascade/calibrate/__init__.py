@@ -144,11 +144,10 @@ def make_plan(
     table = anchor_table(score)
     layer_sim = stats.layer_similarity()
     prov = dict(provenance or {})
-    agg = {"min": "min", "mean": "mean"}[aggregate]
     k_desc = "per-tile plan budget k" if stats_budget else "k = stats_k"
     w_desc = "importance-weighted" if weighting == "importance" else "unweighted"
     prov.update({
-        "method": f"kascade calibrate (post-softmax tile pooling, {agg} over tiles, mean over prompts, "
+        "method": f"kascade calibrate (post-softmax tile pooling, {aggregate} over tiles, mean over prompts, "
                   f"{w_desc} exact DP, head remapping)" + ("" if variant == "min" else f" [{k_desc}]"),
         "samples": stats.num_prompts,
         "tokens": stats.num_tokens,

@@ -126,7 +126,8 @@ def main(args: argparse.Namespace) -> int:
     plan, table = make_plan(stats, args.anchors, topk_fraction=args.topk_fraction, topk_floor=args.topk_floor,
                             tile_size=args.tile_size, provenance={"command": command}, aggregate=args.aggregate,
                             stats_budget=args.stats_budget, weighting=args.weighting)
-    print("best anchor sets (importance-weighted similarity; relative = score / score with every layer an anchor):")
+    print(f"best anchor sets ({'importance-weighted' if args.weighting == 'importance' else 'unweighted'} similarity; "
+          "relative = score / score with every layer an anchor):")
     print(format_table(table))
     print("layer importance w_j: " + " ".join(f"{w:.3f}" for w in stats.importance))
     print(f"chosen: {len(plan.anchor_layers)} anchors {list(plan.anchor_layers)}")

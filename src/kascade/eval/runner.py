@@ -384,14 +384,6 @@ def select_cells(cells: Iterable[dict], cfg: EvalConfig, methods: Sequence[str] 
 
 
 def _git_commit() -> str | None:
-    import os
-    import subprocess
+    from ..provenance import git_commit
 
-    if os.environ.get("KASCADE_COMMIT"):  # the device machine gets a copy of the tree without .git
-        return os.environ["KASCADE_COMMIT"]
-
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip() or None
-    except Exception:
-        return None
+    return git_commit()[0] or None
