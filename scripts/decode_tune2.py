@@ -28,35 +28,79 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
 
-# Kernel variants of the sparse (reuse) pass, timed at the default split count.
-REUSE_KERNEL = {
-    "base": {},
-    "ns5": dict(sparse_num_stages=5),  # pipeliner double-buffers the gathers (2 blocks in flight)
-    "bn32-ns5": dict(sparse_block_n=32, sparse_num_stages=5),  # 80 regs, 38 KB smem: 5 programs / SM
-    "bn128-w8": dict(sparse_block_n=128, sparse_num_warps=8),  # 64 KB of gathers per block
-}
-# Split-count variants, layered on the fastest kernel variant of the point.
-REUSE_SPLITS_B64 = {
-    "pps1": dict(sparse_programs_per_sm=1),  # 1 split per row at batch 64: direct store, no merge
-    "pps2": dict(sparse_programs_per_sm=2),
-    "pps8": dict(sparse_programs_per_sm=8),
-    "pps16": dict(sparse_programs_per_sm=16),
-}
-REUSE_SPLITS_B1 = {
-    "pps3": dict(sparse_programs_per_sm=3),  # 41 splits x 8 rows: one wave at 3 programs / SM
-    "pps2": dict(sparse_programs_per_sm=2),
-    "pps2-fuse64": dict(sparse_programs_per_sm=2, fuse_max_splits=64),  # no combine launch
-    "pps4-fuse64": dict(fuse_max_splits=64),
-    "pps1-fuse32": dict(sparse_programs_per_sm=1, fuse_max_splits=32),  # 17 splits, merged in-kernel
-    "pps8": dict(sparse_programs_per_sm=8),
-}
-# Selection variants (same indices as the default: checked).
-SELECT = {
-    "base": {},
-    "atomic-l3-256": dict(select_atomic_max=(0, 256)),
-    "atomic-l3-64": dict(select_atomic_max=(0, 64)),
-    "atomic-l2-64-l3-256": dict(select_atomic_max=(64, 256)),
-    "atomic-l2-256-l3-256": dict(select_atomic_max=(256, 256)),
+# Variant sets. "v6": the run that chose the v6 defaults (decode_tune2.json); "b1": batch-1 launch
+# geometry (split counts that fill the 132 SMs evenly, score-pass and selection launch settings).
+SETS = {
+    "v6": {
+        # kernel variants of the sparse (reuse) pass, timed at the default split count
+        "reuse_kernel": {
+            "base": {},
+            "ns5": dict(sparse_num_stages=5),  # pipeliner double-buffers the gathers (2 blocks in flight)
+            "bn32-ns5": dict(sparse_block_n=32, sparse_num_stages=5),  # 80 regs, 38 KB smem: 5 programs / SM
+            "bn128-w8": dict(sparse_block_n=128, sparse_num_warps=8),  # 64 KB of gathers per block
+        },
+        # split-count variants, layered on the fastest kernel variant of the point
+        "splits_b64": {
+            "pps1": dict(sparse_programs_per_sm=1),  # 1 split per row at batch 64: direct store, no merge
+            "pps2": dict(sparse_programs_per_sm=2),
+            "pps8": dict(sparse_programs_per_sm=8),
+            "pps16": dict(sparse_programs_per_sm=16),
+        },
+        "splits_b1": {
+            "pps3": dict(sparse_programs_per_sm=3),  # 41 splits x 8 rows: one wave at 3 programs / SM
+            "pps2": dict(sparse_programs_per_sm=2),
+            "pps2-fuse64": dict(sparse_programs_per_sm=2, fuse_max_splits=64),  # no combine launch
+            "pps4-fuse64": dict(fuse_max_splits=64),
+            "pps1-fuse32": dict(sparse_programs_per_sm=1, fuse_max_splits=32),  # 17 splits, merged in-kernel
+            "pps8": dict(sparse_programs_per_sm=8),
+        },
+        "split_pass": {},
+        # selection variants (same indices as the default: checked)
+        "select": {
+            "base": {},
+            "atomic-l3-256": dict(select_atomic_max=(0, 256)),
+            "atomic-l3-64": dict(select_atomic_max=(0, 64)),
+            "atomic-l2-64-l3-256": dict(select_atomic_max=(64, 256)),
+            "atomic-l2-256-l3-256": dict(select_atomic_max=(256, 256)),
+        },
+    },
+    "b1": {
+        "reuse_kernel": {
+            "base": {},
+            "ns2": dict(sparse_num_stages=2),
+            "ns4": dict(sparse_num_stages=4),
+            "bn32": dict(sparse_block_n=32),
+        },
+        # With 64-slot alignment 13108 slots / 8 rows give 41 splits = 328 programs on 132 SMs (uneven);
+        # 16-slot alignment lets rows * splits land on a multiple of the SM count.
+        "splits_b1": {
+            **{f"a16-pps{p}": dict(sparse_chunk_align=16, sparse_programs_per_sm=p) for p in (1, 2, 3, 4, 6)},
+            **{f"a16-pps{p}-fuse64": dict(sparse_chunk_align=16, sparse_programs_per_sm=p, fuse_max_splits=64)
+               for p in (2, 3, 4)},
+            "pps4": dict(sparse_programs_per_sm=4),
+            "pps6-fuse64": dict(sparse_programs_per_sm=6, fuse_max_splits=64),
+        },
+        "splits_b64": {},
+        # score pass of the anchor (K read, fp32 scores written), timed alone
+        "split_pass": {
+            "base": {},
+            **{f"pps{p}": dict(programs_per_sm=p) for p in (2, 3, 6, 8)},
+            **{f"a16-pps{p}": dict(programs_per_sm=p, chunk_align=16) for p in (2, 3, 4)},
+            "ns2": dict(num_stages=2),
+            "ns4": dict(num_stages=4),
+            "bn64-ns4": dict(block_n=64, num_stages=4),
+            "w8": dict(num_warps=8),
+        },
+        "select": {
+            "base": {},
+            **{f"spps{p}": dict(select_programs_per_sm=p) for p in (4, 16)},
+            "chunk2048": dict(select_min_chunk=2048),
+            "chunk2048-spps16": dict(select_min_chunk=2048, select_programs_per_sm=16),
+            "blk1024": dict(select_block=1024),
+            "blk1024-w4": dict(select_block=1024, select_num_warps=4),
+            "blk1024-chunk2048-spps16": dict(select_block=1024, select_min_chunk=2048, select_programs_per_sm=16),
+        },
+    },
 }
 # Reported, never picked: resolves 6 + 6 bits (ties below 2^-12 relative instead of 2^-14).
 SELECT_REPORT_ONLY = {"bits66": dict(select_bits=(6, 6))}
@@ -76,6 +120,7 @@ def main(argv=None):
                     help="context x batch, comma list (default: the three target points + 8K b64)")
     ap.add_argument("--budget-ms", type=float, default=60.0, help="bench_ms budget per kernel timing")
     ap.add_argument("--final-budget-ms", type=float, default=150.0, help="budget of the old/new model timings")
+    ap.add_argument("--set", default="v6", choices=sorted(SETS), help="variant set (see SETS)")
     ap.add_argument("--out", default="decode_tune2.json")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and exit (no GPU needed)")
     ap.add_argument("--cpu-smoke", action="store_true",
@@ -86,23 +131,24 @@ def main(argv=None):
         if args.points == ap.get_default("points"):
             args.points = "700x2,700x1"
     points = parse_points(args.points)
+    variants = SETS[args.set]
     if args.dry_run:
         print("points:", points)
-        print("reuse kernel variants:", json.dumps(REUSE_KERNEL))
-        print("reuse split variants b64:", json.dumps(REUSE_SPLITS_B64))
-        print("reuse split variants b1:", json.dumps(REUSE_SPLITS_B1))
-        print("select variants:", json.dumps({**SELECT, **SELECT_REPORT_ONLY}, default=list))
+        for group, table in variants.items():
+            print(f"{group}:", json.dumps(table, default=list))
+        print("select report-only:", json.dumps(SELECT_REPORT_ONLY, default=list))
         from kascade.ops import decode as K  # the overrides must name real TUNING keys
-        for group in (REUSE_KERNEL, REUSE_SPLITS_B64, REUSE_SPLITS_B1, SELECT, SELECT_REPORT_ONLY):
+        for group in (*variants.values(), SELECT_REPORT_ONLY):
             for name, ov in group.items():
                 unknown = set(ov) - set(K.TUNING)
                 assert not unknown, (name, unknown)
         print("all overrides name TUNING keys")
         return 0
-    return run(args, points)
+    return run(args, points, variants)
 
 
-def run(args, points):
+def run(args, points, variants):
+    REUSE_KERNEL, SELECT = variants["reuse_kernel"], variants["select"]
     import torch
 
     from kascade import reference as R
@@ -190,9 +236,7 @@ def run(args, points):
                 err = (out[:rows].float() - ref32).abs().max().item()
                 ok = bool(torch.isfinite(out).all()) and err <= 2 * lowp_err + 1e-3
                 ms = t(lambda: K.sparse(q, k, v, idx, ks, ke, scale=scale))
-                n_splits = K._splits(B * Hkv, idx.shape[-1], q.device, K.TUNING["sparse_block_n"],
-                                     K.TUNING["sparse_min_chunk"], K.TUNING["sparse_programs_per_sm"],
-                                     K.TUNING["sparse_max_splits"])[0]
+                n_splits = K.sparse_splits(B * Hkv, idx.shape[-1], q.device)[0]
             r = {"ms": ms, "tb_s": reuse_bytes / ms / 1e9, "ratio": ms / best_dense, "ok": ok, "max_err": err,
                  "splits": n_splits, "overrides": ov}
             print(f"  reuse {name:24s} {ms:.4f} ms {r['tb_s']:.2f} TB/s reuse/dense {r['ratio']:.4f} splits {n_splits:3d} "
@@ -208,7 +252,7 @@ def run(args, points):
             if r is not None:
                 reuse[name] = r
         best_kernel = min((n for n in reuse if reuse[n]["ok"]), key=lambda n: reuse[n]["ms"])
-        splits = REUSE_SPLITS_B1 if B * Hkv < 64 and not (smoke and B > 1) else REUSE_SPLITS_B64
+        splits = variants["splits_b1"] if B * Hkv < 64 and not (smoke and B > 1) else variants["splits_b64"]
         for sname, sov in splits.items():
             name = f"{best_kernel}+{sname}"
             r = reuse_variant(name, {**REUSE_KERNEL[best_kernel], **sov})
@@ -224,6 +268,12 @@ def run(args, points):
         scores, m, l, _, n = K._split_pass(q, k, v, ks, ke, scale, write_scores=True, acc_v=False)
         with tuned({}):
             ref_idx = K.select(scores, m, l, n, ks, ke, Hkv=Hkv, topk_fraction=frac, topk_floor=floor)
+        pooled_p = torch.exp2(scores - torch.logsumexp(scores * math.log(2), dim=1, keepdim=True) / math.log(2)).sum(-1)
+
+        def pooled_mass(ind):  # summed pooled probability of the selected keys
+            ind = ind.reshape(pooled_p.shape[0], -1).long()
+            return float(torch.where(ind >= 0, pooled_p.gather(1, ind.clamp(min=0)), 0.0).sum())
+
         select = {}
         for name, ov in {**SELECT, **SELECT_REPORT_ONLY}.items():
             with tuned(ov):
@@ -270,8 +320,40 @@ def run(args, points):
             print(f"  (profile skipped: {exc})")
         del scores, m, l
 
+        # 3b. the anchor's score pass alone (K read, scores written); a variant must lead to the same indices
+        split_pass, best_split = {}, "base"
+        for name, ov in variants["split_pass"].items():
+            with tuned(ov):
+                def fn():
+                    return K._split_pass(q, k, v, ks, ke, scale, write_scores=True, acc_v=False)
+                try:
+                    sc, m_, l_, _, n_ = fn()
+                    got = K.select(sc, m_, l_, n_, ks, ke, Hkv=Hkv, topk_fraction=frac, topk_floor=floor)
+                    sync()
+                except Exception as exc:
+                    print(f"  score pass {name:18s} FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:100]}",
+                          flush=True)
+                    continue
+                # other split counts merge the log-sum-exp in another order: ties may break differently,
+                # so equal captured pooled mass also passes
+                same = bool(torch.equal(got, ref_idx)) or pooled_mass(got) >= pooled_mass(ref_idx) * (1 - 1e-5)
+                del sc, m_, l_, got
+                ms = t(fn)
+            split_pass[name] = {"ms": ms, "splits": n_, "same_indices": same, "overrides": ov}
+            print(f"  score pass {name:18s} {ms:.4f} ms splits {n_:3d} {'same indices' if same else 'DIFFERENT indices'}",
+                  flush=True)
+            if not same:
+                failures.append(f"L={L} B={B} score pass {name}")
+        if split_pass:
+            best_split = min((nm for nm, r in split_pass.items() if r["same_indices"]), key=lambda nm: split_pass[nm]["ms"])
+            pt["split_pass"] = split_pass
+            pt["best_split_pass"] = best_split
+            print(f"  best score pass: {best_split} {split_pass[best_split]['ms']:.4f} ms vs base "
+                  f"{split_pass['base']['ms']:.4f}", flush=True)
+
         # 4. old vs new, whole layers, checked like kascade bench decode
-        configs = {"old": {}, "new": {**reuse[best_reuse]["overrides"], **SELECT[best_select]}}
+        configs = {"old": {}, "new": {**reuse[best_reuse]["overrides"], **SELECT[best_select],
+                                      **variants["split_pass"].get(best_split, {})}}
         model = {}
         for cname, ov in configs.items():
             with tuned(ov):

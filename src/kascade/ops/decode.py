@@ -44,10 +44,14 @@ TUNING = {
     "programs_per_sm": 4,  # programs per SM the split counts aim for
     "min_chunk": 512,  # fewest keys per split of the split pass
     "max_splits": 128,
+    "chunk_align": None,  # split lengths of the split pass are multiples of this (None: block_n)
     "sparse_block_n": 64,  # index slots per iteration of the sparse pass
     "sparse_num_warps": 4,
     "sparse_num_stages": 3,
     "sparse_min_chunk": 128,  # fewest index slots per split of the sparse pass
+    # Split lengths of the sparse pass are multiples of this many slots (None: sparse_block_n). A finer
+    # grain lets rows * splits match the SM count exactly at batch 1 (the last block of a split is masked).
+    "sparse_chunk_align": None,
     # Programs per SM the sparse split count aims for (None: programs_per_sm). 3, measured on the H100
     # (benchmarks/results/decode_tune2.json): one split per row at batch 64 (direct store, no merge;
     # reuse -2 % at 32K, -7 % at 8K) and one wave of 41 splits x 8 rows at batch 1 (-2 %).
@@ -138,15 +142,17 @@ def _scale2(scale: float | None, D: int) -> float:
 
 
 def _splits(rows: int, length: int, device: torch.device, block: int, min_chunk: int | None = None,
-            programs_per_sm: float | None = None, max_splits: int | None = None) -> tuple[int, int]:
-    """(n_splits, chunk): cut an axis of `length` into chunks (multiples of block) so that rows *
-    n_splits is about programs_per_sm * SMs."""
+            programs_per_sm: float | None = None, max_splits: int | None = None,
+            align: int | None = None) -> tuple[int, int]:
+    """(n_splits, chunk): cut an axis of `length` into chunks (multiples of align, default block) so that
+    rows * n_splits is about programs_per_sm * SMs."""
     pps = TUNING["programs_per_sm"] if programs_per_sm is None else programs_per_sm
     want = max(1, math.ceil(pps * _sm_count(device) / max(rows, 1)))
     min_chunk = TUNING["min_chunk"] if min_chunk is None else min_chunk
     max_splits = TUNING["max_splits"] if max_splits is None else max_splits
     n = max(1, min(want, triton.cdiv(length, min_chunk), max_splits))
-    chunk = triton.cdiv(triton.cdiv(length, n), block) * block
+    align = block if align is None else align
+    chunk = triton.cdiv(triton.cdiv(length, n), align) * align
     return triton.cdiv(length, chunk), chunk
 
 
@@ -161,7 +167,7 @@ def _split_pass(q, k, v, kv_start, kv_end, scale, write_scores: bool, acc_v: boo
     G = Hq // Hkv
     rows = B * Hkv
     block = TUNING["block_n"]
-    n_splits, chunk = _splits(rows, Lk, q.device, block)
+    n_splits, chunk = _splits(rows, Lk, q.device, block, align=TUNING["chunk_align"])
     f32 = dict(dtype=torch.float32, device=q.device)
     scores = torch.empty((rows, Lk, G), **f32) if write_scores else q.new_empty((1,), dtype=torch.float32)
     m = torch.empty((rows, n_splits, G), **f32)
@@ -205,6 +211,12 @@ def dense(q, k, v, kv_start, kv_end, *, scale=None):
     return _split_pass(q, k, v, kv_start, kv_end, scale, write_scores=False, acc_v=True)[3]
 
 
+def sparse_splits(rows: int, width: int, device: torch.device) -> tuple[int, int]:
+    """(n_splits, chunk) of the sparse pass over `width` index slots per row."""
+    return _splits(rows, width, device, TUNING["sparse_block_n"], TUNING["sparse_min_chunk"],
+                   TUNING["sparse_programs_per_sm"], TUNING["sparse_max_splits"], TUNING["sparse_chunk_align"])
+
+
 def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None):
     """Attention over each (row, KV head)'s selected keys: indices [B, Hkv, W] (absolute positions,
     -1 and positions outside [kv_start, kv_end) ignored). Returns [B, Hq, 1, D] in q's dtype.
@@ -225,8 +237,7 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None):
     rows = B * Hkv
     W = indices.shape[2]
     block = TUNING["sparse_block_n"]
-    n_splits, chunk = _splits(rows, W, q.device, block, TUNING["sparse_min_chunk"],
-                              TUNING["sparse_programs_per_sm"], TUNING["sparse_max_splits"])
+    n_splits, chunk = sparse_splits(rows, W, q.device)
     direct = n_splits == 1 and TUNING["sparse_direct"]
     f32 = dict(dtype=torch.float32, device=q.device)
     if direct:
