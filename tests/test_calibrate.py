@@ -328,3 +328,34 @@ def test_cli_replans_from_stats_with_options(tmp_path):
     want = make_plan(stats, 3, aggregate="mean", stats_budget=True, weighting="uniform")[0]
     assert got.anchor_layers == want.anchor_layers and got.head_map == want.head_map
     assert "--aggregate mean --stats-budget --weighting uniform" in got.provenance["command"]
+
+
+def test_cli_from_stats_provenance_names_the_collection(tmp_path):
+    """A re-planned plan's command rebuilds it from scratch when the statistics recorded their collection
+    settings; older statistics get a command that names --from-stats instead."""
+    import argparse
+
+    from kascade.calibrate import cli
+
+    L, H = 4, 2
+    g = torch.Generator().manual_seed(5)
+    stats = CalibrationStats(ModelSpec("llama", L, 4, H, 8), torch.rand(L, L, H, H, generator=g, dtype=torch.float64),
+                             torch.rand(L, generator=g, dtype=torch.float64), 3, 300, 8, 4)
+    parser = argparse.ArgumentParser(prog="kascade")
+    cli.register(parser.add_subparsers())
+
+    def plan_from(stats_path, out):
+        ns = parser.parse_args(["calibrate", "--from-stats", str(stats_path), "--anchors", "2", "--out", str(out)])
+        assert ns.func(ns) == 0
+        return Plan.load(out)
+
+    stats.save(tmp_path / "old.pt")
+    old = plan_from(tmp_path / "old.pt", tmp_path / "a.json")
+    assert "--from-stats" in old.provenance["command"] and old.provenance["replanned_from"] == str(tmp_path / "old.pt")
+    stats.info["collect_args"] = {"model": "qwen2.5-0.5b", "data": None, "samples": 7, "max_tokens": 4096, "seed": 3,
+                                  "no_chat_template": False}
+    stats.save(tmp_path / "new.pt")
+    new = plan_from(tmp_path / "new.pt", tmp_path / "b.json")
+    cmd = new.provenance["command"]
+    assert "--from-stats" not in cmd
+    assert "--model qwen2.5-0.5b --samples 7 --max-tokens 4096 --seed 3" in cmd

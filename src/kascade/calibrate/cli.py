@@ -44,6 +44,10 @@ def register(subparsers) -> None:
     p.set_defaults(func=main)
 
 
+# Options that shape the collected statistics (not the planning): recorded with them for --from-stats.
+COLLECT_ARGS = ("model", "data", "samples", "max_tokens", "seed", "no_chat_template")
+
+
 def _canonical_command(args) -> str:
     parts = ["kascade", "calibrate", "--model", args.model]
     if args.data:
@@ -86,11 +90,20 @@ def main(args: argparse.Namespace) -> int:
     from . import CalibrationStats, collect, format_table, make_plan
     from .devset import default_devset, encode, file_devset
 
-    command = _canonical_command(args)
+    provenance = {}
     if args.from_stats:
         stats = CalibrationStats.load(args.from_stats)
         print(f"statistics from {args.from_stats}: {stats.num_prompts} prompts, {stats.num_tokens} tokens")
+        collect_args = stats.info.get("collect_args")
+        if collect_args:  # the command that rebuilds this plan from scratch names the collection's settings
+            for key, value in collect_args.items():
+                setattr(args, key, value)
+            command = _canonical_command(args)
+        else:  # statistics saved before collect_args were recorded: only the re-plan is reproducible
+            command = _canonical_command(args) + " --from-stats " + shlex.quote(args.from_stats)
+        provenance["replanned_from"] = args.from_stats
     else:
+        command = _canonical_command(args)
         model, tokenizer = _load_model(args.model)
         if args.data:
             devset = file_devset(args.data, args.samples)
@@ -109,6 +122,8 @@ def main(args: argparse.Namespace) -> int:
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "environment": f"python {platform.python_version()}, torch {torch.__version__}, "
                            f"transformers {__import__('transformers').__version__}",
+            # what --from-stats needs to write the from-scratch command into a re-planned plan
+            "collect_args": {k: getattr(args, k) for k in COLLECT_ARGS},
         }
 
         def checkpoint(collector):  # partial statistics after every prompt: an interrupted run can re-plan
@@ -124,7 +139,8 @@ def main(args: argparse.Namespace) -> int:
             stats.save(args.save_stats)
             print(f"statistics saved to {args.save_stats}")
     plan, table = make_plan(stats, args.anchors, topk_fraction=args.topk_fraction, topk_floor=args.topk_floor,
-                            tile_size=args.tile_size, provenance={"command": command}, aggregate=args.aggregate,
+                            tile_size=args.tile_size, provenance={"command": command, **provenance},
+                            aggregate=args.aggregate,
                             stats_budget=args.stats_budget, weighting=args.weighting)
     print(f"best anchor sets ({'importance-weighted' if args.weighting == 'importance' else 'unweighted'} similarity; "
           "relative = score / score with every layer an anchor):")

@@ -145,9 +145,12 @@ def shipped_plan(model_name: str, spec) -> tuple[Plan | None, str | None]:
 
 
 def plan_id(plan: Plan | None) -> str | None:
+    """Identity of what a plan computes (model, anchors, head map, budget, tile): its provenance is left
+    out, so a plan re-saved with corrected provenance keeps its cached cells."""
     if plan is None:
         return None
-    return hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    body = {k: v for k, v in plan.to_dict().items() if k != "provenance"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
 
 
 @torch.no_grad()
