@@ -127,3 +127,22 @@ def test_summary_paired_delta_vs_dense():
     assert m["delta_vs_dense"] == -12.5 and m["average"] - rows["dense"]["average"] == -12.5
     assert math.isclose(m["delta_stderr"], math.sqrt(25 ** 2) / 2)
     assert "-12.5 ± 12.5" in report.format_table({"rows": list(rows.values())})
+
+
+def test_select_cells_never_mixes_plans_or_floors():
+    """A cell cache holding two plans' (and two floors') Kascade cells gives each configuration only its own."""
+    from kascade.eval.runner import EvalConfig, select_cells
+
+    cfg = EvalConfig(model="m", tasks=("vt",), lengths=(1024,), num_samples=1, methods=("dense", "kascade", "omnikv"),
+                     topk_floor=128)
+    base = dict(model="m", task="vt", context_length=1024, index=0, seed=0, max_new_tokens=30)
+    cells = [dict(base, method="dense", topk_fraction=None, topk_floor=None, plan_id=None),
+             dict(base, method="kascade", topk_fraction=0.1, topk_floor=128, plan_id="planA"),
+             dict(base, method="kascade", topk_fraction=0.1, topk_floor=128, plan_id="planB"),
+             dict(base, method="omnikv", topk_fraction=0.1, topk_floor=128, plan_id=None),
+             dict(base, method="omnikv", topk_fraction=0.1, topk_floor=64, plan_id=None)]
+    got = select_cells(cells, cfg, plan="planB")
+    assert [(c["method"], c["plan_id"], c["topk_floor"]) for c in got] == [
+        ("dense", None, None), ("kascade", "planB", 128), ("omnikv", None, 128)]
+    assert [c["plan_id"] for c in select_cells(cells, cfg, plan="planA") if c["method"] == "kascade"] == ["planA"]
+    assert not [c for c in select_cells(cells, cfg, plan=None) if c["method"] == "kascade"]

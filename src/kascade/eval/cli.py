@@ -76,7 +76,7 @@ def main(args: argparse.Namespace) -> int:
     if args.report_only:
         from .runner import load_cells, select_cells
 
-        cells = select_cells(load_cells(out / "cells.jsonl").values(), cfg)
+        cells = select_cells(load_cells(out / "cells.jsonl").values(), cfg, plan=_report_plan_id(cfg))
         summary = report.summarize(cells)
         report.print_table(summary)
         report.write_json(out / f"{stem}.json", summary, {"config": _config_dict(cfg), "report_only": True}, cells, extra)
@@ -115,3 +115,16 @@ def _config_dict(cfg) -> dict:
     from dataclasses import asdict
 
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
+
+
+def _report_plan_id(cfg) -> str | None:
+    """The plan_id a run with ``cfg`` gives the Kascade methods (its --plan, else the shipped plan)."""
+    from .. import plans
+    from ..plan import Plan
+    from .runner import plan_id
+
+    if cfg.plan:
+        return plan_id(Plan.load(cfg.plan))
+    if cfg.model in plans.shipped():
+        return plan_id(plans.load_shipped(cfg.model))
+    return None

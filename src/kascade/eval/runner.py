@@ -357,7 +357,7 @@ class Runner:
 
     def selected_cells(self) -> list[dict]:
         """The cached cells this configuration asks for (the cache may hold others)."""
-        return select_cells(self.cells.values(), self.cfg, self.methods)
+        return select_cells(self.cells.values(), self.cfg, self.methods, plan=plan_id(self.plan))
 
     def metadata(self) -> dict:
         import platform
@@ -372,8 +372,10 @@ class Runner:
                 "python": platform.python_version(), "git_commit": _git_commit()}
 
 
-def select_cells(cells: Iterable[dict], cfg: EvalConfig, methods: Sequence[str] | None = None) -> list[dict]:
-    """The cells of ``cells`` that configuration ``cfg`` asks for."""
+def select_cells(cells: Iterable[dict], cfg: EvalConfig, methods: Sequence[str] | None = None, *,
+                 plan: str | None = None) -> list[dict]:
+    """The cells of ``cells`` that configuration ``cfg`` asks for; ``plan`` is the plan_id the Kascade methods
+    must have run with (a cache may hold cells of several plans and Top-k floors: they are never mixed)."""
     methods = list(cfg.methods if methods is None else methods)
     want = set()
     for length in cfg.lengths:
@@ -383,7 +385,10 @@ def select_cells(cells: Iterable[dict], cfg: EvalConfig, methods: Sequence[str] 
                     for fraction in ([None] if name in BUDGET_FREE else cfg.budgets):
                         want.add((task, length, i, name, fraction))
     return [c for c in cells if c["model"] == cfg.model and c["seed"] == cfg.seed
-            and (c["task"], c["context_length"], c["index"], c["method"], c["topk_fraction"]) in want]
+            and (c["task"], c["context_length"], c["index"], c["method"], c["topk_fraction"]) in want
+            and c.get("plan_id") == (plan if c["method"] in NEEDS_PLAN else None)
+            and (c["topk_fraction"] is None or c.get("topk_floor") == cfg.topk_floor)
+            and (cfg.max_new_tokens is None or c.get("max_new_tokens", 0) <= cfg.max_new_tokens)]
 
 
 def _git_commit() -> str | None:
