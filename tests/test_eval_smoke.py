@@ -55,6 +55,9 @@ def test_eval_smoke_and_resume(tmp_path, plan_args, capsys):
     assert len(quest["captured_mass"]) == 30 and quest["captured_mass"][:2] == [1.0, 1.0]  # layers 0-1 dense
     assert 0.0 < quest["mean_captured_mass"] < 1.0
     assert list(out.glob("*.png"))
+    md = (out / "eval_smollm2-135m.md").read_text().splitlines()
+    assert md[0].startswith("| length | method |") and len(md) == 2 + len(doc["summary"]["rows"])
+    assert any(line.startswith("| 1024 | kascade@0.1 |") for line in md)
     lines = (out / "cells.jsonl").read_text().splitlines()
     # A rerun finds every cell cached and computes nothing new.
     assert _run(argv) == 0

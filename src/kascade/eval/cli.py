@@ -80,6 +80,7 @@ def main(args: argparse.Namespace) -> int:
         summary = report.summarize(cells)
         report.print_table(summary)
         report.write_json(out / f"{stem}.json", summary, {"config": _config_dict(cfg), "report_only": True}, cells, extra)
+        (out / f"{stem}.md").write_text(report.format_markdown(summary) + "\n")
         plots = report.plot(summary, out, stem)
         print(f"wrote {out / f'{stem}.json'} ({len(cells)} cached cells) and {len(plots)} plots")
         return 0
@@ -106,6 +107,8 @@ def main(args: argparse.Namespace) -> int:
             extra.setdefault("decode_heavy", []).append(dh["decode_heavy"])
     path = out / f"{stem}.json"
     report.write_json(path, summary, runner.metadata(), cells, extra)
+    if summary["rows"]:
+        (out / f"{stem}.md").write_text(report.format_markdown(summary) + "\n")
     plots = report.plot(summary, out, stem) if summary["rows"] else []
     print(f"wrote {path}" + (f" and {len(plots)} plots" if plots else ""))
     return 0

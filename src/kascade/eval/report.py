@@ -111,6 +111,22 @@ def format_table(summary: dict) -> str:
     return "\n".join(out)
 
 
+def format_markdown(summary: dict) -> str:
+    """The summary as a Markdown table (one row per length x method), for notes and the README."""
+    rows = summary["rows"]
+    if not rows:
+        return "(no finished cells)"
+    tasks = sorted({t for r in rows for t in r["tasks"]})
+    lines = ["| length | method | " + " | ".join(t.replace("_", " ") for t in tasks) + " | avg | vs dense (paired) | decode mass |",
+             "|---|---|" + "---|" * (len(tasks) + 3)]
+    for r in rows:
+        cells = [f"{r['tasks'][t]['score']:.1f}" if t in r["tasks"] else "-" for t in tasks]
+        mass = f"{r['mean_captured_mass']:.3f}" if "mean_captured_mass" in r else "-"
+        lines.append(f"| {r['context_length']} | {label(r['method'], r['topk_fraction'])} | " + " | ".join(cells)
+                     + f" | {r['average']:.1f} | {_delta(r)} | {mass} |")
+    return "\n".join(lines)
+
+
 def print_table(summary: dict) -> None:
     try:
         from rich.console import Console
