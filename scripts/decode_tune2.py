@@ -101,7 +101,21 @@ SETS = {
             "blk1024-chunk2048-spps16": dict(select_block=1024, select_min_chunk=2048, select_programs_per_sm=16),
         },
     },
-}
+
+    "b1fused": {  # the one-launch selection (select_fused) against the four-launch default
+        "reuse_kernel": {"base": {}},
+        "splits_b1": {},
+        "splits_b64": {},
+        "split_pass": {"base": {}, "pps8": dict(programs_per_sm=8)},
+        "select": {
+            "base": {},
+            "fused": dict(select_fused="auto"),
+            "fused-c4096": dict(select_fused="auto", select_fused_min_chunk=4096),
+            "fused-pps2": dict(select_fused="auto", select_fused_programs_per_sm=2),
+            "fused-pps2-blk1024": dict(select_fused="auto", select_fused_programs_per_sm=2, select_block=1024),
+            "fused-blk1024": dict(select_fused="auto", select_block=1024),
+        },
+    },}
 # Reported, never picked: resolves 6 + 6 bits (ties below 2^-12 relative instead of 2^-14).
 SELECT_REPORT_ONLY = {"bits66": dict(select_bits=(6, 6))}
 

@@ -253,6 +253,9 @@ VARIANTS = {
     "atomic-hist": dict(select_atomic_max=(8, 8), select_block=64, select_min_chunk=64),
     "atomic-only": dict(select_atomic_max=(4096, 4096)),
     "atomic-l3": dict(select_atomic_max=(0, 256), select_block=128, select_min_chunk=128),
+    # the one-launch selection (in the interpreter: one program per row, several blocks per program)
+    "fused-select": dict(select_fused="always", select_block=64),
+    "fused-select-atomic": dict(select_fused="always", select_atomic_max=(8, 8), select_block=64),
 }
 
 
@@ -302,5 +305,18 @@ def test_atomic_hist_same_indices(monkeypatch):
     _, ref = D.anchor(q, k, v, starts, ends, topk_fraction=0.1, topk_floor=16)
     for amax in ((8, 8), (0, 64), (4096, 4096)):
         monkeypatch.setitem(D.TUNING, "select_atomic_max", amax)
+        _, got = D.anchor(q, k, v, starts, ends, topk_fraction=0.1, topk_floor=16)
+        assert torch.equal(got, ref), amax
+
+
+def test_fused_select_same_indices(monkeypatch):
+    """The one-launch selection gives exactly the indices of the four-launch one."""
+    monkeypatch.setitem(D.TUNING, "select_block", 64)
+    q, k, v = make(2, 8, 2, 1000, 64, torch.float32, seed=15, spread=2.0)
+    starts, ends = ranges(2, 1000, "varied")
+    _, ref = D.anchor(q, k, v, starts, ends, topk_fraction=0.1, topk_floor=16)
+    for amax in ((0, 64), (8, 8)):
+        monkeypatch.setitem(D.TUNING, "select_atomic_max", amax)
+        monkeypatch.setitem(D.TUNING, "select_fused", "always")
         _, got = D.anchor(q, k, v, starts, ends, topk_fraction=0.1, topk_floor=16)
         assert torch.equal(got, ref), amax

@@ -49,16 +49,14 @@ def _boundary(hist, kk, NB: tl.constexpr):
 
 
 @triton.jit
-def pool_hist_kernel(
-    SCORES, M_PART, L_PART, KV_START, KV_END, POOLED, HIST,
+def _pool_hist(
+    row, sp, SCORES, M_PART, L_PART, KV_START, KV_END, POOLED, HIST,
     H_KV, Lk, n_splits, chunk,
     G: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr,
 ):
     """Pooled post-softmax score of each key (sum over the G heads of exp2(s - lse)), written to
     POOLED [rows, Lk]; level-1 histogram added into HIST. The base-2 log-sum-exp of each head comes
     from the split partials (m, l) of decode_split_kernel."""
-    row = tl.program_id(0)
-    sp = tl.program_id(1)
     b = row // H_KV
     start = tl.load(KV_START + b).to(tl.int32)
     end = tl.load(KV_END + b).to(tl.int32)
@@ -110,11 +108,11 @@ def _threshold(h_base, kk, LEVELS: tl.constexpr, B2: tl.constexpr, B3: tl.conste
 
 
 @triton.jit
-def refine_hist_kernel(
-    POOLED, KV_START, KV_END, HIST, PART,
+def _refine_hist(
+    row, sp, POOLED, KV_START, KV_END, HIST, PART,
     H_KV, Lk, chunk, ppm, floor, n_sel,
     LEVEL: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr, NB: tl.constexpr, B: tl.constexpr,
-    SHIFT: tl.constexpr, BLOCK: tl.constexpr, ATOMIC_MAX: tl.constexpr = 0, ZERO_PART: tl.constexpr = 0,
+    SHIFT: tl.constexpr, BLOCK: tl.constexpr, ATOMIC_MAX: tl.constexpr, ZERO_PART: tl.constexpr,
 ):
     """Level-2 or level-3 histogram (NB = 2^B2 or 2^B3 bins of the bits just below bit SHIFT = 23 or
     23 - B2) of the keys inside the boundary prefix of the levels before. Level 3 also stores this
@@ -124,8 +122,6 @@ def refine_hist_kernel(
     relaxed atomics (into HIST, and at level 3 also into this program's PART histogram, which must then
     be zero: the level-2 launch zeroes its first ZERO_PART bins); fuller blocks use tl.histogram. The
     counts, and so the selection, are the same either way."""
-    row = tl.program_id(0)
-    sp = tl.program_id(1)
     b = row // H_KV
     start = tl.load(KV_START + b).to(tl.int32)
     end = tl.load(KV_END + b).to(tl.int32)
@@ -174,15 +170,13 @@ def refine_hist_kernel(
 
 
 @triton.jit
-def compact_kernel(
-    POOLED, KV_START, KV_END, HIST, PART, IDX,
+def _compact(
+    row, sp, POOLED, KV_START, KV_END, HIST, PART, IDX,
     H_KV, Lk, W, chunk, w_chunk, ppm, floor, n_sel,
     B2: tl.constexpr, B3: tl.constexpr, NB3: tl.constexpr, SPP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Write the absolute positions of each row's Top-k keys to IDX [rows, W]; slots >= k get -1. Keys above
     the threshold fill slots [0, n_gt) in key order, ties at the threshold fill [n_gt, k) in key order."""
-    row = tl.program_id(0)
-    sp = tl.program_id(1)
     b = row // H_KV
     start = tl.load(KV_START + b).to(tl.int32)
     end = tl.load(KV_END + b).to(tl.int32)
@@ -230,3 +224,74 @@ def compact_kernel(
     for s0 in range(w_lo, w_hi, BLOCK):
         slot = s0 + offs
         tl.store(i_base + slot, tl.full([BLOCK], -1, tl.int32), mask=(slot < w_hi) & (slot >= kk))
+
+
+@triton.jit
+def pool_hist_kernel(
+    SCORES, M_PART, L_PART, KV_START, KV_END, POOLED, HIST,
+    H_KV, Lk, n_splits, chunk,
+    G: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr,
+):
+    _pool_hist(tl.program_id(0), tl.program_id(1), SCORES, M_PART, L_PART, KV_START, KV_END, POOLED, HIST,
+               H_KV, Lk, n_splits, chunk, G, GP, SP, BLOCK, NB)
+
+
+@triton.jit
+def refine_hist_kernel(
+    POOLED, KV_START, KV_END, HIST, PART,
+    H_KV, Lk, chunk, ppm, floor, n_sel,
+    LEVEL: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr, NB: tl.constexpr, B: tl.constexpr,
+    SHIFT: tl.constexpr, BLOCK: tl.constexpr, ATOMIC_MAX: tl.constexpr = 0, ZERO_PART: tl.constexpr = 0,
+):
+    _refine_hist(tl.program_id(0), tl.program_id(1), POOLED, KV_START, KV_END, HIST, PART,
+                 H_KV, Lk, chunk, ppm, floor, n_sel, LEVEL, B2, B3, NB, B, SHIFT, BLOCK, ATOMIC_MAX, ZERO_PART)
+
+
+@triton.jit
+def compact_kernel(
+    POOLED, KV_START, KV_END, HIST, PART, IDX,
+    H_KV, Lk, W, chunk, w_chunk, ppm, floor, n_sel,
+    B2: tl.constexpr, B3: tl.constexpr, NB3: tl.constexpr, SPP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    _compact(tl.program_id(0), tl.program_id(1), POOLED, KV_START, KV_END, HIST, PART, IDX,
+             H_KV, Lk, W, chunk, w_chunk, ppm, floor, n_sel, B2, B3, NB3, SPP, BLOCK)
+
+
+@triton.jit
+def _row_barrier(BAR, target):
+    """Wait until `target` arrivals were counted at BAR (this row's programs, all resident: the launcher
+    keeps the grid within one program per SM). The release/acquire pair makes every store and atomic of
+    the row's programs before the barrier visible after it."""
+    tl.debug_barrier()  # every thread of this program has issued its stores
+    tl.atomic_add(BAR, 1, sem="release", scope="gpu")
+    seen = tl.atomic_add(BAR, 0, sem="acquire", scope="gpu")
+    while seen < target:
+        seen = tl.atomic_add(BAR, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def select_fused_kernel(
+    SCORES, M_PART, L_PART, KV_START, KV_END, POOLED, HIST, PART, IDX, BAR,
+    H_KV, Lk, W, n_splits, chunk, w_chunk, ppm, floor, n_sel,
+    G: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr,
+    B2: tl.constexpr, B3: tl.constexpr, SPP: tl.constexpr, ATOMIC2: tl.constexpr, ATOMIC3: tl.constexpr,
+    ZERO_PART: tl.constexpr,
+):
+    """The whole selection in one launch (batch 1: few rows, each split over n_sel programs): pooling +
+    level-1 histogram, level 2, level 3, compaction, with a barrier over the row's programs between the
+    passes instead of a kernel boundary. Same passes, same counts, same indices as the four kernels."""
+    row = tl.program_id(0)
+    sp = tl.program_id(1)
+    bar = BAR + row
+    _pool_hist(row, sp, SCORES, M_PART, L_PART, KV_START, KV_END, POOLED, HIST, H_KV, Lk, n_splits, chunk,
+               G, GP, SP, BLOCK, 256)
+    _row_barrier(bar, n_sel)
+    _refine_hist(row, sp, POOLED, KV_START, KV_END, HIST, PART, H_KV, Lk, chunk, ppm, floor, n_sel,
+                 2, B2, B3, 1 << B2, B2, 23, BLOCK, ATOMIC2, ZERO_PART)
+    _row_barrier(bar, 2 * n_sel)
+    _refine_hist(row, sp, POOLED, KV_START, KV_END, HIST, PART, H_KV, Lk, chunk, ppm, floor, n_sel,
+                 3, B2, B3, 1 << B3, B3, 23 - B2, BLOCK, ATOMIC3, 0)
+    _row_barrier(bar, 3 * n_sel)
+    _compact(row, sp, POOLED, KV_START, KV_END, HIST, PART, IDX, H_KV, Lk, W, chunk, w_chunk, ppm, floor, n_sel,
+             B2, B3, 1 << B3, SPP, BLOCK)

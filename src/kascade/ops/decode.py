@@ -72,6 +72,12 @@ TUNING = {
     # only the keys of one level-2 bin (a few per block), so its pass becomes a plain read of the pooled
     # scores.
     "select_atomic_max": (0, 64),  # level 3 hybrid: selection -8 % at 128K b64, -6 % at 32K (tune2)
+    # One launch for the whole selection where few rows leave the GPU mostly idle (batch 1): the passes
+    # meet at per-row barriers instead of kernel boundaries. "auto": on CUDA when rows <= half the
+    # resident programs; "always": also in the interpreter (one program per row there); False: never.
+    "select_fused": False,
+    "select_fused_programs_per_sm": 1,  # resident programs per SM the fused grid may use (1 is always safe)
+    "select_fused_min_chunk": 2048,  # fewest keys per fused program
 }
 
 _SM_COUNT: dict[int, int] = {}
@@ -266,6 +272,18 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None):
     return out if (fuse or direct) else _combine(q, m, l, o, n_splits, Hkv)
 
 
+def _select_fused(rows: int, device: torch.device) -> bool:
+    """Whether the one-launch selection applies: asked for, and at least one program per row fits in the
+    programs it may keep resident (TUNING select_fused_programs_per_sm x SMs; the interpreter runs one
+    program per row, so its barriers never wait on a program that has not started)."""
+    mode = TUNING["select_fused"]
+    if not mode:
+        return False
+    if device.type != "cuda":
+        return mode == "always"
+    return rows <= TUNING["select_fused_programs_per_sm"] * _sm_count(device) // 2
+
+
 def select(scores, m, l, n_splits, kv_start, kv_end, *, Hkv, topk_fraction, topk_floor):
     """Top-k over pooled post-softmax scores from the split pass (scores [B*Hkv, Lk, G], split partials
     m, l [B*Hkv, n_splits, G]): indices [B, Hkv, W] int32, W = topk_budget(Lk)."""
@@ -277,25 +295,42 @@ def select(scores, m, l, n_splits, kv_start, kv_end, *, Hkv, topk_fraction, topk
     block = TUNING["select_block"]
     if not 1 <= block < 1 << 16:
         raise KascadeInputError(f"select_block must be below 65536 (ranks share an int32), got {block}")
-    want = triton.cdiv(TUNING["select_programs_per_sm"] * _sm_count(device), max(rows, 1))
-    sel_splits = max(1, min(want, triton.cdiv(Lk, TUNING["select_min_chunk"]), TUNING["max_splits"]))
+    fused = _select_fused(rows, device)
+    if fused:  # one launch: every program of the grid must be resident at once (the passes meet at barriers)
+        want = 1 if device.type != "cuda" else max(1, (TUNING["select_fused_programs_per_sm"] * _sm_count(device)) // rows)
+        min_chunk = TUNING["select_fused_min_chunk"]
+    else:
+        want = triton.cdiv(TUNING["select_programs_per_sm"] * _sm_count(device), max(rows, 1))
+        min_chunk = TUNING["select_min_chunk"]
+    sel_splits = max(1, min(want, triton.cdiv(Lk, min_chunk), TUNING["max_splits"]))
     chunk = triton.cdiv(triton.cdiv(Lk, sel_splits), block) * block
     sel_splits = triton.cdiv(Lk, chunk)
     w_chunk = triton.cdiv(W, sel_splits)
     b2, b3 = TUNING["select_bits"]
     kv_start, kv_end = kv_start.contiguous(), kv_end.contiguous()
     pooled = torch.empty((rows, Lk), dtype=torch.float32, device=device)
-    hist = torch.zeros((rows, kt.HIST_STRIDE), dtype=torch.int32, device=device)
+    # the histograms and, after them, one barrier counter per row: zeroed by one memset
+    zeros = torch.zeros(rows * kt.HIST_STRIDE + rows, dtype=torch.int32, device=device)
+    hist, bar = zeros[: rows * kt.HIST_STRIDE].view(rows, kt.HIST_STRIDE), zeros[rows * kt.HIST_STRIDE:]
     part = torch.empty((rows, sel_splits, kt.PART_STRIDE), dtype=torch.int32, device=device)
     indices = torch.empty((B, Hkv, W), dtype=torch.int32, device=device)
     grid = (rows, sel_splits)
     nw = TUNING["select_num_warps"]
+    a2, a3 = (max(0, int(a)) for a in TUNING["select_atomic_max"])
+    if fused:
+        kt.select_fused_kernel[grid](
+            scores, m, l, kv_start, kv_end, pooled, hist, part, indices, bar,
+            Hkv, Lk, W, n_splits, chunk, w_chunk, ppm, int(topk_floor), sel_splits,
+            G=G, GP=triton.next_power_of_2(G), SP=triton.next_power_of_2(n_splits), BLOCK=block,
+            B2=b2, B3=b3, SPP=triton.next_power_of_2(sel_splits), ATOMIC2=a2, ATOMIC3=a3,
+            ZERO_PART=(1 << b3) if a3 > 0 else 0, num_warps=nw,
+        )
+        return indices
     kt.pool_hist_kernel[grid](
         scores, m, l, kv_start, kv_end, pooled, hist, Hkv, Lk, n_splits, chunk,
         G=G, GP=triton.next_power_of_2(G), SP=triton.next_power_of_2(n_splits), BLOCK=block, NB=kt.NBINS,
         num_warps=nw,
     )
-    a2, a3 = (max(0, int(a)) for a in TUNING["select_atomic_max"])
     for level, bits, shift, amax in ((2, b2, 23, a2), (3, b3, 23 - b2, a3)):
         kt.refine_hist_kernel[grid](
             pooled, kv_start, kv_end, hist, part, Hkv, Lk, chunk, ppm, int(topk_floor), sel_splits,
