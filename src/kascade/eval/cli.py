@@ -74,9 +74,9 @@ def main(args: argparse.Namespace) -> int:
     stem = args.name or f"eval_{args.model}"
     extra = {"command": command, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if args.report_only:
-        from .runner import load_cells, select_cells
+        from .runner import config_plan, load_cells, plan_id, select_cells
 
-        cells = select_cells(load_cells(out / "cells.jsonl").values(), cfg, plan=_report_plan_id(cfg))
+        cells = select_cells(load_cells(out / "cells.jsonl").values(), cfg, plan=plan_id(config_plan(cfg)[0]))
         summary = report.summarize(cells)
         report.print_table(summary)
         report.write_json(out / f"{stem}.json", summary, {"config": _config_dict(cfg), "report_only": True}, cells, extra)
@@ -119,15 +119,3 @@ def _config_dict(cfg) -> dict:
 
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
 
-
-def _report_plan_id(cfg) -> str | None:
-    """The plan_id a run with ``cfg`` gives the Kascade methods (its --plan, else the shipped plan)."""
-    from .. import plans
-    from ..plan import Plan
-    from .runner import plan_id
-
-    if cfg.plan:
-        return plan_id(Plan.load(cfg.plan))
-    if cfg.model in plans.shipped():
-        return plan_id(plans.load_shipped(cfg.model))
-    return None

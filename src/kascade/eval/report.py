@@ -89,6 +89,13 @@ def _delta(row: dict) -> str:
     return f"{row['delta_vs_dense']:+.1f} ± {row['delta_stderr']:.1f}"
 
 
+def _row_cells(row: dict, tasks: list[str]) -> list[str]:
+    """A row's printed cells after length and method: per-task scores, average, paired delta, decode mass."""
+    return [*[f"{row['tasks'][t]['score']:.1f}" if t in row["tasks"] else "-" for t in tasks],
+            f"{row['average']:.1f}", _delta(row),
+            f"{row['mean_captured_mass']:.3f}" if "mean_captured_mass" in row else "-"]
+
+
 def format_table(summary: dict) -> str:
     rows = summary["rows"]
     if not rows:
@@ -97,10 +104,7 @@ def format_table(summary: dict) -> str:
     header = ["length", "method", *tasks, "avg", "vs dense", "mass"]
     lines = [header]
     for r in rows:
-        lines.append([str(r["context_length"]), label(r["method"], r["topk_fraction"]),
-                      *[f"{r['tasks'][t]['score']:.1f}" if t in r["tasks"] else "-" for t in tasks],
-                      f"{r['average']:.1f}", _delta(r),
-                      f"{r['mean_captured_mass']:.3f}" if "mean_captured_mass" in r else "-"])
+        lines.append([str(r["context_length"]), label(r["method"], r["topk_fraction"]), *_row_cells(r, tasks)])
     widths = [max(len(l[i]) for l in lines) for i in range(len(header))]
     out = ["  ".join(c.rjust(w) if j >= 2 else c.ljust(w) for j, (c, w) in enumerate(zip(l, widths))) for l in lines]
     out.insert(1, "-" * len(out[0]))
@@ -120,10 +124,8 @@ def format_markdown(summary: dict) -> str:
     lines = ["| length | method | " + " | ".join(t.replace("_", " ") for t in tasks) + " | avg | vs dense (paired) | decode mass |",
              "|---|---|" + "---|" * (len(tasks) + 3)]
     for r in rows:
-        cells = [f"{r['tasks'][t]['score']:.1f}" if t in r["tasks"] else "-" for t in tasks]
-        mass = f"{r['mean_captured_mass']:.3f}" if "mean_captured_mass" in r else "-"
-        lines.append(f"| {r['context_length']} | {label(r['method'], r['topk_fraction'])} | " + " | ".join(cells)
-                     + f" | {r['average']:.1f} | {_delta(r)} | {mass} |")
+        cells = [str(r["context_length"]), label(r["method"], r["topk_fraction"]), *_row_cells(r, tasks)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -140,10 +142,7 @@ def print_table(summary: dict) -> None:
     for col in ["length", "method", *tasks, "avg", "vs dense", "mass"]:
         table.add_column(col, justify="left" if col in ("length", "method") else "right")
     for r in rows:
-        table.add_row(str(r["context_length"]), label(r["method"], r["topk_fraction"]),
-                      *[f"{r['tasks'][t]['score']:.1f}" if t in r["tasks"] else "-" for t in tasks],
-                      f"{r['average']:.1f}", _delta(r),
-                      f"{r['mean_captured_mass']:.3f}" if "mean_captured_mass" in r else "-")
+        table.add_row(str(r["context_length"]), label(r["method"], r["topk_fraction"]), *_row_cells(r, tasks))
     console = Console()
     if not console.is_terminal:
         # Piped or logged output: rich would squeeze the table into 80 columns and cut every cell.

@@ -133,15 +133,20 @@ def load_cells(path: Path) -> dict[str, dict]:
     return cells
 
 
-def shipped_plan(model_name: str, spec) -> tuple[Plan | None, str | None]:
-    """The plan shipped for ``model_name`` (kascade/plans/<name>.json), checked against the model; or None."""
+def config_plan(cfg: EvalConfig, spec=None) -> tuple[Plan | None, str | None]:
+    """(plan, path) the Kascade methods of ``cfg`` run with: its --plan, else the plan shipped for the model
+    (kascade/plans/<name>.json), else None; checked against the model when its ``spec`` is given."""
     from .. import plans
 
-    if model_name not in plans.shipped():
+    if cfg.plan:
+        plan, path = Plan.load(cfg.plan), cfg.plan
+    elif cfg.model in plans.shipped():
+        plan, path = plans.load_shipped(cfg.model), str(plans.path_of(cfg.model))
+    else:
         return None, None
-    plan = plans.load_shipped(model_name)
-    plan.check_model(spec)
-    return plan, str(plans.path_of(model_name))
+    if spec is not None:
+        plan.check_model(spec)
+    return plan, path
 
 
 def plan_id(plan: Plan | None) -> str | None:
@@ -218,11 +223,7 @@ class Runner:
 
         self.spec = model_spec(model)
         self.device = next(model.parameters()).device
-        if config.plan:
-            self.plan, self.plan_path = Plan.load(config.plan), config.plan
-            self.plan.check_model(self.spec)
-        else:
-            self.plan, self.plan_path = shipped_plan(config.model, self.spec)
+        self.plan, self.plan_path = config_plan(config, self.spec)
         self.methods = [m for m in config.methods if m in METHODS]
         unknown = [m for m in config.methods if m not in METHODS]
         if unknown:
