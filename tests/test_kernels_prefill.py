@@ -156,6 +156,24 @@ def test_anchor_and_reuse_match_reference(dtype, case):
             assert float(out0[b, :, :n_pad].abs().max()) == 0.0
 
 
+@pytest.mark.parametrize("knobs", [dict(SPARSE_LOOP_STAGES=3), dict(SPARSE_ROWS_PER_PROGRAM=32),
+                                   dict(SPARSE_LOOP_STAGES=2, SPARSE_BLOCK_N=16)],
+                         ids=["loop-stages", "rows32", "loop-stages-n16"])
+def test_sparse_launch_variants(monkeypatch, knobs):
+    """The reuse kernel's tuning variants (kascade bench prefill --tune) give the reference's output over
+    the reference's indices, padding and chunked rows included."""
+    for name, value in knobs.items():
+        monkeypatch.setattr(P, name, value)
+    for B, Hq, Hkv, Lq, Lk, D, T, frac, floor, s, e in (CASES[1], CASES[3], CASES[4]):
+        q, k, v = make(B, Hq, Hkv, Lq, Lk, D, torch.float32, seed=Lq)
+        ks, ke = torch.tensor(s, device=DEV), torch.tensor(e, device=DEV)
+        kw = dict(topk_fraction=frac, topk_floor=floor, tile_size=T)
+        idx = R.select_prefill(q, k, ks, ke, **kw)
+        got = P.sparse(q, k, v, idx, ks, ke, scale=None, **kw)
+        want = R.sparse_attention(q, k, v, idx, ks, ke, **kw)
+        assert (got.double() - want.double()).abs().max().item() < 1e-4
+
+
 def test_first_tiles_dense_and_reuse_over_reference_indices():
     """Dense tiles (prefix within budget) hold -1 and attend to their whole prefix; the reuse kernel on
     the reference's own indices gives the reference's output."""

@@ -307,38 +307,59 @@ def _run_point(args, B, L, frac, T, Hq, Hkv, D, dtype_name) -> dict:
     return point
 
 
+def _v(n, s, w, **extra) -> tuple[str, dict]:
+    """A tuning variant of one kernel: (name, {kascade.ops.prefill attribute suffix: value})."""
+    name = f"n{n}_s{s}_w{w}" + "".join(f"_{k.lower()}{v}" for k, v in extra.items())
+    return name, dict(BLOCK_N=n, STAGES=s, WARPS=w, **extra)
+
+
+# kascade.ops.prefill attributes <PREFIX>_<suffix> per kernel. LOOP_STAGES: the gather loop as a tl.range
+# (pipelines the index load too); ROWS_PER_PROGRAM 64: two programs per tile x group (M = 64 rows).
 TUNE_VARIANTS = {
-    "reuse": ("SPARSE", ((64, 2, 4), (64, 3, 4), (64, 2, 8), (64, 3, 8), (32, 3, 4))),
+    "reuse": ("SPARSE", dict([
+        _v(64, 2, 4), _v(64, 3, 4), _v(64, 2, 8), _v(32, 3, 4),
+        _v(64, 2, 4, LOOP_STAGES=2), _v(64, 2, 4, LOOP_STAGES=3), _v(32, 2, 4, LOOP_STAGES=3),
+        _v(32, 2, 4, LOOP_STAGES=4), _v(64, 2, 8, LOOP_STAGES=3),
+        _v(64, 2, 4, ROWS_PER_PROGRAM=64), _v(64, 3, 4, ROWS_PER_PROGRAM=64),
+        _v(128, 2, 4, ROWS_PER_PROGRAM=64), _v(64, 2, 4, ROWS_PER_PROGRAM=64, LOOP_STAGES=3),
+    ])),
     # the same kernel over the first k keys of each tile (contiguous, L2-friendly): the gather's cost
-    "reuse_contiguous": ("SPARSE", ((64, 2, 4),)),
-    "lse": ("LSE", ((128, 2, 8),)),
-    "pool": ("POOL", ((64, 3, 4),)),
+    "reuse_contiguous": ("SPARSE", dict([_v(64, 2, 4), _v(64, 2, 4, LOOP_STAGES=3)])),
+    "lse": ("LSE", dict([_v(128, 2, 8)])),
+    "pool": ("POOL", dict([_v(64, 3, 4)])),
 }
 
 
 def _tune(fns: dict, w, r) -> dict:
-    """Time each kernel with a few block shapes (BLOCK_N, num_stages, num_warps)."""
+    """Time each kernel with a few launch variants (block size, stages, warps, ...)."""
     from ..ops import prefill as P
 
     res = {}
     for name, fn in fns.items():
         prefix, variants = TUNE_VARIANTS[name]
-        names = [f"{prefix}_BLOCK_N", f"{prefix}_STAGES", f"{prefix}_WARPS"]
-        saved = [getattr(P, n) for n in names]
+        attrs = sorted({f"{prefix}_{k}" for var in variants.values() for k in var})
+        saved = {a: getattr(P, a) for a in attrs}
         res[name] = {}
+        first = fn()  # defaults: each variant's tensor output must match it
         try:
-            for var in variants:
-                for n, val in zip(names, var):
-                    setattr(P, n, val)
-                key = "n{}_s{}_w{}".format(*var)
+            for key, var in variants.items():
+                for a in attrs:  # unset knobs keep their default
+                    setattr(P, a, saved[a])
+                for k, val in var.items():
+                    setattr(P, f"{prefix}_{k}", val)
                 try:
+                    got = fn()
+                    if isinstance(first, torch.Tensor) and isinstance(got, torch.Tensor):
+                        err = _rel(got, first)
+                        res.setdefault(f"{name}_rel_err_vs_default", {})[key] = err
+                        if not err < 2e-2:
+                            raise RuntimeError(f"output differs from the default's: rel err {err:.3g}")
                     res[name][key] = _bench(fn, w, r)
                 except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: record and go on
                     res[name][key] = str(exc)[:120]
         finally:
-            for n, val in zip(names, saved):
-                setattr(P, n, val)
-    return res
+            for a, val in saved.items():
+                setattr(P, a, val)
 
 
 def _table(points: list[dict]) -> str:

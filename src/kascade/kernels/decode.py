@@ -84,6 +84,33 @@ def decode_split_kernel(
 
 
 @triton.jit
+def _sparse_block(acc, m_i, l_i, q, slot, hi, i_base, k_base, v_base, s_base, start, end, stride_kn, stride_vn,
+                  qk_scale, offs_g, offs_d, g_mask, G: tl.constexpr, PRECISION: tl.constexpr,
+                  FROM_SCORES: tl.constexpr):
+    """One block of index slots of the sparse pass into the running (acc, max, sum)."""
+    idx = tl.load(i_base + slot, mask=slot < hi, other=-1).to(tl.int64)
+    valid = (idx >= start) & (idx < end)
+    idx = tl.where(valid, idx, 0)
+    if FROM_SCORES:
+        s = tl.load(s_base + idx[None, :] * G + offs_g[:, None], mask=g_mask[:, None] & valid[None, :],
+                    other=float("-inf"))
+    else:
+        k = tl.load(k_base + idx[:, None] * stride_kn + offs_d[None, :], mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    # V is loaded after the score dot: loaded before it, its registers stay live across the softmax
+    # (202 instead of 104 registers per thread, Triton 3.9 sm_90 build)
+    v = tl.load(v_base + idx[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def decode_sparse_kernel(
     Q, K, V, IDX, KV_START, KV_END, SCORES, M_PART, L_PART, O_PART, OUT, COUNTER,
     qk_scale,
@@ -95,7 +122,7 @@ def decode_sparse_kernel(
     H_KV, Lk, W, n_splits, chunk,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     FROM_SCORES: tl.constexpr, FUSE_COMBINE: tl.constexpr, GQ: tl.constexpr, SP: tl.constexpr,
-    SB: tl.constexpr, DIRECT: tl.constexpr = False,
+    SB: tl.constexpr, DIRECT: tl.constexpr = False, LOOP_STAGES: tl.constexpr = 0,
 ):
     """One split of one row's index slots: gather K/V at the indices (absolute positions; -1 or
     positions outside [kv_start, kv_end) are skipped) and attend, writing the split's (m, l, acc).
@@ -127,28 +154,19 @@ def decode_sparse_kernel(
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
-    # V is loaded after the score dot: loaded before it, its registers stay live across the softmax
-    # (202 instead of 104 registers per thread, Triton 3.9 sm_90 build)
-    for n0 in range(lo, hi, BLOCK_N):
-        slot = n0 + offs_n
-        idx = tl.load(i_base + slot, mask=slot < hi, other=-1).to(tl.int64)
-        valid = (idx >= start) & (idx < end)
-        idx = tl.where(valid, idx, 0)
-        if FROM_SCORES:
-            s = tl.load(s_base + idx[None, :] * G + offs_g[:, None], mask=g_mask[:, None] & valid[None, :],
-                        other=float("-inf"))
-        else:
-            k = tl.load(k_base + idx[:, None] * stride_kn + offs_d[None, :], mask=valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + idx[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    # LOOP_STAGES > 0: tl.range pipelines every load of the loop, the index load included (the kernel's
+    # num_stages pipelines only loads that feed a dot, so each block's index load is waited on before its
+    # gathers can be issued).
+    if LOOP_STAGES > 0:
+        for n0 in tl.range(lo, hi, BLOCK_N, num_stages=LOOP_STAGES):
+            acc, m_i, l_i = _sparse_block(acc, m_i, l_i, q, n0 + offs_n, hi, i_base, k_base, v_base, s_base,
+                                          start, end, stride_kn, stride_vn, qk_scale, offs_g, offs_d, g_mask,
+                                          G, PRECISION, FROM_SCORES)
+    else:
+        for n0 in range(lo, hi, BLOCK_N):
+            acc, m_i, l_i = _sparse_block(acc, m_i, l_i, q, n0 + offs_n, hi, i_base, k_base, v_base, s_base,
+                                          start, end, stride_kn, stride_vn, qk_scale, offs_g, offs_d, g_mask,
+                                          G, PRECISION, FROM_SCORES)
 
     if DIRECT:
         # the only split of its row: normalise and store (a head that saw no key gets zeros)

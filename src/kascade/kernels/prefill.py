@@ -285,12 +285,23 @@ def _select_kernel(
 
 
 @triton.jit
+def _gather_block(acc, m_i, l_i, q, i_base, slot, k_budget, start, k_base, v_base, skt, svt, offs_d, qk_scale,
+                  DOT_PREC: tl.constexpr):
+    """One block of a sparse tile's index slots (-1: unused) into the running (acc, max, sum)."""
+    kn = tl.load(i_base + slot, mask=slot < k_budget, other=-1)
+    bias = tl.where(kn >= 0, 0.0, float("-inf"))
+    kn = tl.where(kn >= 0, kn, start)
+    return _online_block_fast(acc, m_i, l_i, q, k_base + kn[:, None] * skt + offs_d[None, :],
+                              v_base + kn[:, None] * svt + offs_d[None, :], bias, qk_scale, True, True, DOT_PREC)
+
+
+@triton.jit
 def _sparse_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, idx_ptr, tile_k_ptr, kv_start_ptr, kv_end_ptr,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sib, sih, sit,
     Lq, Hkv, G, n_gblocks, n_tiles, qk_scale,
     D: tl.constexpr, G_BLOCK: tl.constexpr, T: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, LOOP_STAGES: tl.constexpr = 0,
 ):
     """Rolling sparse prefill of one tile x G_BLOCK heads: the tile's selected prefix keys (gathered by
     index; all prefix keys when the tile is dense), then its own tile causally."""
@@ -334,14 +345,16 @@ def _sparse_kernel(
     else:
         # Measured on the H100 (benchmarks/notes_prefill.md): loading the next block's indices one
         # iteration ahead stops Triton from pipelining the gathers (+80 %), and one loop body shared
-        # with dense tiles is 10 % slower; so: plain index load, two loops.
-        for n0 in range(0, k_budget, BLOCK_N):
-            kn = tl.load(i_base + n0 + offs_n, mask=n0 + offs_n < k_budget, other=-1)
-            bias = tl.where(kn >= 0, 0.0, float("-inf"))
-            kn = tl.where(kn >= 0, kn, start)
-            acc, m_i, l_i = _online_block_fast(
-                acc, m_i, l_i, q, k_base + kn[:, None] * skt + offs_d[None, :],
-                v_base + kn[:, None] * svt + offs_d[None, :], bias, qk_scale, True, True, DOT_PREC)
+        # with dense tiles is 10 % slower; so: plain index load, two loops. LOOP_STAGES > 0: tl.range
+        # pipelines the index load too (the kernel's num_stages pipelines only loads feeding a dot).
+        if LOOP_STAGES > 0:
+            for n0 in tl.range(0, k_budget, BLOCK_N, num_stages=LOOP_STAGES):
+                acc, m_i, l_i = _gather_block(acc, m_i, l_i, q, i_base, n0 + offs_n, k_budget, start, k_base,
+                                              v_base, skt, svt, offs_d, qk_scale, DOT_PREC)
+        else:
+            for n0 in range(0, k_budget, BLOCK_N):
+                acc, m_i, l_i = _gather_block(acc, m_i, l_i, q, i_base, n0 + offs_n, k_budget, start, k_base,
+                                              v_base, skt, svt, offs_d, qk_scale, DOT_PREC)
     # Own tile, causally.
     offs_t = tl.arange(0, T)
     rk = prefix + offs_t

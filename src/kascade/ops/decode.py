@@ -48,6 +48,9 @@ TUNING = {
     "sparse_block_n": 64,  # index slots per iteration of the sparse pass
     "sparse_num_warps": 4,
     "sparse_num_stages": 3,
+    # > 0: the sparse loop is a tl.range with this many stages, which pipelines the index load too
+    # (0: plain range; the kernel's num_stages then pipelines only the K/V gathers)
+    "sparse_loop_stages": 0,
     "sparse_min_chunk": 128,  # fewest index slots per split of the sparse pass
     # Split lengths of the sparse pass are multiples of this many slots (None: sparse_block_n). A finer
     # grain lets rows * splits match the SM count exactly at batch 1 (the last block of a split is masked).
@@ -78,6 +81,9 @@ TUNING = {
     "select_fused": False,
     "select_fused_programs_per_sm": 1,  # resident programs per SM the fused grid may use (1 is always safe)
     "select_fused_min_chunk": 2048,  # fewest keys per fused program
+    # Launch the fused selection as a cooperative grid: the driver then refuses a grid that cannot be
+    # resident at once (an error) instead of letting its barriers wait forever.
+    "select_fused_cooperative": True,
 }
 
 _SM_COUNT: dict[int, int] = {}
@@ -267,6 +273,7 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None):
         Hkv, Lk, W, n_splits, chunk,
         G=G, GP=_gp(G), D=D, BLOCK_N=block, PRECISION=_precision(q), FROM_SCORES=scores is not None,
         FUSE_COMBINE=fuse, **_combine_meta(G, D, n_splits), DIRECT=direct,
+        LOOP_STAGES=TUNING["sparse_loop_stages"],
         num_warps=TUNING["sparse_num_warps"], num_stages=TUNING["sparse_num_stages"],
     )
     return out if (fuse or direct) else _combine(q, m, l, o, n_splits, Hkv)
@@ -324,6 +331,8 @@ def select(scores, m, l, n_splits, kv_start, kv_end, *, Hkv, topk_fraction, topk
             G=G, GP=triton.next_power_of_2(G), SP=triton.next_power_of_2(n_splits), BLOCK=block,
             B2=b2, B3=b3, SPP=triton.next_power_of_2(sel_splits), ATOMIC2=a2, ATOMIC3=a3,
             ZERO_PART=(1 << b3) if a3 > 0 else 0, num_warps=nw,
+            **({"launch_cooperative_grid": True}
+               if device.type == "cuda" and TUNING["select_fused_cooperative"] else {}),
         )
         return indices
     kt.pool_hist_kernel[grid](

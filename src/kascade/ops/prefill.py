@@ -48,6 +48,9 @@ FLASH_BLOCK_N, FLASH_STAGES, FLASH_WARPS = 64, 3, 0
 LSE_BLOCK_N, LSE_STAGES, LSE_WARPS = 128, 2, 8
 POOL_BLOCK_N, POOL_STAGES, POOL_WARPS = 64, 3, 4
 SPARSE_BLOCK_N, SPARSE_STAGES, SPARSE_WARPS = 64, 2, 4
+# > 0: the sparse kernel's gather loop is a tl.range of this many stages (pipelines the index load too)
+SPARSE_LOOP_STAGES = 0
+SPARSE_ROWS_PER_PROGRAM = None  # None: ROWS_PER_PROGRAM
 
 
 def _next_pow2(x: int) -> int:
@@ -198,7 +201,7 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, topk_fraction, topk_floor, til
 def _launch_sparse(q, k, v, out, indices, budgets, kv_start, kv_end, G, T, scale):
     B, Hq, Lq, D = q.shape
     Hkv = k.shape[1]
-    g_block, n_gb = _group_blocking(G, T, ROWS_PER_PROGRAM)
+    g_block, n_gb = _group_blocking(G, T, SPARSE_ROWS_PER_PROGRAM or ROWS_PER_PROGRAM)
     M = g_block * T
     grid = ((triton.cdiv(Lq, T) + 1) * n_gb, B * Hkv)
     K._sparse_kernel[grid](
@@ -208,7 +211,7 @@ def _launch_sparse(q, k, v, out, indices, budgets, kv_start, kv_end, G, T, scale
         indices.stride(0), indices.stride(1), indices.stride(2),
         Lq, Hkv, G, n_gb, budgets.numel(), _scale(scale, D),
         D=D, G_BLOCK=g_block, T=T, BLOCK_N=SPARSE_BLOCK_N,
-        DOT_PREC=_dot_precision(q.dtype),
+        DOT_PREC=_dot_precision(q.dtype), LOOP_STAGES=SPARSE_LOOP_STAGES,
         num_warps=SPARSE_WARPS or _warps(M, D), num_stages=SPARSE_STAGES,
     )
 
