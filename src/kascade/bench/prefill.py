@@ -317,14 +317,15 @@ def _v(n, s, w, **extra) -> tuple[str, dict]:
 # (pipelines the index load too); ROWS_PER_PROGRAM 64: two programs per tile x group (M = 64 rows).
 TUNE_VARIANTS = {
     "reuse": ("SPARSE", dict([
-        _v(64, 2, 4), _v(64, 3, 4), _v(64, 2, 8), _v(32, 3, 4),
-        _v(64, 2, 4, LOOP_STAGES=2), _v(64, 2, 4, LOOP_STAGES=3), _v(32, 2, 4, LOOP_STAGES=3),
-        _v(32, 2, 4, LOOP_STAGES=4), _v(64, 2, 8, LOOP_STAGES=3),
-        _v(64, 2, 4, ROWS_PER_PROGRAM=64), _v(64, 3, 4, ROWS_PER_PROGRAM=64),
-        _v(128, 2, 4, ROWS_PER_PROGRAM=64), _v(64, 2, 4, ROWS_PER_PROGRAM=64, LOOP_STAGES=3),
+        _v(64, 2, 4), _v(64, 2, 8), _v(64, 2, 4, LOOP_STAGES=2),
+        # 8 warps capped at 128 registers: two programs (four warpgroups) per SM instead of one
+        _v(64, 2, 8, MAXNREG=128), _v(64, 2, 8, MAXNREG=128, LOOP_STAGES=2),
+        _v(64, 2, 8, MAXNREG=128, LOOP_STAGES=3), _v(32, 2, 8, MAXNREG=128), _v(32, 3, 8, MAXNREG=128),
+        _v(32, 2, 8, MAXNREG=120), _v(32, 3, 8, MAXNREG=120), _v(32, 3, 8, MAXNREG=120, LOOP_STAGES=3),
+        _v(64, 2, 4, ROWS_PER_PROGRAM=64, MAXNREG=168),
     ])),
     # the same kernel over the first k keys of each tile (contiguous, L2-friendly): the gather's cost
-    "reuse_contiguous": ("SPARSE", dict([_v(64, 2, 4), _v(64, 2, 4, LOOP_STAGES=3)])),
+    "reuse_contiguous": ("SPARSE", dict([_v(64, 2, 4), _v(64, 2, 8, MAXNREG=128)])),
     "lse": ("LSE", dict([_v(128, 2, 8)])),
     "pool": ("POOL", dict([_v(64, 3, 4)])),
 }
@@ -360,6 +361,7 @@ def _tune(fns: dict, w, r) -> dict:
         finally:
             for a, val in saved.items():
                 setattr(P, a, val)
+    return res
 
 
 def _table(points: list[dict]) -> str:

@@ -51,6 +51,8 @@ SPARSE_BLOCK_N, SPARSE_STAGES, SPARSE_WARPS = 64, 2, 4
 # > 0: the sparse kernel's gather loop is a tl.range of this many stages (pipelines the index load too)
 SPARSE_LOOP_STAGES = 0
 SPARSE_ROWS_PER_PROGRAM = None  # None: ROWS_PER_PROGRAM
+# Register cap per thread (None: the compiler's choice). 8 warps at 128 registers fit two programs per SM.
+SPARSE_MAXNREG = None
 
 
 def _next_pow2(x: int) -> int:
@@ -213,6 +215,7 @@ def _launch_sparse(q, k, v, out, indices, budgets, kv_start, kv_end, G, T, scale
         D=D, G_BLOCK=g_block, T=T, BLOCK_N=SPARSE_BLOCK_N,
         DOT_PREC=_dot_precision(q.dtype), LOOP_STAGES=SPARSE_LOOP_STAGES,
         num_warps=SPARSE_WARPS or _warps(M, D), num_stages=SPARSE_STAGES,
+        **({"maxnreg": SPARSE_MAXNREG} if SPARSE_MAXNREG and q.is_cuda else {}),
     )
 
 
