@@ -309,7 +309,7 @@ def _run_point(args, B, L, frac, T, Hq, Hkv, D, dtype_name) -> dict:
 
 def _v(n, s, w, **extra) -> tuple[str, dict]:
     """A tuning variant of one kernel: (name, {kascade.ops.prefill attribute suffix: value})."""
-    name = f"n{n}_s{s}_w{w}" + "".join(f"_{k.lower()}{v}" for k, v in extra.items())
+    name = f"n{n}_s{s}_w{w}" + "".join(f"_{k.lower()}{v}" for k, v in extra.items() if v is not None)
     return name, dict(BLOCK_N=n, STAGES=s, WARPS=w, **extra)
 
 
@@ -317,7 +317,7 @@ def _v(n, s, w, **extra) -> tuple[str, dict]:
 # (pipelines the index load too); ROWS_PER_PROGRAM 64: two programs per tile x group (M = 64 rows).
 TUNE_VARIANTS = {
     "reuse": ("SPARSE", dict([
-        _v(64, 2, 4), _v(64, 2, 8), _v(64, 2, 4, LOOP_STAGES=2),
+        _v(64, 2, 4, MAXNREG=None), _v(64, 2, 8, MAXNREG=None), _v(64, 2, 4, MAXNREG=None, LOOP_STAGES=2),
         # 8 warps capped at 128 registers: two programs (four warpgroups) per SM instead of one
         _v(64, 2, 8, MAXNREG=128), _v(64, 2, 8, MAXNREG=128, LOOP_STAGES=2),
         _v(64, 2, 8, MAXNREG=128, LOOP_STAGES=3), _v(32, 2, 8, MAXNREG=128), _v(32, 3, 8, MAXNREG=128),
@@ -325,7 +325,7 @@ TUNE_VARIANTS = {
         _v(64, 2, 4, ROWS_PER_PROGRAM=64, MAXNREG=168),
     ])),
     # the same kernel over the first k keys of each tile (contiguous, L2-friendly): the gather's cost
-    "reuse_contiguous": ("SPARSE", dict([_v(64, 2, 4), _v(64, 2, 8, MAXNREG=128)])),
+    "reuse_contiguous": ("SPARSE", dict([_v(64, 2, 4, MAXNREG=None), _v(64, 2, 8, MAXNREG=128)])),
     "lse": ("LSE", dict([_v(128, 2, 8)])),
     "pool": ("POOL", dict([_v(64, 3, 4)])),
 }

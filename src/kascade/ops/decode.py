@@ -76,11 +76,13 @@ TUNING = {
     # scores.
     "select_atomic_max": (0, 64),  # level 3 hybrid: selection -8 % at 128K b64, -6 % at 32K (tune2)
     # One launch for the whole selection where few rows leave the GPU mostly idle (batch 1): the passes
-    # meet at per-row barriers instead of kernel boundaries. "auto": on CUDA when rows <= half the
-    # resident programs; "always": also in the interpreter (one program per row there); False: never.
-    "select_fused": False,
-    "select_fused_programs_per_sm": 1,  # resident programs per SM the fused grid may use (1 is always safe)
+    # meet at per-row barriers instead of kernel boundaries. "auto": on CUDA for at most
+    # select_fused_max_rows rows; "always": on CUDA whenever the grid fits, and in the interpreter (one program per row there); False: never.
+    # Measured at 128K batch 1 (decode_tune5_loop.json): 40.6 -> 37.8 us per selection with 2 programs / SM.
+    "select_fused": "auto",
+    "select_fused_programs_per_sm": 2,  # resident programs per SM the fused grid may use
     "select_fused_min_chunk": 2048,  # fewest keys per fused program
+    "select_fused_max_rows": 32,  # "auto" fuses up to this many rows (batch x KV heads)
     # Launch the fused selection as a cooperative grid: the driver then refuses a grid that cannot be
     # resident at once (an error) instead of letting its barriers wait forever.
     "select_fused_cooperative": True,
@@ -280,14 +282,17 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None):
 
 
 def _select_fused(rows: int, device: torch.device) -> bool:
-    """Whether the one-launch selection applies: asked for, and at least one program per row fits in the
-    programs it may keep resident (TUNING select_fused_programs_per_sm x SMs; the interpreter runs one
-    program per row, so its barriers never wait on a program that has not started)."""
+    """Whether the one-launch selection applies: asked for, few rows (TUNING select_fused_max_rows: with
+    many rows the four-launch path already fills the GPU), and at least one program per row fits in the
+    programs it may keep resident (select_fused_programs_per_sm x SMs; the interpreter runs one program per
+    row, so its barriers never wait on a program that has not started)."""
     mode = TUNING["select_fused"]
     if not mode:
         return False
     if device.type != "cuda":
         return mode == "always"
+    if mode == "auto" and rows > TUNING["select_fused_max_rows"]:
+        return False
     return rows <= TUNING["select_fused_programs_per_sm"] * _sm_count(device) // 2
 
 

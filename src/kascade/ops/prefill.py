@@ -47,12 +47,15 @@ POOLED_FP16 = True
 FLASH_BLOCK_N, FLASH_STAGES, FLASH_WARPS = 64, 3, 0
 LSE_BLOCK_N, LSE_STAGES, LSE_WARPS = 128, 2, 8
 POOL_BLOCK_N, POOL_STAGES, POOL_WARPS = 64, 3, 4
-SPARSE_BLOCK_N, SPARSE_STAGES, SPARSE_WARPS = 64, 2, 4
+# Sparse: 8 warps capped at 128 registers (two programs, four warpgroups per SM; uncapped they take 191
+# registers and one program per SM, and 4 warps spill): -6 % at 128K, -7 % at 32K vs 4 warps
+# (benchmarks/results/prefill_tune7_maxnreg.json). Blocks of fewer than 128 rows keep 4 warps, no cap.
+SPARSE_BLOCK_N, SPARSE_STAGES, SPARSE_WARPS = 64, 2, 8
 # > 0: the sparse kernel's gather loop is a tl.range of this many stages (pipelines the index load too)
 SPARSE_LOOP_STAGES = 0
 SPARSE_ROWS_PER_PROGRAM = None  # None: ROWS_PER_PROGRAM
-# Register cap per thread (None: the compiler's choice). 8 warps at 128 registers fit two programs per SM.
-SPARSE_MAXNREG = None
+# Register cap per thread of the sparse kernel (None: the compiler's choice).
+SPARSE_MAXNREG = 128
 
 
 def _next_pow2(x: int) -> int:
@@ -205,6 +208,7 @@ def _launch_sparse(q, k, v, out, indices, budgets, kv_start, kv_end, G, T, scale
     Hkv = k.shape[1]
     g_block, n_gb = _group_blocking(G, T, SPARSE_ROWS_PER_PROGRAM or ROWS_PER_PROGRAM)
     M = g_block * T
+    warps, maxnreg = (SPARSE_WARPS or _warps(M, D), SPARSE_MAXNREG) if M >= 128 else (4, None)
     grid = ((triton.cdiv(Lq, T) + 1) * n_gb, B * Hkv)
     K._sparse_kernel[grid](
         q, k, v, out, indices, budgets, kv_start, kv_end,
@@ -214,8 +218,7 @@ def _launch_sparse(q, k, v, out, indices, budgets, kv_start, kv_end, G, T, scale
         Lq, Hkv, G, n_gb, budgets.numel(), _scale(scale, D),
         D=D, G_BLOCK=g_block, T=T, BLOCK_N=SPARSE_BLOCK_N,
         DOT_PREC=_dot_precision(q.dtype), LOOP_STAGES=SPARSE_LOOP_STAGES,
-        num_warps=SPARSE_WARPS or _warps(M, D), num_stages=SPARSE_STAGES,
-        **({"maxnreg": SPARSE_MAXNREG} if SPARSE_MAXNREG and q.is_cuda else {}),
+        num_warps=warps, num_stages=SPARSE_STAGES, **({"maxnreg": maxnreg} if maxnreg and q.is_cuda else {}),
     )
 
 
