@@ -319,15 +319,12 @@ TUNE_VARIANTS = {
     "reuse": ("SPARSE", dict([
         _v(64, 2, 4, MAXNREG=None), _v(64, 2, 8, MAXNREG=None), _v(64, 2, 4, MAXNREG=None, LOOP_STAGES=2),
         # 8 warps capped at 128 registers: two programs (four warpgroups) per SM instead of one
-        _v(64, 2, 8, MAXNREG=128), _v(64, 2, 8, MAXNREG=128, LOOP_STAGES=2),
-        _v(64, 2, 8, MAXNREG=128, LOOP_STAGES=3), _v(32, 2, 8, MAXNREG=128), _v(32, 3, 8, MAXNREG=128),
-        _v(32, 2, 8, MAXNREG=120), _v(32, 3, 8, MAXNREG=120), _v(32, 3, 8, MAXNREG=120, LOOP_STAGES=3),
-        _v(64, 2, 4, ROWS_PER_PROGRAM=64, MAXNREG=168),
+        _v(64, 2, 8, MAXNREG=128), _v(64, 2, 8, MAXNREG=128, LOOP_STAGES=2), _v(32, 2, 8, MAXNREG=128),
     ])),
     # the same kernel over the first k keys of each tile (contiguous, L2-friendly): the gather's cost
     "reuse_contiguous": ("SPARSE", dict([_v(64, 2, 4, MAXNREG=None), _v(64, 2, 8, MAXNREG=128)])),
-    "lse": ("LSE", dict([_v(128, 2, 8)])),
-    "pool": ("POOL", dict([_v(64, 3, 4)])),
+    "lse": ("LSE", dict([_v(128, 2, 8), _v(64, 3, 8), _v(128, 3, 8), _v(64, 2, 4)])),
+    "pool": ("POOL", dict([_v(64, 3, 4), _v(64, 2, 4), _v(64, 3, 8), _v(64, 2, 8), _v(128, 2, 8), _v(32, 3, 4)])),
 }
 
 
