@@ -206,3 +206,34 @@ def test_lessismore_set_shape():
     assert keep[0, 0, :4].all() and keep[0, 0, L - (k - 30 - 4):].all()
     # every head's best token is in the set
     assert keep[0, 0, p[0].argmax(-1)].all()
+
+
+@pytest.mark.parametrize("window", [5, 40, None])
+def test_masked_prefill_attention_matches_full_mask(window):
+    """Chunks that compute scores only on the keys their queries may see give the full-mask result
+    (sliding windows with sinks, and a scattered mask), padding rows included."""
+    import math
+
+    from kascade.baselines._common import masked_prefill_attention
+
+    gen = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, L, D = 2, 4, 2, 97, 16
+    q, k, v = (torch.randn(B, h, L, D, generator=gen) for h in (Hq, Hkv, Hkv))
+    ks, ke = torch.tensor([0, 9]), torch.tensor([L, L])
+    scatter = torch.rand(L, L, generator=gen) < 0.3
+
+    def allow(pos, n):
+        keys = torch.arange(n)[None, :]
+        if window is None:
+            return scatter[pos][:, :n] | (keys == pos[:, None])
+        return (keys < 2) | (keys > pos[:, None] - window)
+
+    got = masked_prefill_attention(q, k, v, ks, ke, 0.25, allow)
+    for b in range(B):
+        n = int(ke[b] - ks[b])
+        pos = torch.arange(n)
+        mask = allow(pos, n) & (torch.arange(n)[None, :] <= pos[:, None])
+        kb, vb = k[b, :, ks[b]:ke[b]].repeat_interleave(2, 0), v[b, :, ks[b]:ke[b]].repeat_interleave(2, 0)
+        s = (q[b, :, L - n:] @ kb.transpose(-1, -2)) * 0.25
+        want = torch.softmax(s.masked_fill(~mask, -math.inf), -1) @ vb
+        assert torch.allclose(got[b, :, L - n:], want, atol=1e-5)

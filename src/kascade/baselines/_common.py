@@ -165,8 +165,9 @@ class LayerMethod:
 
 def masked_prefill_attention(q, k, v, kv_start, kv_end, scale, allow) -> torch.Tensor:
     """Causal prefill attention where query i of a row sees only keys ``allow(pos, L)`` ([n, L] bool over
-    row-relative keys, ``pos`` the row-relative positions of the n queries). Chunked over queries so no
-    [Lq, Lk] score tensor per head is larger than ~32M floats."""
+    row-relative keys, ``pos`` the row-relative positions of the n queries). Chunked over queries, and each
+    chunk computes scores only against the keys some query of the chunk may see (a sliding window then
+    costs its window, not the whole prefix), so no score tensor is larger than ~32M floats."""
     B, Hq, Lq, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
@@ -177,13 +178,20 @@ def masked_prefill_attention(q, k, v, kv_start, kv_end, scale, allow) -> torch.T
         n = min(Lq, L)
         qb = q[b, :, Lq - n:].float().reshape(Hkv, G, n, D)
         kb, vb = k[b, :, s0:e0].float(), v[b, :, s0:e0].float()
-        step = max(1, (1 << 25) // max(1, Hq * L))
         keys = torch.arange(L, device=q.device)
+        # keys the last query sees bound the chunk's key set: a chunk of `step` queries sees at most
+        # that many plus step (exact for windows; dense masks fall back to L)
+        widest = int(allow(torch.tensor([L - 1], device=q.device), L).sum())
+        step = 1
+        while step < n and Hq * (2 * step) * min(L, widest + 2 * step) <= 1 << 25:
+            step *= 2
         for lo in range(0, n, step):
             hi = min(n, lo + step)
             pos = (L - n) + torch.arange(lo, hi, device=q.device)
             mask = allow(pos, L) & (keys[None, :] <= pos[:, None])
-            sc = torch.einsum("hgqd,hkd->hgqk", qb[:, :, lo:hi], kb) * scale
+            cols = mask.any(0).nonzero().squeeze(1)
+            mask = mask[:, cols]
+            sc = torch.einsum("hgqd,hkd->hgqk", qb[:, :, lo:hi], kb[:, cols]) * scale
             p = torch.softmax(sc.masked_fill(~mask, -math.inf), dim=-1)
-            out[b, :, Lq - n + lo: Lq - n + hi] = torch.einsum("hgqk,hkd->hgqd", p, vb).reshape(Hq, hi - lo, D)
+            out[b, :, Lq - n + lo: Lq - n + hi] = torch.einsum("hgqk,hkd->hgqd", p, vb[:, cols]).reshape(Hq, hi - lo, D)
     return out.to(q.dtype)
