@@ -116,21 +116,15 @@ SETS = {
             "fused-blk1024": dict(select_fused="auto", select_block=1024),
         },
     },
-    "loop": {  # the sparse loop as a tl.range (pipelines the index load too); the fused selection again
-        "reuse_kernel": {
-            "base": {},
-            **{f"ls{n}": dict(sparse_loop_stages=n) for n in (2, 3, 4)},
-            "ls3-bn32": dict(sparse_loop_stages=3, sparse_block_n=32),
-            "ls4-bn32": dict(sparse_loop_stages=4, sparse_block_n=32),
-        },
+    "loop": {  # session 4: the fused selection; (the tl.range sparse-loop variants it also ran were removed)
+        "reuse_kernel": {"base": {}},
         "splits_b1": {"pps2": dict(sparse_programs_per_sm=2), "pps4": dict(sparse_programs_per_sm=4)},
         "splits_b64": {},
         "split_pass": {},
         "select": {
             "base": {},
-            "fused-pps2": dict(select_fused="auto", select_fused_programs_per_sm=2),
-            "fused-pps2-nocoop": dict(select_fused="auto", select_fused_programs_per_sm=2,
-                                      select_fused_cooperative=False),
+            "four-launch": dict(select_fused=False),
+            "fused-nocoop": dict(select_fused_cooperative=False),
         },
     },
 }

@@ -256,8 +256,6 @@ VARIANTS = {
     # the one-launch selection (in the interpreter: one program per row, several blocks per program)
     "fused-select": dict(select_fused="always", select_block=64),
     "fused-select-atomic": dict(select_fused="always", select_atomic_max=(8, 8), select_block=64),
-    # the sparse loop as a tl.range (pipelines the index load), several blocks per split
-    "loop-stages": dict(sparse_loop_stages=3, sparse_block_n=16, sparse_min_chunk=16),
 }
 
 

@@ -156,9 +156,8 @@ def test_anchor_and_reuse_match_reference(dtype, case):
             assert float(out0[b, :, :n_pad].abs().max()) == 0.0
 
 
-@pytest.mark.parametrize("knobs", [dict(SPARSE_LOOP_STAGES=3), dict(SPARSE_ROWS_PER_PROGRAM=32),
-                                   dict(SPARSE_LOOP_STAGES=2, SPARSE_BLOCK_N=16)],
-                         ids=["loop-stages", "rows32", "loop-stages-n16"])
+@pytest.mark.parametrize("knobs", [dict(SPARSE_ROWS_PER_PROGRAM=32), dict(SPARSE_BLOCK_N=16, SPARSE_WARPS=4)],
+                         ids=["rows32", "n16-w4"])
 def test_sparse_launch_variants(monkeypatch, knobs):
     """The reuse kernel's tuning variants (kascade bench prefill --tune) give the reference's output over
     the reference's indices, padding and chunked rows included."""

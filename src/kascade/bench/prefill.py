@@ -313,13 +313,13 @@ def _v(n, s, w, **extra) -> tuple[str, dict]:
     return name, dict(BLOCK_N=n, STAGES=s, WARPS=w, **extra)
 
 
-# kascade.ops.prefill attributes <PREFIX>_<suffix> per kernel. LOOP_STAGES: the gather loop as a tl.range
-# (pipelines the index load too); ROWS_PER_PROGRAM 64: two programs per tile x group (M = 64 rows).
+# kascade.ops.prefill attributes <PREFIX>_<suffix> per kernel. ROWS_PER_PROGRAM 64: two programs per
+# tile x group (M = 64 rows).
 TUNE_VARIANTS = {
     "reuse": ("SPARSE", dict([
-        _v(64, 2, 4, MAXNREG=None), _v(64, 2, 8, MAXNREG=None), _v(64, 2, 4, MAXNREG=None, LOOP_STAGES=2),
+        _v(64, 2, 4, MAXNREG=None), _v(64, 2, 8, MAXNREG=None),
         # 8 warps capped at 128 registers: two programs (four warpgroups) per SM instead of one
-        _v(64, 2, 8, MAXNREG=128), _v(64, 2, 8, MAXNREG=128, LOOP_STAGES=2), _v(32, 2, 8, MAXNREG=128),
+        _v(64, 2, 8, MAXNREG=128), _v(32, 2, 8, MAXNREG=128), _v(64, 2, 4, ROWS_PER_PROGRAM=64, MAXNREG=None),
     ])),
     # the same kernel over the first k keys of each tile (contiguous, L2-friendly): the gather's cost
     "reuse_contiguous": ("SPARSE", dict([_v(64, 2, 4, MAXNREG=None), _v(64, 2, 8, MAXNREG=128)])),

@@ -122,7 +122,7 @@ def decode_sparse_kernel(
     H_KV, Lk, W, n_splits, chunk,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     FROM_SCORES: tl.constexpr, FUSE_COMBINE: tl.constexpr, GQ: tl.constexpr, SP: tl.constexpr,
-    SB: tl.constexpr, DIRECT: tl.constexpr = False, LOOP_STAGES: tl.constexpr = 0,
+    SB: tl.constexpr, DIRECT: tl.constexpr = False,
 ):
     """One split of one row's index slots: gather K/V at the indices (absolute positions; -1 or
     positions outside [kv_start, kv_end) are skipped) and attend, writing the split's (m, l, acc).
@@ -154,19 +154,11 @@ def decode_sparse_kernel(
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
-    # LOOP_STAGES > 0: tl.range pipelines every load of the loop, the index load included (the kernel's
-    # num_stages pipelines only loads that feed a dot, so each block's index load is waited on before its
-    # gathers can be issued).
-    if LOOP_STAGES > 0:
-        for n0 in tl.range(lo, hi, BLOCK_N, num_stages=LOOP_STAGES):
-            acc, m_i, l_i = _sparse_block(acc, m_i, l_i, q, n0 + offs_n, hi, i_base, k_base, v_base, s_base,
-                                          start, end, stride_kn, stride_vn, qk_scale, offs_g, offs_d, g_mask,
-                                          G, PRECISION, FROM_SCORES)
-    else:
-        for n0 in range(lo, hi, BLOCK_N):
-            acc, m_i, l_i = _sparse_block(acc, m_i, l_i, q, n0 + offs_n, hi, i_base, k_base, v_base, s_base,
-                                          start, end, stride_kn, stride_vn, qk_scale, offs_g, offs_d, g_mask,
-                                          G, PRECISION, FROM_SCORES)
+    # (A tl.range loop that also pipelines the index load measured no faster: notes_decode.md, session 4.)
+    for n0 in range(lo, hi, BLOCK_N):
+        acc, m_i, l_i = _sparse_block(acc, m_i, l_i, q, n0 + offs_n, hi, i_base, k_base, v_base, s_base,
+                                      start, end, stride_kn, stride_vn, qk_scale, offs_g, offs_d, g_mask,
+                                      G, PRECISION, FROM_SCORES)
 
     if DIRECT:
         # the only split of its row: normalise and store (a head that saw no key gets zeros)

@@ -301,7 +301,7 @@ def _sparse_kernel(
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sib, sih, sit,
     Lq, Hkv, G, n_gblocks, n_tiles, qk_scale,
     D: tl.constexpr, G_BLOCK: tl.constexpr, T: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PREC: tl.constexpr, LOOP_STAGES: tl.constexpr = 0,
+    DOT_PREC: tl.constexpr,
 ):
     """Rolling sparse prefill of one tile x G_BLOCK heads: the tile's selected prefix keys (gathered by
     index; all prefix keys when the tile is dense), then its own tile causally."""
@@ -344,17 +344,12 @@ def _sparse_kernel(
                 v_base + kn[:, None] * svt + offs_d[None, :], bias, qk_scale, True, True, DOT_PREC)
     else:
         # Measured on the H100 (benchmarks/notes_prefill.md): loading the next block's indices one
-        # iteration ahead stops Triton from pipelining the gathers (+80 %), and one loop body shared
-        # with dense tiles is 10 % slower; so: plain index load, two loops. LOOP_STAGES > 0: tl.range
-        # pipelines the index load too (the kernel's num_stages pipelines only loads feeding a dot).
-        if LOOP_STAGES > 0:
-            for n0 in tl.range(0, k_budget, BLOCK_N, num_stages=LOOP_STAGES):
-                acc, m_i, l_i = _gather_block(acc, m_i, l_i, q, i_base, n0 + offs_n, k_budget, start, k_base,
-                                              v_base, skt, svt, offs_d, qk_scale, DOT_PREC)
-        else:
-            for n0 in range(0, k_budget, BLOCK_N):
-                acc, m_i, l_i = _gather_block(acc, m_i, l_i, q, i_base, n0 + offs_n, k_budget, start, k_base,
-                                              v_base, skt, svt, offs_d, qk_scale, DOT_PREC)
+        # iteration ahead stops Triton from pipelining the gathers (+80 %), one loop body shared with
+        # dense tiles is 10 % slower, and a tl.range that pipelines the index load too gains nothing;
+        # so: plain index load, two loops.
+        for n0 in range(0, k_budget, BLOCK_N):
+            acc, m_i, l_i = _gather_block(acc, m_i, l_i, q, i_base, n0 + offs_n, k_budget, start, k_base,
+                                          v_base, skt, svt, offs_d, qk_scale, DOT_PREC)
     # Own tile, causally.
     offs_t = tl.arange(0, T)
     rk = prefix + offs_t

@@ -48,9 +48,6 @@ TUNING = {
     "sparse_block_n": 64,  # index slots per iteration of the sparse pass
     "sparse_num_warps": 4,
     "sparse_num_stages": 3,
-    # > 0: the sparse loop is a tl.range with this many stages, which pipelines the index load too
-    # (0: plain range; the kernel's num_stages then pipelines only the K/V gathers)
-    "sparse_loop_stages": 0,
     "sparse_min_chunk": 128,  # fewest index slots per split of the sparse pass
     # Split lengths of the sparse pass are multiples of this many slots (None: sparse_block_n). A finer
     # grain lets rows * splits match the SM count exactly at batch 1 (the last block of a split is masked).
@@ -275,7 +272,6 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None):
         Hkv, Lk, W, n_splits, chunk,
         G=G, GP=_gp(G), D=D, BLOCK_N=block, PRECISION=_precision(q), FROM_SCORES=scores is not None,
         FUSE_COMBINE=fuse, **_combine_meta(G, D, n_splits), DIRECT=direct,
-        LOOP_STAGES=TUNING["sparse_loop_stages"],
         num_warps=TUNING["sparse_num_warps"], num_stages=TUNING["sparse_num_stages"],
     )
     return out if (fuse or direct) else _combine(q, m, l, o, n_splits, Hkv)

@@ -51,8 +51,6 @@ POOL_BLOCK_N, POOL_STAGES, POOL_WARPS = 64, 3, 4
 # registers and one program per SM, and 4 warps spill): -6 % at 128K, -7 % at 32K vs 4 warps
 # (benchmarks/results/prefill_tune7_maxnreg.json). Blocks of fewer than 128 rows keep 4 warps, no cap.
 SPARSE_BLOCK_N, SPARSE_STAGES, SPARSE_WARPS = 64, 2, 8
-# > 0: the sparse kernel's gather loop is a tl.range of this many stages (pipelines the index load too)
-SPARSE_LOOP_STAGES = 0
 SPARSE_ROWS_PER_PROGRAM = None  # None: ROWS_PER_PROGRAM
 # Register cap per thread of the sparse kernel (None: the compiler's choice).
 SPARSE_MAXNREG = 128
@@ -217,7 +215,7 @@ def _launch_sparse(q, k, v, out, indices, budgets, kv_start, kv_end, G, T, scale
         indices.stride(0), indices.stride(1), indices.stride(2),
         Lq, Hkv, G, n_gb, budgets.numel(), _scale(scale, D),
         D=D, G_BLOCK=g_block, T=T, BLOCK_N=SPARSE_BLOCK_N,
-        DOT_PREC=_dot_precision(q.dtype), LOOP_STAGES=SPARSE_LOOP_STAGES,
+        DOT_PREC=_dot_precision(q.dtype),
         num_warps=warps, num_stages=SPARSE_STAGES, **({"maxnreg": maxnreg} if maxnreg and q.is_cuda else {}),
     )
 
