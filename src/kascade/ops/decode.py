@@ -74,8 +74,9 @@ TUNING = {
     "select_atomic_max": (0, 64),  # level 3 hybrid: selection -8 % at 128K b64, -6 % at 32K (tune2)
     # One launch for the whole selection where few rows leave the GPU mostly idle (batch 1): the passes
     # meet at per-row barriers instead of kernel boundaries. "auto": on CUDA for at most
-    # select_fused_max_rows rows; "always": on CUDA whenever the grid fits, and in the interpreter (one program per row there); False: never.
-    # Measured at 128K batch 1 (decode_tune5_loop.json): 40.6 -> 37.8 us per selection with 2 programs / SM.
+    # select_fused_max_rows rows; "always": on CUDA whenever the grid fits, and in the interpreter (one
+    # program per row there); False: never. Measured at 128K batch 1 (decode_tune5_loop.json): 40.6 ->
+    # 37.8 us per selection with 2 programs / SM (1 program / SM: 42.6 us).
     "select_fused": "auto",
     "select_fused_programs_per_sm": 2,  # resident programs per SM the fused grid may use
     "select_fused_min_chunk": 2048,  # fewest keys per fused program
