@@ -260,8 +260,9 @@ def compact_kernel(
 @triton.jit
 def _row_barrier(BAR, target):
     """Wait until `target` arrivals were counted at BAR (this row's programs, all resident: the launcher
-    keeps the grid within one program per SM). The release/acquire pair makes every store and atomic of
-    the row's programs before the barrier visible after it."""
+    sizes the grid to select_fused_programs_per_sm per SM and launches it as a cooperative grid). The
+    release/acquire pair makes every store and atomic of the row's programs before the barrier visible
+    after it."""
     tl.debug_barrier()  # every thread of this program has issued its stores
     tl.atomic_add(BAR, 1, sem="release", scope="gpu")
     seen = tl.atomic_add(BAR, 0, sem="acquire", scope="gpu")
@@ -274,7 +275,7 @@ def _row_barrier(BAR, target):
 def select_fused_kernel(
     SCORES, M_PART, L_PART, KV_START, KV_END, POOLED, HIST, PART, IDX, BAR,
     H_KV, Lk, W, n_splits, chunk, w_chunk, ppm, floor, n_sel,
-    G: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr,
     B2: tl.constexpr, B3: tl.constexpr, SPP: tl.constexpr, ATOMIC2: tl.constexpr, ATOMIC3: tl.constexpr,
     ZERO_PART: tl.constexpr,
 ):
@@ -285,7 +286,7 @@ def select_fused_kernel(
     sp = tl.program_id(1)
     bar = BAR + row
     _pool_hist(row, sp, SCORES, M_PART, L_PART, KV_START, KV_END, POOLED, HIST, H_KV, Lk, n_splits, chunk,
-               G, GP, SP, BLOCK, 256)
+               G, GP, SP, BLOCK, NB)
     _row_barrier(bar, n_sel)
     _refine_hist(row, sp, POOLED, KV_START, KV_END, HIST, PART, H_KV, Lk, chunk, ppm, floor, n_sel,
                  2, B2, B3, 1 << B2, B2, 23, BLOCK, ATOMIC2, ZERO_PART)

@@ -306,7 +306,8 @@ def select(scores, m, l, n_splits, kv_start, kv_end, *, Hkv, topk_fraction, topk
         raise KascadeInputError(f"select_block must be below 65536 (ranks share an int32), got {block}")
     fused = _select_fused(rows, device)
     if fused:  # one launch: every program of the grid must be resident at once (the passes meet at barriers)
-        want = 1 if device.type != "cuda" else max(1, (TUNING["select_fused_programs_per_sm"] * _sm_count(device)) // rows)
+        resident = TUNING["select_fused_programs_per_sm"] * _sm_count(device) if device.type == "cuda" else rows
+        want = max(1, resident // rows)  # the interpreter: one program per row
         min_chunk = TUNING["select_fused_min_chunk"]
     else:
         want = triton.cdiv(TUNING["select_programs_per_sm"] * _sm_count(device), max(rows, 1))
@@ -330,7 +331,7 @@ def select(scores, m, l, n_splits, kv_start, kv_end, *, Hkv, topk_fraction, topk
         kt.select_fused_kernel[grid](
             scores, m, l, kv_start, kv_end, pooled, hist, part, indices, bar,
             Hkv, Lk, W, n_splits, chunk, w_chunk, ppm, int(topk_floor), sel_splits,
-            G=G, GP=triton.next_power_of_2(G), SP=triton.next_power_of_2(n_splits), BLOCK=block,
+            G=G, GP=triton.next_power_of_2(G), SP=triton.next_power_of_2(n_splits), BLOCK=block, NB=kt.NBINS,
             B2=b2, B3=b3, SPP=triton.next_power_of_2(sel_splits), ATOMIC2=a2, ATOMIC3=a3,
             ZERO_PART=(1 << b3) if a3 > 0 else 0, num_warps=nw,
             **({"launch_cooperative_grid": True}
