@@ -322,8 +322,6 @@ TUNE_VARIANTS = {
         # BLOCK_N 64 ptxas then serialises the wgmma chain, at BLOCK_N 32 it does not
         _v(64, 2, 8, MAXNREG=128), _v(32, 2, 8, MAXNREG=128), _v(32, 3, 8, MAXNREG=128),
         _v(64, 1, 8, MAXNREG=128), _v(64, 2, 4, ROWS_PER_PROGRAM=64, MAXNREG=None),
-        # stale row max, accumulator rescaled only when a max grows by > 2^8
-        _v(64, 2, 8, MAXNREG=128, LAZY_RESCALE=True), _v(32, 2, 8, MAXNREG=128, LAZY_RESCALE=True),
     ])),
     # the same kernel over the first k keys of each tile (contiguous, L2-friendly): the gather's cost
     "reuse_contiguous": ("SPARSE", dict([_v(64, 2, 4, MAXNREG=None), _v(64, 2, 8, MAXNREG=128)])),

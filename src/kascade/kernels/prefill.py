@@ -33,12 +33,12 @@ def _online_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, key_ok, row_key_ok, qk_scale
     """One block of keys into the running (acc, max, sum): key_ok [N] masks the loads, row_key_ok
     [M, N] masks the scores (causality, padding)."""
     k = tl.load(k_ptrs, mask=key_ok[:, None], other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     s = tl.where(row_key_ok, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     # Rows that have seen no key yet keep m = -inf; subtract 0 there so exp2 gives 0, not NaN.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
+    p = tl.math.exp2(s * qk_scale - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     if WITH_V:
@@ -49,8 +49,7 @@ def _online_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, key_ok, row_key_ok, qk_scale
 
 @triton.jit
 def _online_block_fast(acc, m_i, l_i, q, k_ptrs, v_ptrs, key_bias, qk_scale,
-                       HAS_BIAS: tl.constexpr, WITH_V: tl.constexpr, DOT_PREC: tl.constexpr,
-                       LAZY_RESCALE: tl.constexpr = False):
+                       HAS_BIAS: tl.constexpr, WITH_V: tl.constexpr, DOT_PREC: tl.constexpr):
     """_online_block for blocks whose addresses are all valid, need no per-element mask and hold at
     least one key that every row may see: keys to skip come as key_bias = -inf (one add per score
     instead of a mask and a select); rows without a query have q = 0, give finite scores and are never
@@ -62,33 +61,13 @@ def _online_block_fast(acc, m_i, l_i, q, k_ptrs, v_ptrs, key_bias, qk_scale,
     if HAS_BIAS:
         s = s + key_bias[None, :]
     # qk_scale > 0, so the max of the scaled scores is the scaled max.
-    m_blk = tl.max(s, 1) * qk_scale
-    if LAZY_RESCALE:
-        # Keep a stale max while no row's max grows by more than 8 (base 2): probabilities then stay
-        # <= 2^8 and the output is unchanged (acc and l share the max), and the block skips the
-        # rescale of the accumulator (D / 2 multiplies per thread) in most iterations.
-        grow = m_blk > m_i + 8.0
-        if tl.sum(grow.to(tl.int32), 0) > 0:
-            m_new = tl.where(grow, m_blk, m_i)
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha
-            if WITH_V:
-                acc = acc * alpha[:, None]
-            m_i = m_new
-        p = tl.math.exp2(s * qk_scale - m_i[:, None])
-        l_i = l_i + tl.sum(p, 1)
-        if WITH_V:
-            v = tl.load(v_ptrs)
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-        m_new = m_i
-    else:
-        m_new = tl.maximum(m_i, m_blk)
-        p = tl.math.exp2(s * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if WITH_V:
-            v = tl.load(v_ptrs)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if WITH_V:
+        v = tl.load(v_ptrs)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return acc, m_new, l_i
 
 
@@ -310,7 +289,7 @@ def _select_kernel(
 
 @triton.jit
 def _gather_block(acc, m_i, l_i, q, i_base, slot, k_budget, start, k_base, v_base, skt, svt, offs_d, qk_scale,
-                  TAIL: tl.constexpr, DOT_PREC: tl.constexpr, LAZY_RESCALE: tl.constexpr):
+                  TAIL: tl.constexpr, DOT_PREC: tl.constexpr):
     """One block of a sparse tile's selected keys into the running (acc, max, sum). Full blocks
     (TAIL=False) hold BLOCK_N selected keys; the tail block masks the slots past the budget."""
     if TAIL:
@@ -321,8 +300,7 @@ def _gather_block(acc, m_i, l_i, q, i_base, slot, k_budget, start, k_base, v_bas
         kn = tl.load(i_base + slot)
         bias = slot.to(tl.float32)  # unused
     return _online_block_fast(acc, m_i, l_i, q, k_base + kn[:, None] * skt + offs_d[None, :],
-                              v_base + kn[:, None] * svt + offs_d[None, :], bias, qk_scale, TAIL, True, DOT_PREC,
-                              LAZY_RESCALE)
+                              v_base + kn[:, None] * svt + offs_d[None, :], bias, qk_scale, TAIL, True, DOT_PREC)
 
 
 @triton.jit
@@ -331,7 +309,7 @@ def _sparse_kernel(
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sib, sih, sit,
     Lq, Hkv, G, n_gblocks, n_tiles, qk_scale,
     D: tl.constexpr, G_BLOCK: tl.constexpr, T: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PREC: tl.constexpr, LAZY_RESCALE: tl.constexpr = False,
+    DOT_PREC: tl.constexpr,
 ):
     """Rolling sparse prefill of one tile x G_BLOCK heads: the tile's selected prefix keys (gathered by
     index; all prefix keys when the tile is dense), then its own tile causally."""
@@ -381,10 +359,10 @@ def _sparse_kernel(
         n_full = (k_budget // BLOCK_N) * BLOCK_N
         for n0 in range(0, n_full, BLOCK_N):
             acc, m_i, l_i = _gather_block(acc, m_i, l_i, q, i_base, n0 + offs_n, k_budget, start, k_base,
-                                          v_base, skt, svt, offs_d, qk_scale, False, DOT_PREC, LAZY_RESCALE)
+                                          v_base, skt, svt, offs_d, qk_scale, False, DOT_PREC)
         if n_full < k_budget:
             acc, m_i, l_i = _gather_block(acc, m_i, l_i, q, i_base, n_full + offs_n, k_budget, start, k_base,
-                                          v_base, skt, svt, offs_d, qk_scale, True, DOT_PREC, LAZY_RESCALE)
+                                          v_base, skt, svt, offs_d, qk_scale, True, DOT_PREC)
     # Own tile, causally.
     offs_t = tl.arange(0, T)
     rk = prefix + offs_t

@@ -54,9 +54,6 @@ SPARSE_BLOCK_N, SPARSE_STAGES, SPARSE_WARPS = 64, 2, 8
 SPARSE_ROWS_PER_PROGRAM = None  # None: ROWS_PER_PROGRAM
 # Register cap per thread of the sparse kernel (None: the compiler's choice).
 SPARSE_MAXNREG = 128
-# Gathered blocks keep a stale row max until it grows by more than 2^8 and skip the accumulator's
-# rescale in between (same output).
-SPARSE_LAZY_RESCALE = False
 
 
 def _next_pow2(x: int) -> int:
@@ -218,7 +215,7 @@ def _launch_sparse(q, k, v, out, indices, budgets, kv_start, kv_end, G, T, scale
         indices.stride(0), indices.stride(1), indices.stride(2),
         Lq, Hkv, G, n_gb, budgets.numel(), _scale(scale, D),
         D=D, G_BLOCK=g_block, T=T, BLOCK_N=SPARSE_BLOCK_N,
-        DOT_PREC=_dot_precision(q.dtype), LAZY_RESCALE=SPARSE_LAZY_RESCALE,
+        DOT_PREC=_dot_precision(q.dtype),
         num_warps=warps, num_stages=SPARSE_STAGES, **({"maxnreg": maxnreg} if maxnreg and q.is_cuda else {}),
     )
 
