@@ -1,10 +1,12 @@
 """Print the README's speed tables (markdown) from the committed benchmark JSON.
 
     python benchmarks/summarize.py            # reads benchmarks/results/{decode_b64,decode_b1,prefill_final_*}.json
+    python benchmarks/summarize.py --plot     # also redraws benchmarks/results/prefill_final.png from it
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -28,7 +30,14 @@ HEADER = ("| context | batch | heads q/kv/dim | Top-k | best dense (ms) | Kascad
           "layer-0 / dense | anchor / dense | reuse / dense |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
+PREFILL_FINAL = ("prefill_final_main", "prefill_final_256k", "prefill_final_fractions", "prefill_final_qwen",
+                 "prefill_final_tiles")
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--plot", action="store_true", help="redraw benchmarks/results/prefill_final.png")
+    args = ap.parse_args()
     print("Decode (bf16, 32 layers with 5 anchors incl. layer 0):\n")
     print(HEADER)
     for name in ("decode_b64", "decode_b1"):
@@ -45,6 +54,12 @@ def main() -> None:
         r = p["ratio_to_dense"]
         print(f"| {p['context'] // 1024}K | {p['tile_size']} | {p['model_speedup']:.2f}x | {r['reuse']:.3f} | "
               f"{r['anchor']:.2f} |")
+    if args.plot:
+        from kascade.bench.prefill import _plot
+
+        # the plot groups points by (Top-k, tile, geometry) and draws speedup against context
+        _plot([p for name in PREFILL_FINAL for p in _points(name)], str(RESULTS / "prefill_final.png"))
+        print(f"\nwrote {RESULTS / 'prefill_final.png'}")
 
 
 if __name__ == "__main__":
