@@ -29,6 +29,7 @@ from kascade import KascadeInputError  # noqa: E402
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("needs TRITON_INTERPRET=1 or CUDA", allow_module_level=True)
 
+from kascade import ops  # noqa: E402
 from kascade.ops import prefill as P  # noqa: E402
 
 DEV = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
@@ -171,6 +172,25 @@ def test_sparse_launch_variants(monkeypatch, knobs):
         got = P.sparse(q, k, v, idx, ks, ke, scale=None, **kw)
         want = R.sparse_attention(q, k, v, idx, ks, ke, **kw)
         assert (got.double() - want.double()).abs().max().item() < 1e-4
+
+
+def test_sparse_refuses_a_hole_inside_a_budget():
+    """The reuse kernel reads a sparse tile's budget slots without a mask: a -1 among them is refused
+    with its position, while -1 after the budget (and in dense tiles) is fine."""
+    B, Hq, Hkv, Lq, Lk, D, T, frac, floor, s, e = CASES[1]
+    q, k, v = make(B, Hq, Hkv, Lq, Lk, D, torch.float32, seed=3)
+    ks, ke = torch.tensor(s, device=DEV), torch.tensor(e, device=DEV)
+    kw = dict(topk_fraction=frac, topk_floor=floor, tile_size=T)
+    idx = R.select_prefill(q, k, ks, ke, **kw)
+    P.sparse(q, k, v, idx, ks, ke, **kw)  # as selected: accepted
+    t = idx.shape[2] - 1
+    budget = int((idx[0, 1, t] >= 0).sum())
+    holed = idx.clone()
+    holed[0, 1, t, budget // 2] = -1
+    with pytest.raises(KascadeInputError, match=rf"indices\[0, 1, {t}, {budget // 2}\] is -1"):
+        P.sparse(q, k, v, holed, ks, ke, **kw)
+    with pytest.raises(KascadeInputError, match="is -1, inside tile"):
+        ops.sparse_attention(q, k, v, holed, ks, ke, backend="triton", **kw)
 
 
 def test_first_tiles_dense_and_reuse_over_reference_indices():

@@ -124,7 +124,8 @@ class Engine:
                     f"{self._indices_layer} for another pass; call the layers of a pass in order"
                 )
             indices = self._mapped(layer, self._indices)
-            out = ops.sparse_attention(q, k, v, indices, kv_start, kv_end, **self._budget, **common)
+            out = ops.sparse_attention(q, k, v, indices, kv_start, kv_end, indices_from_anchor=True,
+                                       **self._budget, **common)
         if self.track_stats:
             self._record(layer, q, k, self._mapped(layer, self._indices), kv_start, kv_end, scale)
         return out

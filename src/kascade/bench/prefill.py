@@ -136,7 +136,7 @@ def _check_small(q, k, v, kw, scale) -> dict:
     mass_r, _, _ = R.selection_stats(q, k, ref_idx, ks, ke, scale=scale, **kw)
     mass_0, _, _ = R.selection_stats(q, k, idx0, ks, ke, scale=scale, **kw)
     ref_sparse = R.sparse_attention(q, k, v, idx1, ks, ke, scale=scale, **kw)
-    reuse = P.sparse(q, k, v, idx1, ks, ke, scale=scale, **kw)
+    reuse = P.sparse(q, k, v, idx1, ks, ke, scale=scale, indices_from_anchor=True, **kw)
     dense = P.dense(q, k, v, ks, ke, scale=scale)
     res = {
         "mode": "reference",
@@ -166,7 +166,7 @@ def _check_sampled(q, k, v, kw, scale, n_samples: int = 6) -> dict:
     ks = torch.zeros(B, dtype=torch.int64, device=q.device)
     ke = torch.full_like(ks, L)
     out1, idx = P.anchor(q, k, v, ks, ke, scale=scale, dense_output=False, **kw)
-    reuse = P.sparse(q, k, v, idx, ks, ke, scale=scale, **kw)
+    reuse = P.sparse(q, k, v, idx, ks, ke, scale=scale, indices_from_anchor=True, **kw)
     n_tiles = idx.shape[2]
     gen = torch.Generator().manual_seed(1)
     tiles = sorted(set([n_tiles - 1] + torch.randint(n_tiles // 2, n_tiles, (n_samples - 1,), generator=gen).tolist()))
@@ -252,7 +252,7 @@ def _run_point(args, B, L, frac, T, Hq, Hkv, D, dtype_name) -> dict:
     ms = {
         "layer0": _bench(lambda: P.anchor(q, k, v, ks, ke, dense_output=True, **kw), w, r),
         "anchor": _bench(lambda: P.anchor(q, k, v, ks, ke, dense_output=False, **kw), w, r),
-        "reuse": _bench(lambda: P.sparse(q, k, v, idx, ks, ke, **kw), w, r),
+        "reuse": _bench(lambda: P.sparse(q, k, v, idx, ks, ke, indices_from_anchor=True, **kw), w, r),
     }
     # Where the anchor's time goes: the log-sum-exp pass, pooling + selection, the sparse pass.
     G = Hq // Hkv
@@ -276,8 +276,8 @@ def _run_point(args, B, L, frac, T, Hq, Hkv, D, dtype_name) -> dict:
             slots = torch.arange(idx.shape[3], device=q.device, dtype=torch.int32)
             idx_c = torch.where(idx >= 0, slots.expand_as(idx), -1).contiguous()
             point["tune_ms"] = _tune({
-                "reuse": lambda: P.sparse(q, k, v, idx, ks, ke, **kw),
-                "reuse_contiguous": lambda: P.sparse(q, k, v, idx_c, ks, ke, **kw),
+                "reuse": lambda: P.sparse(q, k, v, idx, ks, ke, indices_from_anchor=True, **kw),
+                "reuse_contiguous": lambda: P.sparse(q, k, v, idx_c, ks, ke, indices_from_anchor=True, **kw),
                 "lse": lambda: P._flash(q, k, v, ks, ke, None, with_v=False, store_lse=True, pad_rows=False),
                 "pool": lambda: sel(("pool",), buf),
             }, w, r)

@@ -179,9 +179,12 @@ def sparse_attention(
     tile_size: int = 32,
     scale: float | None = None,
     backend: Backend | None = None,
+    indices_from_anchor: bool = False,
 ) -> torch.Tensor:
     """Attention over selected keys (reuse layers). Indices as returned by ``anchor_attention``, with
-    heads already mapped to this layer (``indices[:, head_map[layer]]``) or one shared head."""
+    heads already mapped to this layer (``indices[:, head_map[layer]]``) or one shared head. The
+    Triton prefill kernel refuses a -1 inside a tile's budget; indices_from_anchor=True (the engine,
+    passing what anchor_attention just returned) skips that scan."""
     kv_start, kv_end = check_attention_inputs(q, k, v, kv_start, kv_end)
     check_budget(topk_fraction, topk_floor)
     check_tile_size(tile_size)
@@ -193,7 +196,8 @@ def sparse_attention(
         if phase == "decode":
             return mod.sparse(q, k, v, indices, kv_start, kv_end, scale=scale)
         return mod.sparse(q, k, v, indices, kv_start, kv_end, topk_fraction=topk_fraction,
-                          topk_floor=topk_floor, tile_size=tile_size, scale=scale)
+                          topk_floor=topk_floor, tile_size=tile_size, scale=scale,
+                          indices_from_anchor=indices_from_anchor)
     if (backend or default_backend()) == "reference":
         return reference.sparse_attention(q, k, v, indices, kv_start, kv_end, topk_fraction=topk_fraction,
                                           topk_floor=topk_floor, tile_size=tile_size, scale=scale)

@@ -172,14 +172,17 @@ def dense(q, k, v, kv_start, kv_end, *, scale=None):
 
 
 # --------------------------------------------------------------------------------------------- sparse
-def sparse(q, k, v, indices, kv_start, kv_end, *, topk_fraction, topk_floor, tile_size, scale=None):
+def sparse(q, k, v, indices, kv_start, kv_end, *, topk_fraction, topk_floor, tile_size, scale=None,
+           indices_from_anchor=False):
     """Rolling sparse prefill (reuse layers).
 
     q [B, Hq, Lq, D] (Lq > 1, queries aligned to each row's end), k/v [B, Hkv, Lk, D], one of float16,
     bfloat16, float32, last dim contiguous; kv_start/kv_end int64 [B]; indices [B, Hkv, n_tiles, W]
-    int32/int64 absolute key positions, -1 padded, already mapped to this layer's heads (W at least the
-    largest budget; each sparse tile's first budget slots are used). Returns out like q; padding
-    queries are zero."""
+    int32/int64 absolute key positions as ``anchor`` writes them, already mapped to this layer's heads:
+    W at least the largest budget, each sparse tile's first budget slots hold its keys, -1 after them.
+    Those slots are read without a mask (benchmarks/notes_prefill.md), so a -1 among them is refused
+    (one pass over the slots; indices_from_anchor=True skips it for indices ``anchor`` just returned).
+    Returns out like q; padding queries are zero."""
     G = _check(q, k, v, tile_size)
     B, Hq, Lq, D = q.shape
     Hkv = k.shape[1]
@@ -194,11 +197,41 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, topk_fraction, topk_floor, til
     kmax = max(_tile_budgets_host(n_tiles, T, topk_fraction, topk_floor))
     if indices.shape[3] < kmax:
         raise KascadeInputError(f"indices have width {indices.shape[3]}, the budget needs {kmax}")
+    if not indices_from_anchor:
+        _check_budget_slots(indices, lengths, Lq, T, topk_fraction, topk_floor)
     if indices.dtype != torch.int32 or indices.stride(-1) != 1:
         indices = indices.to(torch.int32).contiguous()
     out = (torch.zeros if pad_rows else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
     _launch_sparse(q, k, v, out, indices, budgets, kv_start, kv_end, G, T, scale)
     return out
+
+
+def _check_budget_slots(indices, lengths, Lq, T, topk_fraction, topk_floor, max_elems=1 << 26):
+    """Each sparse tile with queries in this call must hold key positions (>= 0) in its first budget
+    slots. Checked per row over chunks of tiles, so the temporary masks stay small."""
+    n_tiles = max(1, -(-max(lengths) // T))
+    host = _tile_budgets_host(n_tiles, T, topk_fraction, topk_floor)
+    budgets = _tile_budgets(n_tiles, T, topk_fraction, topk_floor, indices.device)
+    kmax = max(host)
+    if kmax <= 0:
+        return
+    slots = torch.arange(kmax, device=indices.device)
+    step = max(1, max_elems // (indices.shape[1] * kmax))
+    for b, L in enumerate(lengths):
+        q_pos = L - min(L, Lq)
+        # sparse tiles (budget >= 0) form a suffix of the tiles: budgets grow with the prefix
+        t0 = max(q_pos // T, next((t for t, kb in enumerate(host) if kb >= 0), n_tiles))
+        t1 = -(-L // T)
+        for lo in range(t0, t1, step):
+            hi = min(t1, lo + step)
+            need = slots[None, :] < budgets[lo:hi, None]
+            holes = (indices[b, :, lo:hi, :kmax] < 0) & need
+            if bool(holes.any()):
+                h, t, slot = (int(x) for x in holes.nonzero()[0])
+                raise KascadeInputError(
+                    f"indices[{b}, {h}, {lo + t}, {slot}] is -1, inside tile {lo + t}'s budget of "
+                    f"{host[lo + t]} keys: the prefill kernel needs every budget slot filled, as "
+                    "anchor_attention returns them")
 
 
 def _launch_sparse(q, k, v, out, indices, budgets, kv_start, kv_end, G, T, scale):
