@@ -260,7 +260,7 @@ def _run_point(args, B, L, frac, T, Hq, Hkv, D, dtype_name) -> dict:
     n_tiles = idx.shape[2]
     budgets = P._tile_budgets(n_tiles, T, frac, args.topk_floor, q.device)
     host = P._tile_budgets_host(n_tiles, T, frac, args.topk_floor)
-    lo = next((t for t, kb in enumerate(host) if kb >= 0), n_tiles)
+    lo = P._first_sparse_tile(host)
     ms_parts = {
         "lse_pass": _bench(lambda: P._flash(q, k, v, ks, ke, None, with_v=False, store_lse=True, pad_rows=False), w, r),
         "dense_lse_pass": _bench(lambda: P._flash(q, k, v, ks, ke, None, with_v=True, store_lse=True, pad_rows=False), w, r),

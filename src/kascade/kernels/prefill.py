@@ -298,7 +298,7 @@ def _gather_block(acc, m_i, l_i, q, i_base, slot, k_budget, start, k_base, v_bas
         kn = tl.where(kn >= 0, kn, start)
     else:
         kn = tl.load(i_base + slot)
-        bias = slot.to(tl.float32)  # unused
+        bias = slot.to(tl.float32)  # placeholder: HAS_BIAS=False ignores it
     return _online_block_fast(acc, m_i, l_i, q, k_base + kn[:, None] * skt + offs_d[None, :],
                               v_base + kn[:, None] * svt + offs_d[None, :], bias, qk_scale, TAIL, True, DOT_PREC)
 

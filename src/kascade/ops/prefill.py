@@ -112,6 +112,12 @@ def _tile_budgets_host(n_tiles: int, T: int, topk_fraction: float, topk_floor: i
     return tuple(out)
 
 
+def _first_sparse_tile(host_budgets) -> int:
+    """The first tile that selects (budgets grow with the prefix, so the sparse tiles are a suffix);
+    len(host_budgets) when every tile is dense."""
+    return next((t for t, kb in enumerate(host_budgets) if kb >= 0), len(host_budgets))
+
+
 _DEVICE_BUDGETS: dict = {}
 
 
@@ -194,11 +200,12 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, topk_fraction, topk_floor, til
     if indices.shape[2] < n_tiles:
         raise KascadeInputError(f"indices have {indices.shape[2]} tiles, the longest row needs {n_tiles}")
     budgets = _tile_budgets(n_tiles, T, topk_fraction, topk_floor, q.device)
-    kmax = max(_tile_budgets_host(n_tiles, T, topk_fraction, topk_floor))
+    host = _tile_budgets_host(n_tiles, T, topk_fraction, topk_floor)
+    kmax = max(host)
     if indices.shape[3] < kmax:
         raise KascadeInputError(f"indices have width {indices.shape[3]}, the budget needs {kmax}")
     if not indices_from_anchor:
-        _check_budget_slots(indices, lengths, Lq, T, topk_fraction, topk_floor)
+        _check_budget_slots(indices, budgets, host, lengths, Lq, T)
     if indices.dtype != torch.int32 or indices.stride(-1) != 1:
         indices = indices.to(torch.int32).contiguous()
     out = (torch.zeros if pad_rows else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
@@ -206,21 +213,19 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, topk_fraction, topk_floor, til
     return out
 
 
-def _check_budget_slots(indices, lengths, Lq, T, topk_fraction, topk_floor, max_elems=1 << 26):
+def _check_budget_slots(indices, budgets, host, lengths, Lq, T, max_elems=1 << 26):
     """Each sparse tile with queries in this call must hold key positions (>= 0) in its first budget
-    slots. Checked per row over chunks of tiles, so the temporary masks stay small."""
-    n_tiles = max(1, -(-max(lengths) // T))
-    host = _tile_budgets_host(n_tiles, T, topk_fraction, topk_floor)
-    budgets = _tile_budgets(n_tiles, T, topk_fraction, topk_floor, indices.device)
+    slots (budgets: per tile on the device, host: the same on the host). Checked per row over chunks
+    of tiles, so the temporary masks stay small."""
     kmax = max(host)
     if kmax <= 0:
         return
+    first_sparse = _first_sparse_tile(host)
     slots = torch.arange(kmax, device=indices.device)
     step = max(1, max_elems // (indices.shape[1] * kmax))
     for b, L in enumerate(lengths):
         q_pos = L - min(L, Lq)
-        # sparse tiles (budget >= 0) form a suffix of the tiles: budgets grow with the prefix
-        t0 = max(q_pos // T, next((t for t, kb in enumerate(host) if kb >= 0), n_tiles))
+        t0 = max(q_pos // T, first_sparse)
         t1 = -(-L // T)
         for lo in range(t0, t1, step):
             hi = min(t1, lo + step)
@@ -277,7 +282,7 @@ def anchor(q, k, v, kv_start, kv_end, *, topk_fraction, topk_floor, tile_size, s
         out, lse = _dense_lse_cudnn(q, k, v, lengths, scale)
     if lse is None:
         out, lse = _flash(q, k, v, kv_start, kv_end, scale, with_v=dense_output, store_lse=True, pad_rows=pad_rows)
-    first_sparse = next((t for t, kb in enumerate(host_budgets) if kb >= 0), n_tiles)
+    first_sparse = _first_sparse_tile(host_budgets)
     first_query_tile = min((L - min(L, Lq)) // T for L in lengths)
     tile_lo = max(first_sparse, first_query_tile)
     if tile_lo < n_tiles:
