@@ -13,6 +13,14 @@ Variants (the paper's ablations and the upper bound), by name:
 * "oracle": every layer but 0 takes each query head's own exact Top-k (no reuse): the upper bound.
 * "dense": plain attention everywhere (a baseline through the same code path).
 ``sparse_prefill=False`` keeps prefill dense and sparsifies decode only ("decode-only" Kascade).
+
+Two ways to call it:
+* ``engine(layer, q, k, v, kv_start, kv_end)``: every call validated (the public API, any caller).
+* plan/run (FlashInfer's split): ``engine.begin(step, q, k)`` once per forward pass with a :class:`Step`
+  (row bounds on the device, host lengths when known), then ``engine.run(layer, q, k, v)`` per layer:
+  no validation, no host read, nothing a CUDA graph cannot capture; the per-layer head maps are device
+  tensors made once and read inside the reuse kernels. Used by kascade's own KV cache and generation
+  loop (:mod:`kascade.integrations.cache`, :mod:`kascade.generation`).
 """
 
 from __future__ import annotations
@@ -28,6 +36,28 @@ from .validation import KascadeInputError
 
 Variant = Literal["kascade", "all_heads_pooled", "no_remap", "pre_softmax", "oracle", "dense"]
 VARIANTS: tuple[str, ...] = ("kascade", "all_heads_pooled", "no_remap", "pre_softmax", "oracle", "dense")
+
+
+@dataclass(frozen=True)
+class Step:
+    """What every layer of one forward pass shares, fixed before its first layer.
+
+    kv_start, kv_end: int64 [B] on the device (row b's keys are kv_start[b] <= j < kv_end[b] after this
+    pass's keys are written; queries align to kv_end). q_length: queries per row in this pass (1 =
+    decode). lengths: host copy of kv_end - kv_start, or None where the host does not know it (a
+    captured decode step); prefill needs it (tile counts, budgets). kv_length: keys the layers need to
+    see (max kv_end), or None to use the whole K/V given to ``run``.
+    """
+
+    kv_start: torch.Tensor
+    kv_end: torch.Tensor
+    q_length: int
+    lengths: tuple[int, ...] | None = None
+    kv_length: int | None = None
+
+    @property
+    def decode(self) -> bool:
+        return self.q_length == 1
 
 
 @dataclass
@@ -59,6 +89,9 @@ class Engine:
         self._indices: torch.Tensor | None = None
         self._indices_layer: int | None = None
         self._indices_shape: tuple[int, ...] | None = None
+        self._step: Step | None = None
+        self._fast = False  # run() launches the Triton kernels directly (set by begin())
+        self._head_maps: dict[str, torch.Tensor] = {}  # device -> int32 [num_layers, Hkv]
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -82,6 +115,81 @@ class Engine:
         """Forget kept indices (a new sequence); anchors overwrite them anyway on every pass."""
         self._indices = None
         self._indices_layer = None
+
+    # ------------------------------------------------------------------ plan / run
+    def head_map_tensor(self, device: torch.device) -> torch.Tensor:
+        """The plan's head maps as int32 [num_layers, Hkv] on ``device`` (made once per device)."""
+        key = str(device)
+        hm = self._head_maps.get(key)
+        if hm is None:
+            hm = torch.tensor(self.plan.head_map, dtype=torch.int32, device=device)
+            self._head_maps[key] = hm
+        return hm
+
+    def begin(self, step: Step, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Fix the step every layer of this forward pass shares, validating it once (q, k: any layer's
+        query and key tensors, for shapes and device). Then call :meth:`run` per layer."""
+        self._check_layer_input(0, q, k)
+        if q.shape[2] != step.q_length:
+            raise KascadeInputError(f"the step has {step.q_length} queries per row, q has {q.shape[2]}")
+        B = q.shape[0]
+        for name, t in (("kv_start", step.kv_start), ("kv_end", step.kv_end)):
+            if t.shape != (B,) or t.dtype != torch.int64 or t.device != q.device:
+                raise KascadeInputError(f"step.{name} must be int64 [{B}] on {q.device}, got {t.dtype} "
+                                        f"{tuple(t.shape)} on {t.device}")
+        if not step.decode and step.lengths is None:
+            raise KascadeInputError("a prefill step needs the host lengths (step.lengths)")
+        if step.lengths is not None and len(step.lengths) != B:
+            raise KascadeInputError(f"step.lengths has {len(step.lengths)} rows, the batch has {B}")
+        if step.kv_length is not None and not 0 < step.kv_length <= k.shape[2]:
+            raise KascadeInputError(f"step.kv_length={step.kv_length}; expected 1..{k.shape[2]} (keys given)")
+        self._step = step
+        self._fast = (self.variant in ("kascade", "no_remap", "dense") and self.track_stats is False
+                      and ops._use_triton(q, self.backend) and _kernels_fit(q, k, self.plan.tile_size))
+        if self._fast:
+            self.head_map_tensor(q.device)
+
+    def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+            scale: float | None = None) -> torch.Tensor:
+        """Attention output [B, Hq, Lq, D] of ``layer`` in the step fixed by :meth:`begin`. k, v may be
+        wider than the step's keys (a preallocated cache); in prefill they are cut to step.kv_length."""
+        step = self._step
+        if step is None:
+            raise KascadeInputError("Engine.run() needs Engine.begin(step, ...) first")
+        if step.kv_length is not None and k.shape[2] != step.kv_length:
+            k, v = k[:, :, : step.kv_length], v[:, :, : step.kv_length]
+        if not self._fast:  # reference / CPU / variants without kernels: the validated path
+            return self(layer, q, k, v, step.kv_start, step.kv_end, scale=scale)
+        from .ops import decode as dec, prefill as pre
+
+        p = self.plan
+        s0, s1 = step.kv_start, step.kv_end
+        if self.variant == "dense" or (not step.decode and not self.sparse_prefill):
+            if step.decode:
+                return dec.dense(q, k, v, s0, s1, scale=scale)
+            return dense_prefill(q, k, v, s0, s1, step.lengths, scale=scale)
+        if p.is_anchor(layer):
+            if step.decode:
+                out, indices = dec.anchor(q, k, v, s0, s1, topk_fraction=p.topk_fraction, topk_floor=p.topk_floor,
+                                          scale=scale, dense_output=layer == 0)
+            else:
+                out, indices = pre.anchor(q, k, v, s0, s1, topk_fraction=p.topk_fraction, topk_floor=p.topk_floor,
+                                          tile_size=p.tile_size, scale=scale, dense_output=layer == 0,
+                                          lengths=step.lengths)
+            self._indices, self._indices_layer = indices, layer
+            return out
+        anchor = p.anchor_of(layer)
+        if self._indices_layer != anchor:
+            raise KascadeInputError(f"layer {layer} reuses anchor layer {anchor}, but the engine holds indices of "
+                                    f"layer {self._indices_layer}; call the layers of a pass in order")
+        head_map = None if self.variant == "no_remap" or k.shape[1] == 1 else \
+            self._head_maps[str(q.device)][layer]
+        if step.decode:
+            return dec.sparse(q, k, v, self._indices, s0, s1, scale=scale, head_map=head_map,
+                              budget=(p.topk_fraction, p.topk_floor))
+        return pre.sparse(q, k, v, self._indices, s0, s1, topk_fraction=p.topk_fraction, topk_floor=p.topk_floor,
+                          tile_size=p.tile_size, scale=scale, indices_from_anchor=True, head_map=head_map,
+                          lengths=step.lengths)
 
     # ------------------------------------------------------------------ the call
     def __call__(
@@ -147,3 +255,27 @@ class Engine:
         st = self.stats.setdefault(layer, LayerStats())
         st.captured_mass.append(float(mass[valid].mean()))
         st.attended_fraction.append(float(attended[valid].sum() / visible[valid].sum()))
+
+
+def _kernels_fit(q: torch.Tensor, k: torch.Tensor, tile_size: int) -> bool:
+    """Whether the Triton kernels take these shapes (else run() uses the validated ops, which fall back)."""
+    G = q.shape[1] // k.shape[1]
+    return q.shape[3] in (64, 128) and 1 <= G <= 16 and tile_size in (16, 32, 64)
+
+
+def dense_prefill(q, k, v, kv_start, kv_end, lengths, *, scale=None) -> torch.Tensor:
+    """Dense causal prefill for the plan/run path: torch SDPA's cuDNN kernel where it applies (the fastest
+    dense prefill measured on the H100: one chunk, no padding, bf16/fp16; K/V expanded, it takes no GQA),
+    else kascade's Triton flash kernel (chunks after the first, left padding)."""
+    from .ops import prefill as pre
+
+    Lq, Lk = q.shape[2], k.shape[2]
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and Lq == Lk and all(L == Lk for L in lengths):
+        G = q.shape[1] // k.shape[1]
+        kx = k.repeat_interleave(G, 1) if G > 1 else k
+        vx = v.repeat_interleave(G, 1) if G > 1 else v
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+            return torch.nn.functional.scaled_dot_product_attention(q, kx, vx, is_causal=True, scale=scale)
+    return pre.dense(q, k, v, kv_start, kv_end, scale=scale, lengths=lengths)

@@ -271,6 +271,17 @@ def kascade_attention_forward(
         )
     q_length, kv_length = query.shape[2], key.shape[2]
     reason = state.force_dense
+    cache_ref = getattr(module, "_kascade_cache", None)
+    cache = cache_ref() if cache_ref is not None else None
+    if reason is None and cache is not None and cache.owns(module.layer_idx, key) and not module.training:
+        # kascade's own cache: the step's bounds are known, no mask to read (the fast path)
+        if _output_attentions_requested(kwargs):
+            reason = "output_attentions=True asks for attention weights, which sparse attention does not form"
+        elif sliding_window is not None and cache.length > int(sliding_window):
+            reason = f"a row is longer than the sliding window ({sliding_window} tokens)"
+        else:
+            out = _attend_with_cache(state, module.layer_idx, cache, query, key, value, attention_mask, scaling)
+            return out.transpose(1, 2).contiguous(), None
     if reason is None and _output_attentions_requested(kwargs):
         reason = "output_attentions=True asks for attention weights, which sparse attention does not form"
     if reason is None and dropout and module.training:
@@ -301,6 +312,25 @@ def kascade_attention_forward(
     kv_start, kv_end = (t.to(device=query.device, dtype=torch.long) for t in bounds)
     out = state.method(module.layer_idx, query, key, value, kv_start, kv_end, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _attend_with_cache(state, layer: int, cache, query, key, value, attention_mask, scaling):
+    """Attention of one layer over a KascadeCache: the step is the cache's; an Engine gets it once per
+    pass (begin) and runs each layer without validation or host reads (run)."""
+    step = cache.step
+    if layer == 0 and not cache.padding_known and isinstance(attention_mask, KascadeMask) \
+            and step.lengths is not None:
+        # the first pass over an empty cache: left padding from generate()'s mask (one host read)
+        cache.set_start(attention_mask.kv_start)
+        step = cache.step = cache.step_for(step.q_length)
+    method = state.method
+    if isinstance(method, Engine):
+        if layer == 0:
+            method.begin(step, query, key)
+        return method.run(layer, query, key, value, scale=scaling)
+    if step.kv_length is not None:
+        key, value = key[:, :, : step.kv_length], value[:, :, : step.kv_length]
+    return method(layer, query, key, value, step.kv_start, step.kv_end, scale=scaling)
 
 
 def _dense_fallback(module, query, key, value, attention_mask, scaling, kwargs):
@@ -437,6 +467,15 @@ def disable(model) -> None:
         if hasattr(m, "_kascade_state"):
             del m._kascade_state
     _set_implementation(model, state.previous_implementation or "sdpa")
+
+
+def attach_cache(model, cache) -> None:
+    """Let the attention of ``model`` recognise ``cache`` (a KascadeCache) in the passes that use it."""
+    import weakref
+
+    ref = weakref.ref(cache)
+    for m in _attention_modules(model):
+        m._kascade_cache = ref
 
 
 def method_of(model):

@@ -17,7 +17,9 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# Lengths and split sizes are runtime values: Triton would otherwise compile a variant per divisibility
+# class of each (a new prompt length = a new compile); they only bound loops and masks.
+@triton.jit(do_not_specialize=["Lk", "n_splits", "chunk"])
 def decode_split_kernel(
     Q, K, V, KV_START, KV_END, SCORES, M_PART, L_PART, O_PART, OUT, COUNTER,
     qk_scale,
@@ -110,27 +112,31 @@ def _sparse_block(acc, m_i, l_i, q, slot, hi, i_base, k_base, v_base, s_base, st
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Lk", "W", "n_splits", "chunk", "ppm", "floor"])
 def decode_sparse_kernel(
-    Q, K, V, IDX, KV_START, KV_END, SCORES, M_PART, L_PART, O_PART, OUT, COUNTER,
+    Q, K, V, IDX, HEAD_MAP, KV_START, KV_END, SCORES, M_PART, L_PART, O_PART, OUT, COUNTER,
     qk_scale,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ib, stride_ih,
     stride_ob, stride_oh,
-    H_KV, Lk, W, n_splits, chunk,
+    H_KV, Lk, W, n_splits, chunk, ppm, floor,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     FROM_SCORES: tl.constexpr, FUSE_COMBINE: tl.constexpr, GQ: tl.constexpr, SP: tl.constexpr,
-    SB: tl.constexpr, DIRECT: tl.constexpr = False,
+    SB: tl.constexpr, DIRECT: tl.constexpr = False, MAPPED: tl.constexpr = False,
+    BUDGET_BOUND: tl.constexpr = False,
 ):
     """One split of one row's index slots: gather K/V at the indices (absolute positions; -1 or
     positions outside [kv_start, kv_end) are skipped) and attend, writing the split's (m, l, acc).
     With FROM_SCORES (an anchor layer, right after its score pass) the scores are gathered from
     SCORES [rows, Lk, G] (one G * 4-byte read per key) instead of recomputed, so K is not read again.
     DIRECT (only with one split per row): the normalised output goes straight to OUT (no partials, no
-    merge). (A loop pipelined by hand, indices two blocks and K/V one block ahead, measured slower at
-    every point on the H100: benchmarks/notes_decode.md, v6.)"""
+    merge). MAPPED: KV head h reads the index row HEAD_MAP[h] (a reuse layer's head map, applied here
+    instead of copying the indices). BUDGET_BOUND: slots past the row's budget (computed from its length,
+    ppm and floor as in topk.py) are not visited: with a cache wider than the row, W is the budget of the
+    whole cache while a row needs only its own. (A loop pipelined by hand, indices two blocks and K/V one
+    block ahead, measured slower at every point on the H100: benchmarks/notes_decode.md, v6.)"""
     row = tl.program_id(0)
     split = tl.program_id(1)
     b = (row // H_KV).to(tl.int64)
@@ -139,6 +145,10 @@ def decode_sparse_kernel(
     end = tl.load(KV_END + b)
     lo = split * chunk
     hi = tl.minimum(lo + chunk, W)
+    if BUDGET_BOUND:
+        length = (end - start).to(tl.int64)
+        budget = tl.minimum(tl.maximum((length * ppm + 999_999) // 1_000_000, floor), length)
+        hi = tl.minimum(hi, budget.to(tl.int32))
 
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, D)
@@ -148,7 +158,10 @@ def decode_sparse_kernel(
                 mask=g_mask[:, None], other=0.0)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    i_base = IDX + b * stride_ib + h * stride_ih
+    h_sel = h
+    if MAPPED:
+        h_sel = tl.load(HEAD_MAP + h).to(tl.int64)
+    i_base = IDX + b * stride_ib + h_sel * stride_ih
     s_base = SCORES + row.to(tl.int64) * G * Lk
 
     m_i = tl.full([GP], float("-inf"), tl.float32)

@@ -71,7 +71,9 @@ def _online_block_fast(acc, m_i, l_i, q, k_ptrs, v_ptrs, key_bias, qk_scale,
     return acc, m_new, l_i
 
 
-@triton.jit
+# The query length and tile counts are runtime values: otherwise each divisibility class of a new prompt
+# length compiles another variant of every kernel (they only bound loops and masks).
+@triton.jit(do_not_specialize=["Lq", "n_gblocks"])
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, kv_start_ptr, kv_end_ptr,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, slb, slh,
@@ -137,7 +139,7 @@ def _attn_fwd_kernel(
         tl.store(lse_ptr + b * slb + head * slh + lq_idx, lse, mask=store_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Lq", "n_gblocks", "tile_lo", "n_tiles"])
 def _pool_kernel(
     q_ptr, k_ptr, lse_ptr, pooled_ptr, tile_k_ptr, kv_start_ptr, kv_end_ptr,
     sqb, sqh, sqt, skb, skh, skt, slb, slh, spb, sph, spt,
@@ -231,7 +233,7 @@ def _radix_pass(row_ptr, length, shift: tl.constexpr, prefix_bits, need, check_p
     return digit, need - above
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Lq", "tile_lo", "n_tiles"])
 def _select_kernel(
     pooled_ptr, idx_ptr, tile_k_ptr, kv_start_ptr, kv_end_ptr,
     spb, sph, spt, sib, sih, sit,
@@ -303,16 +305,17 @@ def _gather_block(acc, m_i, l_i, q, i_base, slot, k_budget, start, k_base, v_bas
                               v_base + kn[:, None] * svt + offs_d[None, :], bias, qk_scale, TAIL, True, DOT_PREC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Lq", "n_gblocks", "n_tiles"])
 def _sparse_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, idx_ptr, tile_k_ptr, kv_start_ptr, kv_end_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, idx_ptr, head_map_ptr, tile_k_ptr, kv_start_ptr, kv_end_ptr,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sib, sih, sit,
     Lq, Hkv, G, n_gblocks, n_tiles, qk_scale,
     D: tl.constexpr, G_BLOCK: tl.constexpr, T: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, MAPPED: tl.constexpr = False,
 ):
     """Rolling sparse prefill of one tile x G_BLOCK heads: the tile's selected prefix keys (gathered by
-    index; all prefix keys when the tile is dense), then its own tile causally."""
+    index; all prefix keys when the tile is dense), then its own tile causally. MAPPED: KV head h reads
+    the index rows of head_map[h] (a reuse layer's head map, applied here instead of copying indices)."""
     M: tl.constexpr = G_BLOCK * T
     # Grid as in _attn_fwd_kernel: one KV head's tiles together (its K/V rows stay in L2), the head
     # blocks of one tile next to each other (they gather the same keys), largest tiles first.
@@ -341,7 +344,10 @@ def _sparse_kernel(
     k_base = k_ptr + b * skb + hkv * skh
     v_base = v_ptr + b * svb + hkv * svh
     k_budget = tl.load(tile_k_ptr + tile)
-    i_base = idx_ptr + b.to(tl.int64) * sib + hkv.to(tl.int64) * sih + tile.to(tl.int64) * sit
+    h_sel = hkv
+    if MAPPED:
+        h_sel = tl.load(head_map_ptr + hkv)
+    i_base = idx_ptr + b.to(tl.int64) * sib + h_sel.to(tl.int64) * sih + tile.to(tl.int64) * sit
     if k_budget < 0:
         for n0 in range(0, prefix, BLOCK_N):
             rel = n0 + offs_n

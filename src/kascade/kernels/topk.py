@@ -226,7 +226,8 @@ def _compact(
         tl.store(i_base + slot, tl.full([BLOCK], -1, tl.int32), mask=(slot < w_hi) & (slot >= kk))
 
 
-@triton.jit
+# Lengths, split sizes and budgets are runtime values (see kernels/decode.py): no variant per length.
+@triton.jit(do_not_specialize=["Lk", "n_splits", "chunk"])
 def pool_hist_kernel(
     SCORES, M_PART, L_PART, KV_START, KV_END, POOLED, HIST,
     H_KV, Lk, n_splits, chunk,
@@ -236,7 +237,7 @@ def pool_hist_kernel(
                H_KV, Lk, n_splits, chunk, G, GP, SP, BLOCK, NB)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Lk", "chunk", "ppm", "floor", "n_sel"])
 def refine_hist_kernel(
     POOLED, KV_START, KV_END, HIST, PART,
     H_KV, Lk, chunk, ppm, floor, n_sel,
@@ -247,7 +248,7 @@ def refine_hist_kernel(
                  H_KV, Lk, chunk, ppm, floor, n_sel, LEVEL, B2, B3, NB, B, SHIFT, BLOCK, ATOMIC_MAX, ZERO_PART)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Lk", "W", "chunk", "w_chunk", "ppm", "floor", "n_sel"])
 def compact_kernel(
     POOLED, KV_START, KV_END, HIST, PART, IDX,
     H_KV, Lk, W, chunk, w_chunk, ppm, floor, n_sel,
@@ -271,7 +272,7 @@ def _row_barrier(BAR, target):
     tl.debug_barrier()
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Lk", "W", "n_splits", "chunk", "w_chunk", "ppm", "floor", "n_sel"])
 def select_fused_kernel(
     SCORES, M_PART, L_PART, KV_START, KV_END, POOLED, HIST, PART, IDX, BAR,
     H_KV, Lk, W, n_splits, chunk, w_chunk, ppm, floor, n_sel,

@@ -229,14 +229,21 @@ def sparse_splits(rows: int, width: int, device: torch.device) -> tuple[int, int
                    TUNING["sparse_programs_per_sm"], TUNING["sparse_max_splits"], TUNING["sparse_chunk_align"])
 
 
-def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None):
+def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None, head_map=None, budget=None):
     """Attention over each (row, KV head)'s selected keys: indices [B, Hkv, W] (absolute positions,
     -1 and positions outside [kv_start, kv_end) ignored). Returns [B, Hq, 1, D] in q's dtype.
     scores: the anchor's score-pass output [B*Hkv, Lk, G] (base-2, scaled); when given, scores are
-    gathered from it instead of recomputed from K."""
+    gathered from it instead of recomputed from K.
+    head_map: int32 [Hkv] on the device: KV head h attends over indices[:, head_map[h]] (read in the
+    kernel; no copy). budget: (topk_fraction, topk_floor) of the indices: each row then visits only its
+    own budget's slots (what ``anchor`` writes first), not all W."""
     B, Hq, Hkv, Lk, D = _check(q, k, v)
     if indices.dim() != 3 or indices.shape[0] != B or indices.shape[1] != Hkv:
         raise KascadeInputError(f"decode indices must be [B={B}, Hkv={Hkv}, W], got {tuple(indices.shape)}")
+    if head_map is not None and (head_map.shape != (Hkv,) or head_map.dtype != torch.int32
+                                 or head_map.device != q.device):
+        raise KascadeInputError(f"head_map must be int32 [{Hkv}] on {q.device}, got {head_map.dtype} "
+                                f"{tuple(head_map.shape)} on {head_map.device}")
     if indices.dtype not in (torch.int32, torch.int64):
         raise KascadeInputError(f"indices must be int32 or int64, got {indices.dtype}")
     if indices.stride(2) != 1:
@@ -262,17 +269,20 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None):
     out = torch.empty_like(q)
     counter = _counter(q.device, rows) if fuse else m
     kv_start, kv_end = kv_start.contiguous(), kv_end.contiguous()
+    ppm, floor = (round(budget[0] * 1_000_000), int(budget[1])) if budget is not None else (0, 0)
     kd.decode_sparse_kernel[(rows, n_splits)](
-        q, k, v, indices, kv_start, kv_end, (scores if scores is not None else m), m, l, o, out, counter,
+        q, k, v, indices, (head_map if head_map is not None else indices), kv_start, kv_end,
+        (scores if scores is not None else m), m, l, o, out, counter,
         _scale2(scale, D),
         q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         indices.stride(0), indices.stride(1),
         out.stride(0), out.stride(1),
-        Hkv, Lk, W, n_splits, chunk,
+        Hkv, Lk, W, n_splits, chunk, ppm, floor,
         G=G, GP=_gp(G), D=D, BLOCK_N=block, PRECISION=_precision(q), FROM_SCORES=scores is not None,
-        FUSE_COMBINE=fuse, **_combine_meta(G, D, n_splits), DIRECT=direct,
+        FUSE_COMBINE=fuse, **_combine_meta(G, D, n_splits), DIRECT=direct, MAPPED=head_map is not None,
+        BUDGET_BOUND=budget is not None,
         num_warps=TUNING["sparse_num_warps"], num_stages=TUNING["sparse_num_stages"],
     )
     return out if (fuse or direct) else _combine(q, m, l, o, n_splits, Hkv)
@@ -370,5 +380,6 @@ def anchor(q, k, v, kv_start, kv_end, *, topk_fraction, topk_floor, scale=None, 
     if dense_output:
         out = dense_out
     else:
-        out = sparse(q, k, v, indices, kv_start, kv_end, scale=scale, scores=scores)
+        out = sparse(q, k, v, indices, kv_start, kv_end, scale=scale, scores=scores,
+                     budget=(topk_fraction, topk_floor))
     return out, indices

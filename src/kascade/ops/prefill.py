@@ -95,9 +95,11 @@ def _warps(M: int, D: int) -> int:
     return 8 if M * D >= 128 * 128 else 4
 
 
-def _rows_info(kv_start: torch.Tensor, kv_end: torch.Tensor, Lq: int):
-    """Host copies of the row lengths (one device sync) and whether any query is padding."""
-    lengths = (kv_end - kv_start).tolist()
+def _rows_info(kv_start: torch.Tensor, kv_end: torch.Tensor, Lq: int, lengths=None):
+    """Host copies of the row lengths and whether any query is padding. The lengths are read back from
+    the device (one sync) unless the caller knows them (a step plan does: kascade.engine.Step)."""
+    if lengths is None:
+        lengths = (kv_end - kv_start).tolist()
     return lengths, any(L < Lq for L in lengths)
 
 
@@ -169,17 +171,18 @@ def _flash(q, k, v, kv_start, kv_end, scale, *, with_v: bool, store_lse: bool, p
     return out, lse
 
 
-def dense(q, k, v, kv_start, kv_end, *, scale=None):
-    """Causal GQA prefill attention, Triton flash kernel. q [B, Hq, Lq, D] -> out like q."""
+def dense(q, k, v, kv_start, kv_end, *, scale=None, lengths=None):
+    """Causal GQA prefill attention, Triton flash kernel. q [B, Hq, Lq, D] -> out like q.
+    lengths: host copy of kv_end - kv_start when the caller has it (saves a device sync)."""
     _check(q, k, v)
-    _, pad_rows = _rows_info(kv_start, kv_end, q.shape[2])
+    _, pad_rows = _rows_info(kv_start, kv_end, q.shape[2], lengths)
     out, _ = _flash(q, k, v, kv_start, kv_end, scale, with_v=True, store_lse=False, pad_rows=pad_rows)
     return out
 
 
 # --------------------------------------------------------------------------------------------- sparse
 def sparse(q, k, v, indices, kv_start, kv_end, *, topk_fraction, topk_floor, tile_size, scale=None,
-           indices_from_anchor=False):
+           indices_from_anchor=False, head_map=None, lengths=None):
     """Rolling sparse prefill (reuse layers).
 
     q [B, Hq, Lq, D] (Lq > 1, queries aligned to each row's end), k/v [B, Hkv, Lk, D], one of float16,
@@ -188,13 +191,20 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, topk_fraction, topk_floor, til
     W at least the largest budget, each sparse tile's first budget slots hold its keys, -1 after them.
     Those slots are read without a mask (benchmarks/notes_prefill.md), so a -1 among them is refused
     (one pass over the slots; indices_from_anchor=True skips it for indices ``anchor`` just returned).
+    head_map: int32 [Hkv] on the device: KV head h reads indices[:, head_map[h]] in the kernel (the
+    reuse layer's head map, no copy); None: indices are already this layer's. lengths: host copy of
+    kv_end - kv_start when the caller has it (saves a device sync).
     Returns out like q; padding queries are zero."""
     G = _check(q, k, v, tile_size)
     B, Hq, Lq, D = q.shape
     Hkv = k.shape[1]
     T = tile_size
-    lengths, pad_rows = _rows_info(kv_start, kv_end, Lq)
+    lengths, pad_rows = _rows_info(kv_start, kv_end, Lq, lengths)
     n_tiles = max(1, -(-max(lengths) // T))
+    if head_map is not None and (head_map.shape != (Hkv,) or head_map.dtype != torch.int32
+                                 or head_map.device != q.device):
+        raise KascadeInputError(f"head_map must be int32 [{Hkv}] on {q.device}, got {head_map.dtype} "
+                                f"{tuple(head_map.shape)} on {head_map.device}")
     if indices.dim() != 4 or indices.shape[0] != B or indices.shape[1] != Hkv:
         raise KascadeInputError(f"indices must be [B={B}, Hkv={Hkv}, n_tiles, W], got {tuple(indices.shape)}")
     if indices.shape[2] < n_tiles:
@@ -209,7 +219,7 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, topk_fraction, topk_floor, til
     if indices.dtype != torch.int32 or indices.stride(-1) != 1:
         indices = indices.to(torch.int32).contiguous()
     out = (torch.zeros if pad_rows else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
-    _launch_sparse(q, k, v, out, indices, budgets, kv_start, kv_end, G, T, scale)
+    _launch_sparse(q, k, v, out, indices, budgets, kv_start, kv_end, G, T, scale, head_map)
     return out
 
 
@@ -239,7 +249,7 @@ def _check_budget_slots(indices, budgets, host, lengths, Lq, T, max_elems=1 << 2
                     "anchor_attention returns them")
 
 
-def _launch_sparse(q, k, v, out, indices, budgets, kv_start, kv_end, G, T, scale):
+def _launch_sparse(q, k, v, out, indices, budgets, kv_start, kv_end, G, T, scale, head_map=None):
     B, Hq, Lq, D = q.shape
     Hkv = k.shape[1]
     g_block, n_gb = _group_blocking(G, T, SPARSE_ROWS_PER_PROGRAM or ROWS_PER_PROGRAM)
@@ -247,30 +257,32 @@ def _launch_sparse(q, k, v, out, indices, budgets, kv_start, kv_end, G, T, scale
     warps, maxnreg = (SPARSE_WARPS or _warps(M, D), SPARSE_MAXNREG) if M >= 128 else (4, None)
     grid = ((triton.cdiv(Lq, T) + 1) * n_gb, B * Hkv)
     K._sparse_kernel[grid](
-        q, k, v, out, indices, budgets, kv_start, kv_end,
+        q, k, v, out, indices, (head_map if head_map is not None else budgets), budgets, kv_start, kv_end,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         indices.stride(0), indices.stride(1), indices.stride(2),
         Lq, Hkv, G, n_gb, budgets.numel(), _scale(scale, D),
         D=D, G_BLOCK=g_block, T=T, BLOCK_N=SPARSE_BLOCK_N,
-        DOT_PREC=_dot_precision(q.dtype),
+        DOT_PREC=_dot_precision(q.dtype), MAPPED=head_map is not None,
         num_warps=warps, num_stages=SPARSE_STAGES, **({"maxnreg": maxnreg} if maxnreg and q.is_cuda else {}),
     )
 
 
 # --------------------------------------------------------------------------------------------- anchor
-def anchor(q, k, v, kv_start, kv_end, *, topk_fraction, topk_floor, tile_size, scale=None, dense_output=False):
+def anchor(q, k, v, kv_start, kv_end, *, topk_fraction, topk_floor, tile_size, scale=None, dense_output=False,
+           lengths=None):
     """Exact rolling Top-k selection (pooled post-softmax over tile x GQA group) and attention.
 
     Inputs as in ``sparse``. Returns (out like q, indices int32 [B, Hkv, n_tiles, kmax]) with
     n_tiles = ceil(max row length / T) and kmax the largest budget of a sparse tile: each sparse tile
     of this call holds exactly its budget of distinct prefix positions (ascending), -1 after; dense
-    tiles and tiles without queries hold -1. dense_output=True (layer 0): out is dense attention."""
+    tiles and tiles without queries hold -1. dense_output=True (layer 0): out is dense attention.
+    lengths: host copy of kv_end - kv_start when the caller has it (saves a device sync)."""
     G = _check(q, k, v, tile_size)
     B, Hq, Lq, D = q.shape
     Hkv = k.shape[1]
     T = tile_size
-    lengths, pad_rows = _rows_info(kv_start, kv_end, Lq)
+    lengths, pad_rows = _rows_info(kv_start, kv_end, Lq, lengths)
     n_tiles = max(1, -(-max(lengths) // T))
     host_budgets = _tile_budgets_host(n_tiles, T, topk_fraction, topk_floor)
     budgets = _tile_budgets(n_tiles, T, topk_fraction, topk_floor, q.device)
