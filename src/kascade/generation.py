@@ -72,8 +72,14 @@ class Generator:
                  cuda_graph: bool = True) -> None:
         if prefill_chunk < 1:
             raise KascadeInputError(f"prefill_chunk must be positive, got {prefill_chunk}")
+        from .integrations.hf import method_of
+
+        if method_of(model) is None:
+            raise KascadeInputError("Generator needs kascade.enable(model, plan) first (variant='dense' for the "
+                                    "dense baseline): its cache shows the attention the whole capacity")
         self.model = model
         self.cache = KascadeCache(model, batch_size, capacity)
+        self.cache.static_shapes = True  # fixed shapes for the captured decode step
         # Rolling prefill pools each tile of T queries; a chunk boundary inside a tile would pool it in two
         # halves, so chunks are multiples of 64 (every tile size the kernels take). Rows with left padding
         # start tiles at their own first token, so for them a boundary may still fall inside a tile.

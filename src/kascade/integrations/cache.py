@@ -12,8 +12,10 @@ Rows share their end (the transformers convention: shorter prompts are left-padd
 row b's number of padding tokens, set once from the attention mask (:meth:`KascadeCache.set_padding`).
 
 The device tensors never move or change shape, so a decode step can be captured in a CUDA graph
-(:mod:`kascade.generation`): the captured step adds q_length to ``kv_end`` on the device and writes at
-``kv_end - q_length``; the host mirror is advanced by whoever replays it (:meth:`advance_host`).
+(:mod:`kascade.generation`, with ``static_shapes=True``: every pass then sees the whole capacity and
+the attention bounds it by ``kv_end``): the captured step adds q_length to ``kv_end`` on the device and
+writes at ``kv_end - q_length``; the host mirror is advanced by whoever replays it (:meth:`advance_host`).
+Otherwise a pass sees a view of the keys written so far, like any transformers cache.
 
 Works with any attention implementation (sdpa sees an ordinary static-shape cache and a mask over its
 capacity); with Kascade enabled the attention uses the step directly.
@@ -52,7 +54,7 @@ class _Layer(CacheLayerMixin):
         return self._cache._write(self.index, key_states, value_states)
 
     def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
-        return self._cache.capacity, 0
+        return self._cache.get_mask_sizes(query_length)
 
     def get_seq_length(self) -> int:
         return self._cache.length
@@ -99,6 +101,9 @@ class KascadeCache(Cache):
         self.padding_known = False  # host_start set by set_padding / set_start for this sequence batch
         self.length = 0  # tokens written per row (padding included): the host mirror of kv_end
         self.step: Step | None = None  # the step of the current (or last) forward pass
+        # True: every pass sees the whole capacity (fixed shapes for a CUDA graph; the attention must
+        # respect kv_end, as Kascade's does). False: a pass sees the keys written so far (a view).
+        self.static_shapes = False
         self._write_index: torch.Tensor | None = None
         super().__init__(layers=[_Layer(self, i) for i in range(spec.num_layers)])
         from .hf import attach_cache
@@ -162,7 +167,7 @@ class KascadeCache(Cache):
         end = self.length
         lengths = None if captured else tuple(end - s for s in self.host_start)
         return Step(self.kv_start, self.kv_end, q_length, lengths=lengths,
-                    kv_length=None if q_length == 1 else end)
+                    kv_length=end if q_length > 1 or not self.static_shapes else None)
 
     # ------------------------------------------------------------------ writing
     def _begin(self, q_length: int) -> None:
@@ -182,14 +187,17 @@ class KascadeCache(Cache):
         keys, values = self.key_storage[layer], self.value_storage[layer]
         keys.index_copy_(2, self._write_index, key_states.to(keys.dtype))
         values.index_copy_(2, self._write_index, value_states.to(values.dtype))
-        return keys, values
+        if self.static_shapes:
+            return keys, values
+        return keys[:, :, : self.length], values[:, :, : self.length]
 
     # ------------------------------------------------------------------ Cache API
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0, *args) -> tuple[int, int]:
-        return self.capacity, 0
+        # called before the pass writes its keys
+        return (self.capacity if self.static_shapes else self.length + query_length), 0
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return self.capacity
