@@ -207,13 +207,16 @@ def test_default_devset_builds_offline():
 
 
 def test_shipped_plans_validate():
-    from kascade.plans import load_shipped, shipped
+    from kascade.plans import load_shipped, shipped, source_of
 
     names = shipped()
     assert {"smollm2-135m", "qwen2.5-0.5b"} <= set(names)
     expected = {"smollm2-135m": (30, 9, 3, 64), "qwen2.5-0.5b": (24, 14, 2, 64)}
     for name in names:
         plan = load_shipped(name)
+        if source_of(plan) != "kascade calibrate":  # the authors' plans: tests/test_plans_shipped.py
+            assert name not in expected
+            continue
         spec = plan.model
         assert (spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim) == expected[name]
         assert plan.provenance["command"].startswith("kascade calibrate --model " + name)

@@ -17,6 +17,7 @@ SUBCOMMANDS = (
     "kascade.calibrate.cli",  # kascade calibrate
     "kascade.bench.cli",  # kascade bench decode|prefill
     "kascade.eval.cli",  # kascade eval
+    "kascade.plans.cli",  # kascade plans [show NAME]
 )
 
 

@@ -1,6 +1,9 @@
-"""Plans shipped with kascade, made by ``kascade calibrate`` (each file records its exact command).
+"""Plans shipped with kascade (each file records its exact command in its provenance).
 
-``load_shipped("smollm2-135m")`` / ``load_shipped("qwen2.5-0.5b")``; names follow :mod:`kascade.models`.
+Made by ``kascade calibrate``: ``load_shipped("smollm2-135m")`` / ``load_shipped("qwen2.5-0.5b")``, names
+following :mod:`kascade.models`. Converted from the Kascade authors' published anchors and head maps
+(github.com/microsoft/kascade, MIT; ``scripts/convert_authors_plans.py``): ``"llama-3.1-8b-instruct"``,
+``"deepseek-r1-distill-llama-8b"``, ``"qwen3-8b"``. ``kascade plans`` lists them all.
 """
 
 from __future__ import annotations
@@ -22,9 +25,14 @@ def path_of(name: str):
     return path
 
 
+def source_of(plan: Plan) -> str:
+    """Who made a plan: ``provenance["source"]`` (the authors' plans), else "kascade calibrate"."""
+    return str(plan.provenance.get("source", "kascade calibrate"))
+
+
 def load_shipped(name: str) -> Plan:
     """The plan shipped for model ``name`` (a :mod:`kascade.models` name)."""
     return Plan.from_dict(__import__("json").loads(path_of(name).read_text()))
 
 
-__all__ = ["load_shipped", "shipped", "path_of"]
+__all__ = ["load_shipped", "shipped", "path_of", "source_of"]
