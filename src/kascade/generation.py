@@ -156,6 +156,8 @@ class Generator:
 
     def decode_step(self, sampling: dict) -> torch.Tensor:
         """Next tokens [B] of one decode step (graph replay when captured)."""
+        if self.cache.length >= self.cache.capacity:  # a replay has no check of its own
+            raise KascadeInputError(f"the cache is full ({self.cache.capacity} tokens per row)")
         if not self.cuda_graph:
             return self._decode_step(sampling)
         key = (self.cache.batch_size, self.cache.capacity, tuple(sorted(sampling.items())))

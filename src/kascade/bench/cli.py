@@ -1,4 +1,4 @@
-"""`kascade bench decode|prefill`. The prefill benchmark is optional: without kascade.bench.prefill only
+"""`kascade bench decode|prefill|generate`. The prefill benchmark is optional: without kascade.bench.prefill only
 decode is offered."""
 
 from __future__ import annotations
@@ -15,6 +15,12 @@ def register(subparsers) -> None:
                        description=decode.__doc__.split("\n\n")[0])
     decode.add_arguments(p)
     p.set_defaults(func=decode.run)
+    from . import generate
+
+    p = sub.add_parser("generate", help="end to end: time to first token and decode tokens/s, Kascade vs dense",
+                       description=generate.__doc__.split("\n\n")[0])
+    generate.add_arguments(p)
+    p.set_defaults(func=generate.run)
     try:
         from .prefill import add_arguments, run
     except ImportError:
