@@ -19,7 +19,7 @@ holding absolute key positions, -1 padded.
 
 No host synchronisation: every size below comes from tensor shapes, the budget of each row is computed
 on the device (reference.topk_budget's integer formula), so the ops can be captured in a CUDA graph.
-The index width is W = topk_budget(Lk) >= every row's budget.
+The index width is W = topk_budget(Lk) rounded up to a multiple of 16 (>= every row's budget; -1 past it).
 """
 
 from __future__ import annotations
@@ -305,10 +305,11 @@ def _select_fused(rows: int, device: torch.device) -> bool:
 
 def select(scores, m, l, n_splits, kv_start, kv_end, *, Hkv, topk_fraction, topk_floor):
     """Top-k over pooled post-softmax scores from the split pass (scores [B*Hkv, Lk, G], split partials
-    m, l [B*Hkv, n_splits, G]): indices [B, Hkv, W] int32, W = topk_budget(Lk)."""
+    m, l [B*Hkv, n_splits, G]): indices [B, Hkv, W] int32, W = topk_budget(Lk) rounded up to 16."""
     rows, Lk, G = scores.shape
     B = rows // Hkv
-    W = max(1, topk_budget(Lk, topk_fraction, topk_floor))
+    # rounded up to 16 (the compaction writes -1 past each row's budget): one stride class per geometry
+    W = -(-max(1, topk_budget(Lk, topk_fraction, topk_floor)) // 16) * 16
     ppm = round(topk_fraction * 1_000_000)
     device = scores.device
     block = TUNING["select_block"]

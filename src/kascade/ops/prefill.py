@@ -152,7 +152,7 @@ def _flash(q, k, v, kv_start, kv_end, scale, *, with_v: bool, store_lse: bool, p
     out = None
     if with_v:
         out = (torch.zeros if pad_rows else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.full((B, Hq, Lq), float("-inf"), dtype=torch.float32, device=q.device) if store_lse else None
+    lse = _lse_buffer(B, Hq, Lq, q.device) if store_lse else None
     o_arg = out if out is not None else q
     l_arg = lse if lse is not None else q
     M = g_block * block_t
@@ -169,6 +169,16 @@ def _flash(q, k, v, kv_start, kv_end, scale, *, with_v: bool, store_lse: bool, p
         num_stages=FLASH_STAGES if with_v else LSE_STAGES,
     )
     return out, lse
+
+
+def _pad16(n: int) -> int:
+    return -(-int(n) // 16) * 16
+
+
+def _lse_buffer(B: int, Hq: int, Lq: int, device) -> torch.Tensor:
+    """[B, Hq, Lq] float32 of -inf whose row stride is a multiple of 16: the kernels' stride arguments
+    then keep one divisibility class for every Lq (no recompile per prompt length)."""
+    return torch.full((B, Hq, _pad16(Lq)), float("-inf"), dtype=torch.float32, device=device)[:, :, :Lq]
 
 
 def dense(q, k, v, kv_start, kv_end, *, scale=None, lengths=None):
@@ -286,7 +296,8 @@ def anchor(q, k, v, kv_start, kv_end, *, topk_fraction, topk_floor, tile_size, s
     n_tiles = max(1, -(-max(lengths) // T))
     host_budgets = _tile_budgets_host(n_tiles, T, topk_fraction, topk_floor)
     budgets = _tile_budgets(n_tiles, T, topk_fraction, topk_floor, q.device)
-    kmax = max([1] + [kb for kb in host_budgets if kb >= 0])
+    # width rounded up to 16 (extra slots stay -1): one stride class for every length (no recompile)
+    kmax = _pad16(max([1] + [kb for kb in host_budgets if kb >= 0]))
     indices = torch.full((B, Hkv, n_tiles, kmax), -1, dtype=torch.int32, device=q.device)
 
     out = lse = None
@@ -322,7 +333,9 @@ def _dense_lse_cudnn(q, k, v, lengths, scale):
     out, lse = res[0], res[1]
     if lse.numel() != B * Hq * Lq:
         return None, None
-    return out, lse.reshape(B, Hq, Lq).float() * LOG2E
+    lse2 = _lse_buffer(B, Hq, Lq, q.device)
+    lse2.copy_(lse.reshape(B, Hq, Lq))
+    return out, lse2.mul_(LOG2E)
 
 
 def _select(q, k, lse, indices, budgets, kv_start, kv_end, G, T, tile_lo, n_tiles, scale,
