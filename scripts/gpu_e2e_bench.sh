@@ -10,3 +10,7 @@ python -m kascade.cli bench generate --model llama-3.1-8b --context 32768 --batc
   --hf-baseline --json "$OUT/generate_32k.json" --plot "$OUT/generate_32k.png" 2>&1 | grep -v Warn | tail -12
 python -m kascade.cli bench generate --model llama-3.1-8b --context 131072 --batch 1,3 --new-tokens 64 \
   --ttft-reps 1 --no-check --json "$OUT/generate_128k.json" 2>&1 | grep -v Warn | tail -10
+if [[ "${QWEN:-0}" == 1 ]]; then
+  python -m kascade.cli bench generate --model qwen2.5-7b --context 32768,131072 --batch 1 --new-tokens 64 \
+    --ttft-reps 1 --json "$OUT/generate_qwen7b.json" 2>&1 | grep -v Warn | tail -8
+fi

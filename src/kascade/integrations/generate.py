@@ -28,6 +28,11 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-chat-template", action="store_true", help="feed the raw prompt, no chat template")
     p.add_argument("--compare-dense", action="store_true", help="also generate densely and print both")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"),
+                   help="model dtype (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--prefill-chunk", type=int, default=32768,
+                   help="prompt tokens per prefill pass on CUDA (bounds activation memory at long contexts)")
     p.set_defaults(func=main)
 
 
@@ -48,6 +53,18 @@ def _plan(args, model_name: str):
 def _generate(model, tokenizer, ids, args):
     import torch
 
+    if ids.device.type == "cuda":  # kascade's Generator: owned cache, chunked prefill, CUDA-graph decode
+        from ..generation import Generator
+
+        gen = Generator(model, batch_size=1, capacity=ids.shape[1] + args.max_new_tokens,
+                        prefill_chunk=args.prefill_chunk)
+        res = gen.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                           temperature=args.temperature, top_p=args.top_p, eos_token_id=tokenizer.eos_token_id,
+                           seed=args.seed)
+        new = res.tokens[0]
+        if tokenizer.eos_token_id is not None and (new == tokenizer.eos_token_id).any():
+            new = new[: int((new == tokenizer.eos_token_id).nonzero()[0]) + 1]
+        return tokenizer.decode(new, skip_special_tokens=True), res.ttft_s + res.decode_s, int(new.shape[0])
     torch.manual_seed(args.seed)
     kwargs = dict(max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
     if args.sample:
@@ -69,13 +86,21 @@ def main(args: argparse.Namespace) -> int:
 
     text = args.prompt if args.prompt is not None else (
         sys.stdin.read() if args.file == "-" else open(args.file).read())
+    import torch
+
     model, tokenizer = _load_model(args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
+    model = model.to(device=device, dtype=dtype)
     plan = _plan(args, args.model)
     limit = getattr(model.config, "max_position_embeddings", 1 << 30) - args.max_new_tokens
-    ids = encode(tokenizer, text, limit, chat=not args.no_chat_template)
+    ids = encode(tokenizer, text, limit, chat=not args.no_chat_template).to(device)
     print(f"prompt: {ids.shape[1]} tokens; plan anchors {list(plan.anchor_layers)}, "
           f"Top-k {plan.topk_fraction:.0%}, variant {args.variant}", file=sys.stderr)
     if args.compare_dense:
+        if ids.device.type == "cuda":  # the dense baseline through the same cache and graphs
+            hf.enable(model, plan, variant="dense")
         dense, dense_s, n = _generate(model, tokenizer, ids, args)
         print(f"--- dense ({n} tokens, {dense_s:.2f} s)\n{dense}")
     hf.enable(model, plan, variant=args.variant, sparse_prefill=not args.dense_prefill)
