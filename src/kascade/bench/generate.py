@@ -143,6 +143,13 @@ def _gpu_busy(gen, sampling, steps: int = 8) -> float | None:
     return device_us / 1e6 / wall if wall > 0 and device_us > 0 else None
 
 
+def _kv_gib(model, L: int, B: int) -> float:
+    from ..integrations.hf import model_spec
+
+    s = model_spec(model)
+    return 2 * s.num_layers * B * s.num_kv_heads * L * s.head_dim * next(model.parameters()).element_size() / 2**30
+
+
 def _measure(model, method: str, L: int, B: int, args, vocab: int) -> dict:
     from ..generation import Generator
 
@@ -271,7 +278,14 @@ def run(args) -> int:
             point = []
             for method in methods:
                 hf.enable(model, plan, variant="dense" if method == "dense" else "kascade")
-                r = _measure(model, method, L, B, args, vocab)
+                try:
+                    r = _measure(model, method, L, B, args, vocab)
+                except torch.OutOfMemoryError:
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    print(f"{method} {L} x {B}: out of GPU memory (the KV cache alone is "
+                          f"{_kv_gib(model, L, B):.1f} GiB); skipped", flush=True)
+                    continue
                 point.append(r)
                 print(format_table([r], COLUMNS).splitlines()[-1], flush=True)
             if args.hf_baseline and B == 1:
@@ -288,6 +302,8 @@ def run(args) -> int:
                 r["ttft_speedup"] = best_ttft / r["ttft_s"] if best_ttft and r["ttft_s"] else None
                 r["mem_ratio"] = r["peak_mem_gb"] / dense_mem if dense_mem else None
             rows.extend(point)
+            if not point:
+                continue
     meta = {"bench": "generate", "env": env_info(), "argv": sys.argv[1:], "check": check,
             "plan": {"anchor_layers": list(plan.anchor_layers), "topk_fraction": plan.topk_fraction,
                      "topk_floor": plan.topk_floor, "tile_size": plan.tile_size,

@@ -338,17 +338,19 @@ def select(scores, m, l, n_splits, kv_start, kv_end, *, Hkv, topk_fraction, topk
     grid = (rows, sel_splits)
     nw = TUNING["select_num_warps"]
     a2, a3 = (max(0, int(a)) for a in TUNING["select_atomic_max"])
+    if fused and (G, str(device)) in _FUSED_REFUSED:
+        fused = False
     if fused:
-        kt.select_fused_kernel[grid](
-            scores, m, l, kv_start, kv_end, pooled, hist, part, indices, bar,
-            Hkv, Lk, W, n_splits, chunk, w_chunk, ppm, int(topk_floor), sel_splits,
-            G=G, GP=triton.next_power_of_2(G), SP=triton.next_power_of_2(n_splits), BLOCK=block, NB=kt.NBINS,
-            B2=b2, B3=b3, SPP=triton.next_power_of_2(sel_splits), ATOMIC2=a2, ATOMIC3=a3,
-            ZERO_PART=(1 << b3) if a3 > 0 else 0, num_warps=nw,
-            **({"launch_cooperative_grid": True}
-               if device.type == "cuda" and TUNING["select_fused_cooperative"] else {}),
-        )
-        return indices
+        try:
+            _launch_select_fused(grid, scores, m, l, kv_start, kv_end, pooled, hist, part, indices, bar, Hkv, Lk, W,
+                                 n_splits, chunk, w_chunk, ppm, topk_floor, sel_splits, G, block, b2, b3, nw, a2, a3,
+                                 device)
+            return indices
+        except RuntimeError as exc:  # the driver refused the co-resident grid (e.g. this G's registers)
+            if "cooperative" not in str(exc):
+                raise
+            _FUSED_REFUSED.add((G, str(device)))
+            hist.zero_()
     kt.pool_hist_kernel[grid](
         scores, m, l, kv_start, kv_end, pooled, hist, Hkv, Lk, n_splits, chunk,
         G=G, GP=triton.next_power_of_2(G), SP=triton.next_power_of_2(n_splits), BLOCK=block, NB=kt.NBINS,
@@ -365,6 +367,22 @@ def select(scores, m, l, n_splits, kv_start, kv_end, *, Hkv, topk_fraction, topk
         sel_splits, B2=b2, B3=b3, NB3=1 << b3, SPP=triton.next_power_of_2(sel_splits), BLOCK=block, num_warps=nw,
     )
     return indices
+
+
+_FUSED_REFUSED: set = set()  # (G, device) whose fused selection grid the driver refused as cooperative
+
+
+def _launch_select_fused(grid, scores, m, l, kv_start, kv_end, pooled, hist, part, indices, bar, Hkv, Lk, W, n_splits,
+                         chunk, w_chunk, ppm, topk_floor, sel_splits, G, block, b2, b3, nw, a2, a3, device):
+    kt.select_fused_kernel[grid](
+        scores, m, l, kv_start, kv_end, pooled, hist, part, indices, bar,
+        Hkv, Lk, W, n_splits, chunk, w_chunk, ppm, int(topk_floor), sel_splits,
+        G=G, GP=triton.next_power_of_2(G), SP=triton.next_power_of_2(n_splits), BLOCK=block, NB=kt.NBINS,
+        B2=b2, B3=b3, SPP=triton.next_power_of_2(sel_splits), ATOMIC2=a2, ATOMIC3=a3,
+        ZERO_PART=(1 << b3) if a3 > 0 else 0, num_warps=nw,
+        **({"launch_cooperative_grid": True}
+           if device.type == "cuda" and TUNING["select_fused_cooperative"] else {}),
+    )
 
 
 def anchor(q, k, v, kv_start, kv_end, *, topk_fraction, topk_floor, scale=None, dense_output=False):
