@@ -109,16 +109,22 @@ def test_no_compile_for_new_lengths():
 
 
 def test_fraction_one_equals_dense():
-    """Kascade at Top-k fraction 1.0 is dense attention: the prefill's logits agree to bf16 precision and
-    the greedy tokens agree (an argmax between near-equal logits may flip in bf16: at most 2 of 16)."""
+    """Kascade at Top-k fraction 1.0 is dense attention: after the same prefill, the prefill logits and the
+    logits of a decode step from the same token agree to bf16 precision, and the greedy tokens start the
+    same (later, an argmax between near-equal logits of this random model may flip in bf16 and the
+    sequences part: seen after 8 of 16 tokens on the H100)."""
     model = small_model()
     plan = plan_for(model)
     ids = _ids(3000, seed=7)
-    out, logits = {}, {}
+    out, logits, step = {}, {}, {}
     for name, p, variant in (("dense", plan, "dense"), ("one", plan.with_budget(topk_fraction=1.0), "kascade")):
         kascade.enable(model, p, variant=variant)
         gen = Generator(model, batch_size=1, capacity=3100)
         out[name] = gen.generate(ids, max_new_tokens=16).tokens
         logits[name] = gen.prefill(ids).float()
+        gen._ids.fill_(17)
+        with torch.no_grad():
+            step[name] = gen._forward(gen._ids, gen._pos).float()
     torch.testing.assert_close(logits["one"], logits["dense"], atol=0.05, rtol=0.05)
-    assert (out["dense"] == out["one"]).sum() >= 14, (out["dense"], out["one"])
+    torch.testing.assert_close(step["one"], step["dense"], atol=0.05, rtol=0.05)
+    assert torch.equal(out["dense"][:, :4], out["one"][:, :4]), (out["dense"], out["one"])
