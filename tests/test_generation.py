@@ -224,3 +224,11 @@ def test_sample_next():
 def test_generator_needs_kascade_enabled():
     with pytest.raises(KascadeInputError, match="enable"):
         Generator(tiny_model("llama"), batch_size=1, capacity=32)
+
+
+def test_warmup_returns_a_ready_generator():
+    model = tiny_model("llama")
+    kascade.enable(model, plan_for(model, 0.3))
+    gen = kascade.warmup(model, capacity=256, prompt_length=128)
+    assert isinstance(gen, kascade.Generator) and gen.prefill_chunk == 128
+    assert gen.generate(prompt(100, 1), max_new_tokens=3).tokens.shape == (1, 3)

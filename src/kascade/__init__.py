@@ -13,7 +13,24 @@ from .validation import KascadeInputError
 
 __version__ = "0.1.0"
 
+_LAZY = {  # need transformers: imported on first use, so `import kascade` stays torch-only
+    "Generator": ("kascade.generation", "Generator"),
+    "generate": ("kascade.generation", "generate"),
+    "warmup": ("kascade.generation", "warmup"),
+    "KascadeCache": ("kascade.integrations.cache", "KascadeCache"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'kascade' has no attribute {name!r}")
+
 __all__ = [
     "Engine", "Variant", "VARIANTS", "ModelSpec", "Plan", "PlanError", "KascadeInputError",
     "anchor_attention", "dense_attention", "sparse_attention", "topk_budget", "enable", "disable",
+    "Generator", "generate", "warmup", "KascadeCache",
 ]
