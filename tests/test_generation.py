@@ -232,3 +232,10 @@ def test_warmup_returns_a_ready_generator():
     gen = kascade.warmup(model, capacity=256, prompt_length=128)
     assert isinstance(gen, kascade.Generator) and gen.prefill_chunk == 128
     assert gen.generate(prompt(100, 1), max_new_tokens=3).tokens.shape == (1, 3)
+
+
+def test_compile_needs_the_graph():
+    model = tiny_model("llama")
+    kascade.enable(model, plan_for(model, 0.3))
+    with pytest.raises(KascadeInputError, match="compile=True needs"):
+        Generator(model, batch_size=1, capacity=32, compile=True)

@@ -65,11 +65,12 @@ class Generator:
     prefill_chunk: prompt tokens per prefill pass, rounded down to a multiple of 64 (long prompts in
     several passes bound the activation memory; one pass is fastest: it may use cuDNN's dense kernel). cuda_graph: capture the
     decode step (CUDA only). The graph is captured on the first generate() and reused while the batch
-    size, capacity and sampling settings stay the same.
+    size, capacity and sampling settings stay the same. compile: torch.compile the decode forward around
+    the attention (fewer, fused kernels for the model's norms, rotary and MLP; the first step compiles).
     """
 
     def __init__(self, model, *, batch_size: int, capacity: int, prefill_chunk: int = 131072,
-                 cuda_graph: bool = True) -> None:
+                 cuda_graph: bool = True, compile: bool = False) -> None:
         if prefill_chunk < 1:
             raise KascadeInputError(f"prefill_chunk must be positive, got {prefill_chunk}")
         from .integrations.hf import method_of
@@ -90,14 +91,31 @@ class Generator:
         B = self.cache.batch_size
         self._ids = torch.zeros((B, 1), dtype=torch.long, device=self.device)
         self._pos = torch.zeros((B, 1), dtype=torch.long, device=self.device)
+        # torch.compile of the decode forward: fuses the model's own small kernels (norms, rotary, MLP
+        # activation, residual adds) between the attention calls, which stay graph breaks; prefill runs
+        # the model as it is (its kernels are long, and its shapes change).
+        self._decode_model = model
+        if compile and not self.cuda_graph:
+            # the cache's host length is a guard of the compiled code: only a captured step avoids a
+            # recompile per step
+            raise KascadeInputError("compile=True needs the CUDA-graph decode step (CUDA, cuda_graph=True)")
+        if compile:
+            import torch._dynamo
+
+            # each decoder layer is a guard variant of the same code objects: allow one per layer
+            n = self.cache.spec.num_layers
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * n)
+            torch._dynamo.config.accumulated_cache_size_limit = max(
+                torch._dynamo.config.accumulated_cache_size_limit, 16 * n)
+            self._decode_model = torch.compile(model, dynamic=False)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_key: tuple | None = None
         self._graph_out: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ passes
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1,
-                         **{self._cache_arg: self.cache})
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, model=None) -> torch.Tensor:
+        out = (model or self.model)(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1,
+                                    **{self._cache_arg: self.cache})
         return out.logits[:, -1]
 
     @torch.no_grad()
@@ -122,7 +140,7 @@ class Generator:
 
     def _decode_step(self, sampling: dict) -> torch.Tensor:
         """One decode pass from the static input buffers; advances them for the next step."""
-        logits = self._forward(self._ids, self._pos)
+        logits = self._forward(self._ids, self._pos, self._decode_model)
         nxt = sample_next(logits, **sampling)
         self._ids.copy_(nxt[:, None])
         self._pos.add_(1)

@@ -59,7 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--anchors", default=None, help="anchor layers (comma list; default: the shipped plan, or 0,2,8,13,14)")
     a("--dtype", default="bf16", choices=sorted(DTYPES))
     a("--prefill-chunk", type=int, default=131072, help="prompt tokens per prefill pass")
-    a("--methods", default="dense,kascade", help="dense, kascade (comma list)")
+    a("--methods", default="dense,kascade",
+      help="dense, kascade, dense-compiled, kascade-compiled (comma list; -compiled: torch.compile of the "
+           "decode forward around the attention, inside the same CUDA graph; its prefill is not compiled, so "
+           "its TTFT is not measured again)")
     a("--hf-baseline", action="store_true", help="also time transformers' generate() (sdpa, DynamicCache), batch 1")
     a("--ttft-reps", type=int, default=2, help="timed prefills per point (after one warm-up)")
     a("--no-check", action="store_true", help="skip the fraction-1.0 token check")
@@ -153,6 +156,7 @@ def _kv_gib(model, L: int, B: int) -> float:
 def _measure(model, method: str, L: int, B: int, args, vocab: int) -> dict:
     from ..generation import Generator
 
+    compiled = method.endswith("-compiled")
     steps = args.new_tokens
     sampling = dict(do_sample=False, temperature=1.0, top_p=1.0)
     row: dict = {"method": method, "context": L, "batch": B}
@@ -160,23 +164,25 @@ def _measure(model, method: str, L: int, B: int, args, vocab: int) -> dict:
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     g = torch.Generator(device="cuda").manual_seed(L)
+    gen = Generator(model, batch_size=B, capacity=L + steps + 16, prefill_chunk=args.prefill_chunk,
+                    compile=compiled)
     if B == 1:
-        gen = Generator(model, batch_size=1, capacity=L + steps + 16, prefill_chunk=args.prefill_chunk)
         ids = torch.randint(0, vocab, (1, L), device="cuda", generator=g)
         ttfts = []
-        for rep in range(1 + args.ttft_reps):
+        for rep in range(1 + (0 if compiled else args.ttft_reps)):
             res = gen.generate(ids, max_new_tokens=1)
             if rep:
                 ttfts.append(res.ttft_s)
-        row["ttft_s"] = statistics.median(ttfts)
+        row["ttft_s"] = statistics.median(ttfts) if ttfts else None
         gen._ids.copy_(res.tokens[:, :1])
     else:
-        gen = Generator(model, batch_size=B, capacity=L + steps + 16, prefill_chunk=args.prefill_chunk)
         _fill_random(gen, L)
         row["ttft_s"] = None
     row["cache_fill"] = "prefill" if B == 1 else "random"
+    t_capture = time.perf_counter()
     gen.decode_step(sampling)  # capture (and compile) outside the timing
     torch.cuda.synchronize()
+    row["capture_s"] = time.perf_counter() - t_capture
     t0 = time.perf_counter()
     for _ in range(steps):
         gen.decode_step(sampling)
@@ -277,7 +283,7 @@ def run(args) -> int:
         for B in batches:
             point = []
             for method in methods:
-                hf.enable(model, plan, variant="dense" if method == "dense" else "kascade")
+                hf.enable(model, plan, variant="dense" if method.startswith("dense") else "kascade")
                 try:
                     r = _measure(model, method, L, B, args, vocab)
                 except torch.OutOfMemoryError:
@@ -292,7 +298,7 @@ def run(args) -> int:
                 r = _measure_hf(model, L, args, vocab)
                 point.append(r)
                 print(format_table([r], COLUMNS).splitlines()[-1], flush=True)
-            dense_rows = [r for r in point if r["method"] in ("dense", "hf")]
+            dense_rows = [r for r in point if r["method"] in ("dense", "dense-compiled", "hf")]
             best_tok = max((r["decode_tok_s"] for r in dense_rows), default=None)
             ttfts = [r["ttft_s"] for r in dense_rows if r["ttft_s"] is not None]
             best_ttft = min(ttfts) if ttfts else None
@@ -312,8 +318,8 @@ def run(args) -> int:
     path = args.json or os.path.join("benchmarks", "results", f"generate_{time.strftime('%Y%m%d_%H%M%S')}.json")
     write_results(path, rows, meta)
     if args.plot:
-        krows = [r for r in rows if r["method"] == "kascade"]
-        plot(krows, "context", ["decode_speedup"], args.plot, group=lambda r: f"B={r['batch']}",
+        krows = [r for r in rows if r["method"].startswith("kascade")]
+        plot(krows, "context", ["decode_speedup"], args.plot, group=lambda r: f"{r['method']} B={r['batch']}",
              ylabel="end-to-end decode tokens/s, Kascade / best dense")
     print()
     print(format_table(rows, COLUMNS))

@@ -50,6 +50,7 @@ class _Layer(CacheLayerMixin):
     def lazy_initialization(self, key_states, value_states) -> None:  # preallocated
         return None
 
+    @torch.compiler.disable  # host state (the length mirror): a graph break under torch.compile
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         return self._cache._write(self.index, key_states, value_states)
 

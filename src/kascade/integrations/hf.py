@@ -125,6 +125,7 @@ def _sdpa_mask_function():
     return masking_utils.sdpa_mask
 
 
+@torch.compiler.disable
 def kascade_mask(batch_size: int, *args, **kwargs):
     """Mask function registered as "kascade" (signature of transformers' ``sdpa_mask``, 4.57 and 5.x).
 
@@ -250,6 +251,9 @@ def _output_attentions_requested(kwargs: dict) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ attention fn
+# Never traced by torch.compile (kascade.Generator compiles the rest of a decode step): the attention keeps
+# per-pass state (anchor indices) and launches its own kernels; under compile it is a graph break.
+@torch.compiler.disable
 def kascade_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
