@@ -100,13 +100,12 @@ class Generator:
             # recompile per step
             raise KascadeInputError("compile=True needs the CUDA-graph decode step (CUDA, cuda_graph=True)")
         if compile:
-            import torch._dynamo
+            from torch._dynamo import config as dynamo_config
 
             # each decoder layer is a guard variant of the same code objects: allow one per layer
             n = self.cache.spec.num_layers
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * n)
-            torch._dynamo.config.accumulated_cache_size_limit = max(
-                torch._dynamo.config.accumulated_cache_size_limit, 16 * n)
+            dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 4 * n)
+            dynamo_config.accumulated_cache_size_limit = max(dynamo_config.accumulated_cache_size_limit, 16 * n)
             self._decode_model = torch.compile(model, dynamic=False)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_key: tuple | None = None
