@@ -113,7 +113,7 @@ class Generator:
 
     # ------------------------------------------------------------------ passes
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, model=None) -> torch.Tensor:
-        out = (model or self.model)(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1,
+        out = (self.model if model is None else model)(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1,
                                     **{self._cache_arg: self.cache})
         return out.logits[:, -1]
 
