@@ -110,6 +110,7 @@ class Generator:
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_key: tuple | None = None
         self._graph_out: torch.Tensor | None = None
+        self._graph_logits: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ passes
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, model=None) -> torch.Tensor:
@@ -140,6 +141,7 @@ class Generator:
     def _decode_step(self, sampling: dict) -> torch.Tensor:
         """One decode pass from the static input buffers; advances them for the next step."""
         logits = self._forward(self._ids, self._pos, self._decode_model)
+        self._graph_logits = logits  # the captured step's logits (a static buffer under the graph)
         nxt = sample_next(logits, **sampling)
         self._ids.copy_(nxt[:, None])
         self._pos.add_(1)
