@@ -165,8 +165,9 @@ def decode_sparse_kernel(
     instead of copying the indices). BUDGET_BOUND: slots past the row's budget (computed from its length,
     ppm and floor as in topk.py) are not visited: with a cache wider than the row, W is the budget of the
     whole cache while a row needs only its own. PAGED: a vLLM paged cache, as in decode_split_kernel
-    (indices stay logical positions; each is translated through the row's block table). (A loop pipelined by hand, indices two blocks and K/V one
-    block ahead, measured slower at every point on the H100: benchmarks/notes_decode.md, v6.)"""
+    (indices stay logical positions; each is translated through the row's block table). (A loop
+    pipelined by hand, indices two blocks and K/V one block ahead, measured slower at every point on
+    the H100: benchmarks/notes_decode.md, v6.)"""
     row = tl.program_id(0)
     split = tl.program_id(1)
     b = (row // H_KV).to(tl.int64)

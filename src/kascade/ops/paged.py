@@ -74,7 +74,8 @@ def _check_paged(q, k_cache, v_cache, block_table, seq_lens):
     if block_table.device != q.device:
         raise KascadeInputError(f"block_table is on {block_table.device}, q is on {q.device}")
     if block_table.shape[1] < 1:
-        raise KascadeInputError(f"block_table must have at least one block per sequence, got {tuple(block_table.shape)}")
+        raise KascadeInputError(f"block_table must have at least one block per sequence, got "
+                                f"{tuple(block_table.shape)}")
     if block_table.stride(1) != 1:
         raise KascadeInputError(f"block_table must be contiguous along its rows, got strides {block_table.stride()}")
     if not isinstance(seq_lens, torch.Tensor) or seq_lens.shape != (B,):
