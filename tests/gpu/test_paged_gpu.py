@@ -121,7 +121,7 @@ def test_paged_no_host_sync_and_cuda_graph():
         g_out, g_idx = P.paged_decode_anchor(q, kc, vc, bt, seq_lens, **kw)
     # a new query and a longer second sequence in the same buffers: the replay must follow them
     q.copy_(torch.randn_like(q) * 3)
-    seq_lens[1] = 9000 + 5 + 11  # its last block has room (and NaN there until now: fill those slots)
+    seq_lens[1] = 9000 + 5 + 3  # fills its last block (NaN there until now: write those slots)
     phys = int(bt[1, (9000 + 5) // 16])
     kc[phys, (9000 + 5) % 16:] = torch.randn_like(kc[phys, (9000 + 5) % 16:])
     vc[phys, (9000 + 5) % 16:] = torch.randn_like(vc[phys, (9000 + 5) % 16:])
