@@ -16,25 +16,32 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .paged import physical_slots
+
 
 # Lengths and split sizes are runtime values: Triton would otherwise compile a variant per divisibility
 # class of each (a new prompt length = a new compile); they only bound loops and masks.
 @triton.jit(do_not_specialize=["Lk", "n_splits", "chunk"])
 def decode_split_kernel(
-    Q, K, V, KV_START, KV_END, SCORES, M_PART, L_PART, O_PART, OUT, COUNTER,
+    Q, K, V, KV_START, KV_END, SCORES, M_PART, L_PART, O_PART, OUT, COUNTER, BT,
     qk_scale,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh,
+    stride_btb, stride_kblk, stride_vblk,
     H_KV, Lk, n_splits, chunk,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     WRITE_SCORES: tl.constexpr, ACC_V: tl.constexpr, PRECISION: tl.constexpr,
     FUSE_COMBINE: tl.constexpr, GQ: tl.constexpr, SP: tl.constexpr, SB: tl.constexpr,
+    PAGED: tl.constexpr = False, PAGE: tl.constexpr = 16,
 ):
     """One split of one row's valid keys: scores of the G heads (written to SCORES [rows, Lk, G] when
     WRITE_SCORES), their split max/sum, and with ACC_V the unnormalised split output. With
-    FUSE_COMBINE (needs ACC_V) the last split of a row to finish merges the row's splits into OUT."""
+    FUSE_COMBINE (needs ACC_V) the last split of a row to finish merges the row's splits into OUT.
+    PAGED: K/V are vLLM paged caches (kernels/paged.py): positions are logical, a key's address goes
+    through the row's block table BT[b] (stride_kb / stride_vb are then 0, stride_kn the slot stride,
+    stride_kblk the block stride, PAGE the block size)."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     b = (row // H_KV).to(tl.int64)
@@ -53,6 +60,7 @@ def decode_split_kernel(
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     s_base = SCORES + row.to(tl.int64) * G * Lk
+    bt_row = BT + b * stride_btb
 
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
@@ -60,7 +68,12 @@ def decode_split_kernel(
     for n0 in range(lo, hi, BLOCK_N):
         n = n0 + offs_n
         n_mask = n < hi
-        k = tl.load(k_base + n[:, None] * stride_kn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        if PAGED:
+            blk, slot = physical_slots(n, n_mask, bt_row, PAGE)
+            k_off = blk * stride_kblk + slot * stride_kn
+        else:
+            k_off = n * stride_kn
+        k = tl.load(k_base + k_off[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(n_mask[None, :], s, float("-inf"))
         if WRITE_SCORES:
@@ -71,7 +84,11 @@ def decode_split_kernel(
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if ACC_V:
-            v = tl.load(v_base + n[:, None] * stride_vn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+            if PAGED:
+                v_off = blk * stride_vblk + slot * stride_vn
+            else:
+                v_off = n * stride_vn
+            v = tl.load(v_base + v_off[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
@@ -88,16 +105,23 @@ def decode_split_kernel(
 @triton.jit
 def _sparse_block(acc, m_i, l_i, q, slot, hi, i_base, k_base, v_base, s_base, start, end, stride_kn, stride_vn,
                   qk_scale, offs_g, offs_d, g_mask, G: tl.constexpr, PRECISION: tl.constexpr,
-                  FROM_SCORES: tl.constexpr):
-    """One block of index slots of the sparse pass into the running (acc, max, sum)."""
+                  FROM_SCORES: tl.constexpr, bt_row, stride_kblk, stride_vblk, PAGED: tl.constexpr,
+                  PAGE: tl.constexpr):
+    """One block of index slots of the sparse pass into the running (acc, max, sum). PAGED: indices are
+    logical positions, translated through the row's block table bt_row (kernels/paged.py)."""
     idx = tl.load(i_base + slot, mask=slot < hi, other=-1).to(tl.int64)
     valid = (idx >= start) & (idx < end)
     idx = tl.where(valid, idx, 0)
+    if PAGED:
+        blk, pslot = physical_slots(idx, valid, bt_row, PAGE)
+        k_off = blk * stride_kblk + pslot * stride_kn
+    else:
+        k_off = idx * stride_kn
     if FROM_SCORES:
         s = tl.load(s_base + idx[None, :] * G + offs_g[:, None], mask=g_mask[:, None] & valid[None, :],
                     other=float("-inf"))
     else:
-        k = tl.load(k_base + idx[:, None] * stride_kn + offs_d[None, :], mask=valid[:, None], other=0.0)
+        k = tl.load(k_base + k_off[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     s = tl.where(valid[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -107,25 +131,30 @@ def _sparse_block(acc, m_i, l_i, q, slot, hi, i_base, k_base, v_base, s_base, st
     l_i = l_i * alpha + tl.sum(p, 1)
     # V is loaded after the score dot: loaded before it, its registers stay live across the softmax
     # (202 instead of 104 registers per thread, Triton 3.9 sm_90 build)
-    v = tl.load(v_base + idx[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
+    if PAGED:
+        v_off = blk * stride_vblk + pslot * stride_vn
+    else:
+        v_off = idx * stride_vn
+    v = tl.load(v_base + v_off[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, m_new, l_i
 
 
 @triton.jit(do_not_specialize=["Lk", "W", "n_splits", "chunk", "ppm", "floor"])
 def decode_sparse_kernel(
-    Q, K, V, IDX, HEAD_MAP, KV_START, KV_END, SCORES, M_PART, L_PART, O_PART, OUT, COUNTER,
+    Q, K, V, IDX, HEAD_MAP, KV_START, KV_END, SCORES, M_PART, L_PART, O_PART, OUT, COUNTER, BT,
     qk_scale,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ib, stride_ih,
     stride_ob, stride_oh,
+    stride_btb, stride_kblk, stride_vblk,
     H_KV, Lk, W, n_splits, chunk, ppm, floor,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     FROM_SCORES: tl.constexpr, FUSE_COMBINE: tl.constexpr, GQ: tl.constexpr, SP: tl.constexpr,
     SB: tl.constexpr, DIRECT: tl.constexpr = False, MAPPED: tl.constexpr = False,
-    BUDGET_BOUND: tl.constexpr = False,
+    BUDGET_BOUND: tl.constexpr = False, PAGED: tl.constexpr = False, PAGE: tl.constexpr = 16,
 ):
     """One split of one row's index slots: gather K/V at the indices (absolute positions; -1 or
     positions outside [kv_start, kv_end) are skipped) and attend, writing the split's (m, l, acc).
@@ -135,8 +164,10 @@ def decode_sparse_kernel(
     merge). MAPPED: KV head h reads the index row HEAD_MAP[h] (a reuse layer's head map, applied here
     instead of copying the indices). BUDGET_BOUND: slots past the row's budget (computed from its length,
     ppm and floor as in topk.py) are not visited: with a cache wider than the row, W is the budget of the
-    whole cache while a row needs only its own. (A loop pipelined by hand, indices two blocks and K/V one
-    block ahead, measured slower at every point on the H100: benchmarks/notes_decode.md, v6.)"""
+    whole cache while a row needs only its own. PAGED: a vLLM paged cache, as in decode_split_kernel
+    (indices stay logical positions; each is translated through the row's block table). (A loop
+    pipelined by hand, indices two blocks and K/V one block ahead, measured slower at every point on
+    the H100: benchmarks/notes_decode.md, v6.)"""
     row = tl.program_id(0)
     split = tl.program_id(1)
     b = (row // H_KV).to(tl.int64)
@@ -163,6 +194,7 @@ def decode_sparse_kernel(
         h_sel = tl.load(HEAD_MAP + h).to(tl.int64)
     i_base = IDX + b * stride_ib + h_sel * stride_ih
     s_base = SCORES + row.to(tl.int64) * G * Lk
+    bt_row = BT + b * stride_btb
 
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
@@ -171,7 +203,7 @@ def decode_sparse_kernel(
     for n0 in range(lo, hi, BLOCK_N):
         acc, m_i, l_i = _sparse_block(acc, m_i, l_i, q, n0 + offs_n, hi, i_base, k_base, v_base, s_base,
                                       start, end, stride_kn, stride_vn, qk_scale, offs_g, offs_d, g_mask,
-                                      G, PRECISION, FROM_SCORES)
+                                      G, PRECISION, FROM_SCORES, bt_row, stride_kblk, stride_vblk, PAGED, PAGE)
 
     if DIRECT:
         # the only split of its row: normalise and store (a head that saw no key gets zeros)

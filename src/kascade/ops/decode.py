@@ -25,6 +25,7 @@ The index width is W = topk_budget(Lk) rounded up to a multiple of 16 (>= every 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -119,6 +120,34 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int,
     return B, Hq, Hkv, Lk, D
 
 
+@dataclass(frozen=True)
+class PagedKV:
+    """K/V given as vLLM paged caches [num_blocks, block_size, Hkv, D] with a block table int32
+    [B, max_blocks] (checked by :mod:`kascade.ops.paged`, which builds this). Positions, the scores
+    buffer and indices stay logical; the kernels translate a key's address through the block table."""
+
+    block_table: torch.Tensor
+    block_size: int
+
+
+def _kv_layout(q, k, v, paged: PagedKV | None):
+    """Geometry and the K/V arguments of the split / sparse kernels: (B, Hq, Hkv, Lk, D, kv_strides,
+    block_table, paged_strides, paged_meta). Contiguous caches are checked here (_check); a paged cache
+    was checked by ops.paged. Its key axis is the logical one, Lk = max_blocks * block_size; it has no
+    batch stride (rows differ only by their block table)."""
+    if paged is None:
+        B, Hq, Hkv, Lk, D = _check(q, k, v)
+        kv_strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
+        return B, Hq, Hkv, Lk, D, kv_strides, k, (0, 0, 0), {}
+    bt = paged.block_table
+    B, Hq, _, D = q.shape
+    Hkv = k.shape[2]
+    Lk = bt.shape[1] * paged.block_size
+    kv_strides = (0, k.stride(2), k.stride(1), 0, v.stride(2), v.stride(1))
+    return (B, Hq, Hkv, Lk, D, kv_strides, bt, (bt.stride(0), k.stride(0), v.stride(0)),
+            dict(PAGED=True, PAGE=paged.block_size))
+
+
 _COUNTERS: dict[tuple, torch.Tensor] = {}
 
 
@@ -172,10 +201,10 @@ def _gp(G: int) -> int:
     return max(16, triton.next_power_of_2(G))
 
 
-def _split_pass(q, k, v, kv_start, kv_end, scale, write_scores: bool, acc_v: bool):
+def _split_pass(q, k, v, kv_start, kv_end, scale, write_scores: bool, acc_v: bool, paged: PagedKV | None = None):
     """Launch decode_split_kernel; returns (scores or None, m, l, out or None, n_splits): out is the dense
-    output when acc_v."""
-    B, Hq, Hkv, Lk, D = _check(q, k, v)
+    output when acc_v. paged: K/V are paged caches (kv_start / kv_end then hold logical positions)."""
+    B, Hq, Hkv, Lk, D, kv_strides, bt, pg_strides, pg_meta = _kv_layout(q, k, v, paged)
     G = Hq // Hkv
     rows = B * Hkv
     block = TUNING["block_n"]
@@ -190,15 +219,15 @@ def _split_pass(q, k, v, kv_start, kv_end, scale, write_scores: bool, acc_v: boo
     counter = _counter(q.device, rows) if fuse else m
     kv_start, kv_end = kv_start.contiguous(), kv_end.contiguous()
     kd.decode_split_kernel[(rows, n_splits)](
-        q, k, v, kv_start, kv_end, scores, m, l, o, out, counter,
+        q, k, v, kv_start, kv_end, scores, m, l, o, out, counter, bt,
         _scale2(scale, D),
         q.stride(0), q.stride(1),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
+        *kv_strides,
         out.stride(0), out.stride(1),
+        *pg_strides,
         Hkv, Lk, n_splits, chunk,
         G=G, GP=_gp(G), D=D, BLOCK_N=block, WRITE_SCORES=write_scores, ACC_V=acc_v,
-        PRECISION=_precision(q), FUSE_COMBINE=fuse, **_combine_meta(G, D, n_splits),
+        PRECISION=_precision(q), FUSE_COMBINE=fuse, **_combine_meta(G, D, n_splits), **pg_meta,
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
     )
     if acc_v and not fuse:
@@ -229,15 +258,17 @@ def sparse_splits(rows: int, width: int, device: torch.device) -> tuple[int, int
                    TUNING["sparse_programs_per_sm"], TUNING["sparse_max_splits"], TUNING["sparse_chunk_align"])
 
 
-def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None, head_map=None, budget=None):
+def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None, head_map=None, budget=None,
+           paged: PagedKV | None = None):
     """Attention over each (row, KV head)'s selected keys: indices [B, Hkv, W] (absolute positions,
     -1 and positions outside [kv_start, kv_end) ignored). Returns [B, Hq, 1, D] in q's dtype.
     scores: the anchor's score-pass output [B*Hkv, Lk, G] (base-2, scaled); when given, scores are
     gathered from it instead of recomputed from K.
     head_map: int32 [Hkv] on the device: KV head h attends over indices[:, head_map[h]] (read in the
     kernel; no copy). budget: (topk_fraction, topk_floor) of the indices: each row then visits only its
-    own budget's slots (what ``anchor`` writes first), not all W."""
-    B, Hq, Hkv, Lk, D = _check(q, k, v)
+    own budget's slots (what ``anchor`` writes first), not all W. paged: K/V are paged caches; indices
+    are logical positions."""
+    B, Hq, Hkv, Lk, D, kv_strides, bt, pg_strides, pg_meta = _kv_layout(q, k, v, paged)
     if indices.dim() != 3 or indices.shape[0] != B or indices.shape[1] != Hkv:
         raise KascadeInputError(f"decode indices must be [B={B}, Hkv={Hkv}, W], got {tuple(indices.shape)}")
     if head_map is not None and (head_map.shape != (Hkv,) or head_map.dtype != torch.int32
@@ -272,17 +303,17 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None, head_
     ppm, floor = (round(budget[0] * 1_000_000), int(budget[1])) if budget is not None else (0, 0)
     kd.decode_sparse_kernel[(rows, n_splits)](
         q, k, v, indices, (head_map if head_map is not None else indices), kv_start, kv_end,
-        (scores if scores is not None else m), m, l, o, out, counter,
+        (scores if scores is not None else m), m, l, o, out, counter, bt,
         _scale2(scale, D),
         q.stride(0), q.stride(1),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
+        *kv_strides,
         indices.stride(0), indices.stride(1),
         out.stride(0), out.stride(1),
+        *pg_strides,
         Hkv, Lk, W, n_splits, chunk, ppm, floor,
         G=G, GP=_gp(G), D=D, BLOCK_N=block, PRECISION=_precision(q), FROM_SCORES=scores is not None,
         FUSE_COMBINE=fuse, **_combine_meta(G, D, n_splits), DIRECT=direct, MAPPED=head_map is not None,
-        BUDGET_BOUND=budget is not None,
+        BUDGET_BOUND=budget is not None, **pg_meta,
         num_warps=TUNING["sparse_num_warps"], num_stages=TUNING["sparse_num_stages"],
     )
     return out if (fuse or direct) else _combine(q, m, l, o, n_splits, Hkv)
@@ -385,20 +416,22 @@ def _launch_select_fused(grid, scores, m, l, kv_start, kv_end, pooled, hist, par
     )
 
 
-def anchor(q, k, v, kv_start, kv_end, *, topk_fraction, topk_floor, scale=None, dense_output=False):
+def anchor(q, k, v, kv_start, kv_end, *, topk_fraction, topk_floor, scale=None, dense_output=False,
+           paged: PagedKV | None = None):
     """Anchor decode: Top-k of the group-pooled post-softmax scores (exact up to ties: pooled scores
     within 2^-14 relative of the threshold count as equal), then sparse attention over them
     (dense_output=True: the dense output, layer 0). Returns (out [B, Hq, 1, D], indices [B, Hkv, W]
     int32 with each row's topk_budget(kv_end - kv_start) indices first (keys above the threshold in key
-    order, then threshold ties in key order), then -1)."""
-    Hkv = k.shape[1]
+    order, then threshold ties in key order), then -1). paged: K/V are paged caches (positions and
+    indices logical)."""
+    Hkv = k.shape[1] if paged is None else k.shape[2]
     scores, m, l, dense_out, n_splits = _split_pass(q, k, v, kv_start, kv_end, scale, write_scores=True,
-                                                    acc_v=dense_output)
+                                                    acc_v=dense_output, paged=paged)
     indices = select(scores, m, l, n_splits, kv_start, kv_end, Hkv=Hkv, topk_fraction=topk_fraction,
                      topk_floor=topk_floor)
     if dense_output:
         out = dense_out
     else:
         out = sparse(q, k, v, indices, kv_start, kv_end, scale=scale, scores=scores,
-                     budget=(topk_fraction, topk_floor))
+                     budget=(topk_fraction, topk_floor), paged=paged)
     return out, indices
