@@ -199,7 +199,7 @@ def test_generator_errors():
     gen = Generator(model, batch_size=1, capacity=32)
     with pytest.raises(KascadeInputError, match="exceed the cache capacity"):
         gen.generate(prompt(30, 0), max_new_tokens=8)
-    with pytest.raises(KascadeInputError, match="batch 2"):
+    with pytest.raises(KascadeInputError, match="batch 2; this Generator serves 1..1"):
         gen.generate(prompt(10, 0).repeat(2, 1), max_new_tokens=2)
     with pytest.raises(KascadeInputError, match="temperature"):
         gen.generate(prompt(10, 0), max_new_tokens=2, do_sample=True, temperature=0.0)
@@ -239,3 +239,13 @@ def test_compile_needs_the_graph():
     kascade.enable(model, plan_for(model, 0.3))
     with pytest.raises(KascadeInputError, match="compile=True needs"):
         Generator(model, batch_size=1, capacity=32, compile=True)
+
+
+def test_generator_serves_smaller_batches_of_its_bucket():
+    """A Generator of 3 rows runs a batch of 2 (padded to its bucket) with the tokens of a 2-row one."""
+    model = tiny_model("llama")
+    kascade.enable(model, plan_for(model, 0.3))
+    ids, mask = left_pad([prompt(30, 2), prompt(41, 3)])
+    want = Generator(model, batch_size=2, capacity=64).generate(ids, mask, max_new_tokens=5).tokens
+    got = Generator(model, batch_size=3, capacity=64).generate(ids, mask, max_new_tokens=5).tokens
+    assert got.shape == (2, 5) and torch.equal(got, want)

@@ -9,6 +9,8 @@ every prompt length and batch size it measures, for each method in the same proc
   torch SDPA's cuDNN kernel, decode through kascade's split-KV dense kernel, which reads the row lengths
   on the device and so can be captured);
 * ``kascade``: the plan (the authors' Llama-3.1-8B plan, or ``--anchors`` with identity head maps);
+* ``dense-compiled``, ``kascade-compiled``: the same with torch.compile of the decode forward around the
+  attention (the model's norms, rotary and MLP fused), inside the same CUDA graph;
 * ``hf`` (``--hf-baseline``, batch 1 only): transformers' own ``generate()`` with sdpa and DynamicCache,
   what a user runs without kascade (eager, concatenating cache).
 
@@ -59,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--anchors", default=None, help="anchor layers (comma list; default: the shipped plan, or 0,2,8,13,14)")
     a("--dtype", default="bf16", choices=sorted(DTYPES))
     a("--prefill-chunk", type=int, default=131072, help="prompt tokens per prefill pass")
-    a("--methods", default="dense,kascade",
+    a("--methods", default="dense,kascade,dense-compiled,kascade-compiled",
       help="dense, kascade, dense-compiled, kascade-compiled (comma list; -compiled: torch.compile of the "
            "decode forward around the attention, inside the same CUDA graph; its prefill is not compiled, so "
            "its TTFT is not measured again)")

@@ -31,6 +31,9 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"),
                    help="model dtype (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step around the attention on CUDA (8-16 %% faster per token; "
+                        "the first step compiles for tens of seconds: worth it for long generations)")
     p.add_argument("--prefill-chunk", type=int, default=32768,
                    help="prompt tokens per prefill pass on CUDA (bounds activation memory at long contexts)")
     p.set_defaults(func=main)
@@ -57,7 +60,7 @@ def _generate(model, tokenizer, ids, args):
         from ..generation import Generator
 
         gen = Generator(model, batch_size=1, capacity=ids.shape[1] + args.max_new_tokens,
-                        prefill_chunk=args.prefill_chunk)
+                        prefill_chunk=args.prefill_chunk, compile=args.compile)
         res = gen.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                            temperature=args.temperature, top_p=args.top_p, eos_token_id=tokenizer.eos_token_id,
                            seed=args.seed)
