@@ -82,7 +82,8 @@ def test_graph_replay_equals_eager(variant):
     kascade.enable(model, plan_for(model), variant=variant)
     ids = _ids(5000, seed=3)
     eager = Generator(model, batch_size=1, capacity=5100, cuda_graph=False).generate(ids, max_new_tokens=24)
-    graph = Generator(model, batch_size=1, capacity=5100, cuda_graph=True).generate(ids, max_new_tokens=24)
+    graph = Generator(model, batch_size=1, capacity=5100, cuda_graph=True, compile=False).generate(
+        ids, max_new_tokens=24)
     assert torch.equal(graph.tokens, eager.tokens)
 
 
@@ -94,7 +95,7 @@ def test_equals_transformers_generate():
     with torch.no_grad():
         want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                               pad_token_id=0)[:, ids.shape[1]:]
-    got = Generator(model, batch_size=1, capacity=4200).generate(ids, max_new_tokens=12).tokens
+    got = Generator(model, batch_size=1, capacity=4200, compile=False).generate(ids, max_new_tokens=12).tokens
     assert (got == want).float().mean() >= 0.9, (got, want)  # bf16: an argmax may flip late
 
 
@@ -119,7 +120,7 @@ def test_fraction_one_equals_dense():
     out, logits, step = {}, {}, {}
     for name, p, variant in (("dense", plan, "dense"), ("one", plan.with_budget(topk_fraction=1.0), "kascade")):
         kascade.enable(model, p, variant=variant)
-        gen = Generator(model, batch_size=1, capacity=3100)
+        gen = Generator(model, batch_size=1, capacity=3100, compile=False)
         out[name] = gen.generate(ids, max_new_tokens=16).tokens
         logits[name] = gen.prefill(ids).float()
         gen._ids.fill_(17)
