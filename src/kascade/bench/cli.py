@@ -1,4 +1,4 @@
-"""`kascade bench decode|prefill|generate`. The prefill benchmark is optional: without kascade.bench.prefill only
+"""`kascade bench decode|prefill|generate|serve`. The prefill benchmark is optional: without kascade.bench.prefill only
 decode is offered."""
 
 from __future__ import annotations
@@ -21,6 +21,12 @@ def register(subparsers) -> None:
                        description=generate.__doc__.split("\n\n")[0])
     generate.add_arguments(p)
     p.set_defaults(func=generate.run)
+    from . import serve
+
+    p = sub.add_parser("serve", help="vLLM offline: the Kascade backend vs vLLM's FLASH_ATTN / TRITON_ATTN",
+                       description=serve.__doc__.split("\n\n")[0])
+    serve.add_arguments(p)
+    p.set_defaults(func=serve.run)
     try:
         from .prefill import add_arguments, run
     except ImportError:

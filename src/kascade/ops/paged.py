@@ -140,10 +140,11 @@ def paged_decode_anchor(q, k_cache, v_cache, block_table, seq_lens, *, topk_frac
 
 
 def paged_decode_sparse(q, k_cache, v_cache, block_table, seq_lens, indices, *, head_map=None, scale=None,
-                        validate_values=False):
+                        budget=None, validate_values=False):
     """Attention over given keys (reuse layers): indices [B, Hkv, W] int32/int64 logical positions (-1 and
     positions >= seq_len are skipped); head_map int32 [Hkv]: KV head h attends over indices[:, head_map[h]].
-    Returns out [B, Hq, D] in q's dtype."""
+    budget: (topk_fraction, topk_floor) the indices were selected with (an anchor's): each row then visits
+    only its own budget's slots instead of all W. Returns out [B, Hq, D] in q's dtype."""
     B, _, Hkv, _, _ = _check_paged(q, k_cache, v_cache, block_table, seq_lens)
     if not isinstance(indices, torch.Tensor) or indices.dim() != 3 or indices.shape[:2] != (B, Hkv):
         got = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__
@@ -151,5 +152,6 @@ def paged_decode_sparse(q, k_cache, v_cache, block_table, seq_lens, indices, *, 
     if indices.device != q.device:
         raise KascadeInputError(f"indices are on {indices.device}, q is on {q.device}")
     q4, paged, kv_start, kv_end, _ = _prepare(q, k_cache, v_cache, block_table, seq_lens, validate_values)
-    out = D.sparse(q4, k_cache, v_cache, indices, kv_start, kv_end, scale=scale, head_map=head_map, paged=paged)
+    out = D.sparse(q4, k_cache, v_cache, indices, kv_start, kv_end, scale=scale, head_map=head_map, paged=paged,
+                   budget=budget)
     return out[:, :, 0]

@@ -1,0 +1,229 @@
+"""`kascade bench serve`: vLLM offline, the Kascade backend against vLLM's own attention backends.
+
+A model directory holding only a config.json at a real shape (``llama-3.1-8b``: 32 layers, 32/8/128;
+``qwen2.5-7b``: 28 layers, 28/4/128) is served with random weights (``load_format="dummy"``, no
+tokenizer). For each backend (``FLASH_ATTN`` = FlashAttention 3 on Hopper, ``TRITON_ATTN``, and
+``CUSTOM`` = Kascade through the ``kascade`` vLLM plugin with ``KASCADE_PLAN``) one ``LLM`` is built
+(CUDA graphs on unless --eager) and, per prompt length and batch size, the engine is stepped by hand:
+time to first token of a batch-1 prompt (its prefill steps), then, for a batch of B prompts, the
+wall time of each decode step once every request is decoding (median over --steps). Ratios are against
+the fastest of vLLM's backends in the same run. Before timing, the Kascade backend at Top-k fraction 1.0
+must give FLASH_ATTN's greedy tokens on a small prompt (recorded). Writes JSON (--json), prints a table.
+Needs vLLM (``pip install kascade[vllm]``) and a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+from .common import env_info, format_table, write_results
+
+SHAPES = {
+    "llama-3.1-8b": dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096,
+                         intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0),
+    "qwen2.5-7b": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=3584,
+                       intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, head_dim=128, vocab_size=152064, rope_theta=1000000.0),
+}
+
+
+def _list(kind):
+    return lambda s: [kind(x) for x in str(s).split(",") if x]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--model", default="llama-3.1-8b", choices=sorted(SHAPES))
+    a("--layers", type=int, default=None, help="build only this many layers (quick runs)")
+    a("--context", default="32768,131072", help="prompt lengths (comma list)")
+    a("--batch", default="1", help="decode batch sizes (comma list)")
+    a("--steps", type=int, default=32, help="decode steps timed per point")
+    a("--backends", default="FLASH_ATTN,TRITON_ATTN,CUSTOM", help="vLLM attention backends (CUSTOM = Kascade)")
+    a("--plan", default=None, help="plan for the Kascade backend (default: the shipped Llama-3.1-8B plan, or "
+                                   "identity head maps with anchors 0,2,8,13,14 for other shapes)")
+    a("--topk-fraction", type=float, default=0.1)
+    a("--eager", action="store_true", help="no CUDA graphs")
+    a("--gpu-memory-utilization", type=float, default=0.9)
+    a("--no-check", action="store_true")
+    a("--json", default=None)
+
+
+def _model_dir(args, max_len: int) -> str:
+    cfg = dict(SHAPES[args.model], max_position_embeddings=max_len, torch_dtype="bfloat16", rms_norm_eps=1e-5,
+               tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    if args.layers:
+        cfg["num_hidden_layers"] = args.layers
+    d = tempfile.mkdtemp(prefix="kascade-serve-")
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return d
+
+
+def _plan_path(args, cfg_dir: str) -> str:
+    from ..plan import ModelSpec, Plan
+    from ..plans import load_shipped, shipped
+
+    cfg = json.load(open(os.path.join(cfg_dir, "config.json")))
+    spec = ModelSpec(cfg["model_type"], cfg["num_hidden_layers"], cfg["num_attention_heads"],
+                     cfg["num_key_value_heads"], cfg["head_dim"], name=args.model)
+    if args.plan:
+        plan = load_shipped(args.plan) if args.plan in shipped() else Plan.load(args.plan)
+    elif args.model == "llama-3.1-8b" and spec.num_layers == 32:
+        plan = load_shipped("llama-3.1-8b-instruct")
+    else:
+        plan = Plan.identity(spec, sorted({a for a in (0, 2, 8, 13, 14) if a < spec.num_layers}))
+    plan = Plan(spec, plan.anchor_layers, plan.head_map, topk_fraction=args.topk_fraction,
+                topk_floor=plan.topk_floor, tile_size=plan.tile_size)
+    path = os.path.join(cfg_dir, "plan.json")
+    plan.save(path)
+    return path
+
+
+def _llm(model_dir: str, backend: str, args, max_len: int, max_seqs: int):
+    from vllm import LLM
+
+    return LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", seed=0,
+               attention_backend=backend, max_model_len=max_len, max_num_seqs=max(max_seqs, 8),
+               enforce_eager=args.eager, gpu_memory_utilization=args.gpu_memory_utilization,
+               enable_prefix_caching=False)
+
+
+def _prompts(n: int, length: int, vocab: int, seed: int):
+    import torch
+    from vllm.inputs import TokensPrompt
+
+    g = torch.Generator().manual_seed(seed)
+    return [TokensPrompt(prompt_token_ids=torch.randint(3, vocab, (length,), generator=g).tolist()) for _ in range(n)]
+
+
+def _run_point(llm, L: int, B: int, steps: int, vocab: int) -> dict:
+    """(ttft_s at batch 1 when B == 1, decode ms per step at batch B) by stepping the engine."""
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True, detokenize=False)
+    prompts = _prompts(B, L, vocab, seed=L + B)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{L}-{B}-{i}-{time.time_ns()}", p, params)
+    t0 = time.perf_counter()
+    seen: set = set()
+    ttft = None
+    while len(seen) < B:  # prefill steps until every request has its first token
+        for out in engine.step():
+            if out.outputs and len(out.outputs[0].token_ids) >= 1:
+                seen.add(out.request_id)
+        if ttft is None and len(seen) >= 1 and B == 1:
+            ttft = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return {"ttft_s": ttft, "decode_ms_per_step": statistics.median(times) * 1e3}
+
+
+def _free(llm) -> None:
+    import torch
+
+    from ..integrations import vllm as kv
+
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    kv._State.plan = None  # the next engine's builder loads (and checks) the plan again
+
+
+def _check(args, vocab: int) -> dict:
+    """Kascade backend at Top-k fraction 1.0 vs FLASH_ATTN: greedy tokens of 2 prompts of 1000 tokens on a
+    4-layer model of the same shape (CUDA graphs as in the run)."""
+    from ..integrations import vllm as kv
+
+    small = argparse.Namespace(**{**vars(args), "layers": 4})
+    d = _model_dir(small, 2048)
+    os.environ[kv.PLAN_ENV] = _plan_path(small, d)
+    os.environ[kv.FRACTION_ENV] = "1.0"
+    tokens = {}
+    try:
+        for backend in ("FLASH_ATTN", "CUSTOM"):
+            llm = _llm(d, backend, small, 2048, 8)
+            tokens[backend] = _greedy(llm, vocab)
+            _free(llm)
+    finally:
+        os.environ.pop(kv.FRACTION_ENV, None)
+    same = sum(a == b for x, y in zip(tokens["FLASH_ATTN"], tokens["CUSTOM"]) for a, b in zip(x, y))
+    total = sum(len(x) for x in tokens["FLASH_ATTN"])
+    print(f"check: Kascade backend at Top-k 1.0 vs FLASH_ATTN, 4-layer model: {same}/{total} greedy tokens equal",
+          flush=True)
+    return {"ok": same == total, "tokens_equal": same, "tokens": total, **tokens}
+
+
+def _greedy(llm, vocab: int):
+    from vllm import SamplingParams
+
+    outs = llm.generate(_prompts(2, 1000, vocab, seed=7),
+                        SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, detokenize=False))
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+COLUMNS = [("backend", "backend", ""), ("ctx", "context", "d"), ("B", "batch", "d"), ("TTFT s", "ttft_s", ".3f"),
+           ("TTFT x", "ttft_speedup", ".2f"), ("ms/step", "decode_ms_per_step", ".2f"), ("tok/s", "decode_tok_s", ".1f"),
+           ("decode x", "decode_speedup", ".2f")]
+
+
+def run(args) -> int:
+    import torch
+
+    try:
+        import vllm
+    except ImportError:
+        print("kascade bench serve needs vLLM: pip install kascade[vllm]", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print("kascade bench serve needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from ..integrations import vllm as kv
+
+    kv.register()  # also done by the plugin entry point where kascade is pip-installed
+    contexts, batches = _list(int)(args.context), _list(int)(args.batch)
+    max_len = max(contexts) + args.steps + 64
+    model_dir = _model_dir(args, max_len)
+    vocab = SHAPES[args.model]["vocab_size"]
+    check = None if args.no_check else _check(args, vocab)
+    os.environ[kv.PLAN_ENV] = _plan_path(args, model_dir)
+    rows = []
+    for backend in _list(str)(args.backends):
+        llm = _llm(model_dir, backend, args, max_len, max(batches))
+        for L in contexts:
+            for B in batches:
+                r = dict(backend=backend, context=L, batch=B, **_run_point(llm, L, B, args.steps, vocab))
+                r["decode_tok_s"] = B / r["decode_ms_per_step"] * 1e3
+                rows.append(r)
+                print(format_table([r], COLUMNS).splitlines()[-1], flush=True)
+        _free(llm)
+    for L in contexts:
+        for B in batches:
+            pt = [r for r in rows if r["context"] == L and r["batch"] == B]
+            base = [r for r in pt if r["backend"] != "CUSTOM"]
+            best_ms = min((r["decode_ms_per_step"] for r in base), default=None)
+            best_ttft = min((r["ttft_s"] for r in base if r["ttft_s"]), default=None)
+            for r in pt:
+                r["decode_speedup"] = best_ms / r["decode_ms_per_step"] if best_ms else None
+                r["ttft_speedup"] = best_ttft / r["ttft_s"] if best_ttft and r["ttft_s"] else None
+    meta = {"bench": "serve", "env": env_info(), "vllm": vllm.__version__, "argv": sys.argv[1:], "check": check,
+            "args": {k: v for k, v in vars(args).items() if k != "func"}}
+    path = args.json or os.path.join("benchmarks", "results", f"serve_{time.strftime('%Y%m%d_%H%M%S')}.json")
+    write_results(path, rows, meta)
+    print()
+    print(format_table(rows, COLUMNS))
+    print(path)
+    return 0
