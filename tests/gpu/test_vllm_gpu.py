@@ -19,7 +19,7 @@ from kascade.integrations import vllm as kv  # noqa: E402
 
 def _args(**kw):
     base = dict(model="llama-3.1-8b", layers=4, eager=False, gpu_memory_utilization=0.5, topk_fraction=0.1,
-                plan=None)
+                plan=None, context="1000", batch="1", steps=8, backends="CUSTOM")
     return argparse.Namespace(**{**base, **kw})
 
 

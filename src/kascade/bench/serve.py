@@ -3,8 +3,8 @@
 A model directory holding only a config.json at a real shape (``llama-3.1-8b``: 32 layers, 32/8/128;
 ``qwen2.5-7b``: 28 layers, 28/4/128) is served with random weights (``load_format="dummy"``, no
 tokenizer). For each backend (``FLASH_ATTN`` = FlashAttention 3 on Hopper, ``TRITON_ATTN``, and
-``CUSTOM`` = Kascade through the ``kascade`` vLLM plugin with ``KASCADE_PLAN``) one ``LLM`` is built
-(CUDA graphs on unless --eager) and, per prompt length and batch size, the engine is stepped by hand:
+``CUSTOM`` = Kascade through the ``kascade`` vLLM plugin with ``KASCADE_PLAN``) one ``LLM`` is built in its
+own process (vLLM keeps its GPU memory until the process ends; CUDA graphs on unless --eager) and, per prompt length and batch size, the engine is stepped by hand:
 time to first token of a batch-1 prompt (its prefill steps), then, for a batch of B prompts, the
 wall time of each decode step once every request is decoding (median over --steps). Ratios are against
 the fastest of vLLM's backends in the same run. Before timing, the Kascade backend at Top-k fraction 1.0
@@ -54,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--gpu-memory-utilization", type=float, default=0.9)
     a("--no-check", action="store_true")
     a("--json", default=None)
+    # internal: each engine runs in its own process (vLLM does not give its GPU memory back in-process)
+    a("--worker-out", default=None, help=argparse.SUPPRESS)
+    a("--worker-check", action="store_true", help=argparse.SUPPRESS)
 
 
 def _model_dir(args, max_len: int) -> str:
@@ -145,26 +148,65 @@ def _free(llm) -> None:
 
 def _check(args, vocab: int) -> dict:
     """Kascade backend at Top-k fraction 1.0 vs FLASH_ATTN: greedy tokens of 2 prompts of 1000 tokens on a
-    4-layer model of the same shape (CUDA graphs as in the run)."""
-    from ..integrations import vllm as kv
-
-    small = argparse.Namespace(**{**vars(args), "layers": 4})
-    d = _model_dir(small, 2048)
-    os.environ[kv.PLAN_ENV] = _plan_path(small, d)
-    os.environ[kv.FRACTION_ENV] = "1.0"
+    4-layer model of the same shape (CUDA graphs as in the run), each engine in its own process."""
     tokens = {}
-    try:
-        for backend in ("FLASH_ATTN", "CUSTOM"):
-            llm = _llm(d, backend, small, 2048, 8)
-            tokens[backend] = _greedy(llm, vocab)
-            _free(llm)
-    finally:
-        os.environ.pop(kv.FRACTION_ENV, None)
+    for backend in ("FLASH_ATTN", "CUSTOM"):
+        tokens[backend] = _in_process(args, ["--backends", backend, "--worker-check"])
     same = sum(a == b for x, y in zip(tokens["FLASH_ATTN"], tokens["CUSTOM"]) for a, b in zip(x, y))
     total = sum(len(x) for x in tokens["FLASH_ATTN"])
     print(f"check: Kascade backend at Top-k 1.0 vs FLASH_ATTN, 4-layer model: {same}/{total} greedy tokens equal",
           flush=True)
     return {"ok": same == total, "tokens_equal": same, "tokens": total, **tokens}
+
+
+def _in_process(args, extra: list[str]):
+    """Run this command for one engine in a child process; returns what the child wrote (JSON)."""
+    import subprocess
+
+    out = tempfile.mktemp(suffix=".json", prefix="kascade-serve-")
+    argv = [sys.executable, "-m", "kascade.cli", "bench", "serve", "--model", args.model, "--context", args.context,
+            "--batch", args.batch, "--steps", str(args.steps), "--topk-fraction", str(args.topk_fraction),
+            "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--worker-out", out, *extra]
+    if args.layers:
+        argv += ["--layers", str(args.layers)]
+    if args.plan:
+        argv += ["--plan", args.plan]
+    if args.eager:
+        argv.append("--eager")
+    subprocess.run(argv, check=True)
+    with open(out) as f:
+        return json.load(f)
+
+
+def _worker(args) -> int:
+    """One engine (one backend) in this process: the check's greedy tokens, or the timed points."""
+    from ..integrations import vllm as kv
+
+    kv.register()
+    vocab = SHAPES[args.model]["vocab_size"]
+    backend = args.backends
+    if args.worker_check:
+        small = argparse.Namespace(**{**vars(args), "layers": 4})
+        d = _model_dir(small, 2048)
+        os.environ[kv.PLAN_ENV] = _plan_path(small, d)
+        os.environ[kv.FRACTION_ENV] = "1.0"
+        result = _greedy(_llm(d, backend, small, 2048, 8), vocab)
+    else:
+        contexts, batches = _list(int)(args.context), _list(int)(args.batch)
+        max_len = max(contexts) + args.steps + 64
+        d = _model_dir(args, max_len)
+        os.environ[kv.PLAN_ENV] = _plan_path(args, d)
+        llm = _llm(d, backend, args, max_len, max(batches))
+        result = []
+        for L in contexts:
+            for B in batches:
+                r = dict(backend=backend, context=L, batch=B, **_run_point(llm, L, B, args.steps, vocab))
+                r["decode_tok_s"] = B / r["decode_ms_per_step"] * 1e3
+                result.append(r)
+                print(format_table([r], COLUMNS).splitlines()[-1], flush=True)
+    with open(args.worker_out, "w") as f:
+        json.dump(result, f)
+    return 0
 
 
 def _greedy(llm, vocab: int):
@@ -191,25 +233,14 @@ def run(args) -> int:
     if not torch.cuda.is_available():
         print("kascade bench serve needs a CUDA GPU", file=sys.stderr)
         return 2
-    from ..integrations import vllm as kv
-
-    kv.register()  # also done by the plugin entry point where kascade is pip-installed
+    if args.worker_out:
+        return _worker(args)
     contexts, batches = _list(int)(args.context), _list(int)(args.batch)
-    max_len = max(contexts) + args.steps + 64
-    model_dir = _model_dir(args, max_len)
     vocab = SHAPES[args.model]["vocab_size"]
     check = None if args.no_check else _check(args, vocab)
-    os.environ[kv.PLAN_ENV] = _plan_path(args, model_dir)
     rows = []
     for backend in _list(str)(args.backends):
-        llm = _llm(model_dir, backend, args, max_len, max(batches))
-        for L in contexts:
-            for B in batches:
-                r = dict(backend=backend, context=L, batch=B, **_run_point(llm, L, B, args.steps, vocab))
-                r["decode_tok_s"] = B / r["decode_ms_per_step"] * 1e3
-                rows.append(r)
-                print(format_table([r], COLUMNS).splitlines()[-1], flush=True)
-        _free(llm)
+        rows.extend(_in_process(args, ["--backends", backend]))
     for L in contexts:
         for B in batches:
             pt = [r for r in rows if r["context"] == L and r["batch"] == B]
