@@ -10,8 +10,9 @@ plan JSON path) and is checked against the model's config (layers, heads, KV hea
 first metadata builder is made: a plan for another model raises :class:`kascade.PlanError`.
 ``KASCADE_TOPK_FRACTION`` overrides the plan's budget (e.g. 1.0 to check against dense).
 
-What runs where (vLLM's Triton backend is the base: its paged cache layout, its K/V cache writes, its
-metadata builder; one metadata object per step is shared by all layers):
+What runs where (vLLM's FlashAttention backend is the base: its paged cache layout
+[num_blocks, 2, block_size, Hkv, D], its K/V cache writes, its metadata builder; one metadata object per
+step is shared by all layers):
 
 * pure decode batches (every query length 1): Kascade on the paged cache
   (:mod:`kascade.ops.paged`): layer 0 dense + selection, anchor layers select, every other layer
@@ -19,10 +20,10 @@ metadata builder; one metadata object per step is shared by all layers):
   comes from the layer's name (``model.layers.<i>.self_attn.attn``). These batches are captured in vLLM's
   full CUDA graphs (``UNIFORM_SINGLE_TOKEN_DECODE``): the indices an anchor returns are the buffers the
   reuse layers read in the same graph.
-* prefill and mixed batches: vLLM's Triton attention (dense): Kascade runs as "decode-only" there.
+* prefill and mixed batches: vLLM's FlashAttention (dense; FA3 on Hopper): Kascade runs as
+  "decode-only" there (the paged rolling prefill is not wired in yet).
 * anything Kascade cannot serve (sliding windows, ALiBi, soft-capping, sinks, quantized KV caches,
-  encoder attention, tensor parallelism with a head map crossing shards) falls back to vLLM's Triton
-  attention, with one warning per reason.
+  encoder attention, tensor parallelism) falls back to vLLM's FlashAttention, with one warning per reason.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class _State:
     def warn_once(cls, reason: str) -> None:
         if reason not in cls.warned:
             cls.warned.add(reason)
-            warnings.warn(f"kascade (vLLM): {reason}; those layers run vLLM's Triton attention", stacklevel=3)
+            warnings.warn(f"kascade (vLLM): {reason}; those layers run vLLM's FlashAttention", stacklevel=3)
 
 
 def register() -> None:
@@ -101,18 +102,18 @@ def register() -> None:
 
 try:  # the classes exist only where vLLM is installed
     from vllm.v1.attention.backend import AttentionCGSupport
-    from vllm.v1.attention.backends.triton_attn import (
-        TritonAttentionBackend,
-        TritonAttentionImpl,
-        TritonAttentionMetadataBuilder,
+    from vllm.v1.attention.backends.flash_attn import (
+        FlashAttentionBackend,
+        FlashAttentionImpl,
+        FlashAttentionMetadataBuilder,
     )
 except ImportError:  # pragma: no cover - exercised where vLLM is absent (CI)
-    TritonAttentionBackend = None
+    FlashAttentionBackend = None
 
-if TritonAttentionBackend is not None:
+if FlashAttentionBackend is not None:
 
-    class KascadeMetadataBuilder(TritonAttentionMetadataBuilder):
-        """vLLM's Triton metadata, plus: the plan is loaded and checked once (first builder)."""
+    class KascadeMetadataBuilder(FlashAttentionMetadataBuilder):
+        """vLLM's FlashAttention metadata, plus: the plan is loaded and checked once (first builder)."""
 
         # full CUDA graphs for pure decode batches (Kascade's path); mixed batches run piecewise
         _cudagraph_support = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
@@ -121,14 +122,14 @@ if TritonAttentionBackend is not None:
             super().__init__(kv_cache_spec, layer_names, vllm_config, device)
             if _State.plan is None:
                 plan = load_plan()
-                mc = vllm_config.model_config
-                check_plan(plan, num_layers=mc.get_num_layers(vllm_config.parallel_config),
-                           num_heads=self.num_heads_q, num_kv_heads=self.num_heads_kv, head_size=self.headdim)
+                mc, pc = vllm_config.model_config, vllm_config.parallel_config
+                check_plan(plan, num_layers=mc.get_num_layers(pc), num_heads=mc.get_num_attention_heads(pc),
+                           num_kv_heads=mc.get_num_kv_heads(pc), head_size=mc.get_head_size())
                 _State.plan = plan
                 _State.head_maps = torch.tensor(plan.head_map, dtype=torch.int32, device=device)
 
-    class KascadeAttentionImpl(TritonAttentionImpl):
-        """Kascade on pure decode batches; vLLM's Triton attention elsewhere (see the module docstring)."""
+    class KascadeAttentionImpl(FlashAttentionImpl):
+        """Kascade on pure decode batches; vLLM's FlashAttention elsewhere (see the module docstring)."""
 
         _layer: int | None = None  # the decoder layer index, from the layer's name (first call)
         _reason: str | None = None  # why this layer cannot run Kascade ("" = it can)
@@ -188,8 +189,8 @@ if TritonAttentionBackend is not None:
             output[:n].copy_(out.view(output[:n].shape))
             return output
 
-    class KascadeAttentionBackend(TritonAttentionBackend):
-        """vLLM's Triton backend with Kascade's decode (registered as CUSTOM)."""
+    class KascadeAttentionBackend(FlashAttentionBackend):
+        """vLLM's FlashAttention backend (FA3 on Hopper) with Kascade's decode (registered as CUSTOM)."""
 
         @staticmethod
         def get_name() -> str:
