@@ -250,6 +250,24 @@ def test_paged_prefill_bounds_from_block_table():
     assert torch.equal(a_out, b_out)
 
 
+@pytest.mark.parametrize("atomic", [False, True], ids=["one-head-block", "atomic"])
+def test_paged_prefill_pool_chunks(monkeypatch, atomic):
+    """A pooled buffer of one tile slot per launch (POOL_BUFFER_BYTES tiny): the pooling / select launches
+    then start at slot offsets tile_lo > 0 (zeroing the buffer between launches when atomic); the
+    selection equals the one-launch selection."""
+    Hq, Hkv = (16, 1) if atomic else (8, 2)
+    batch = Batch([(131, 50), (200, 40), (77, 1)], Hq, Hkv, 64, 16, torch.float32, seed=21)
+    T = 32 if atomic else 16
+    kw = dict(max_query_len=50, topk_fraction=0.1, topk_floor=6, tile_size=T)
+    assert (P._group_blocking(Hq // Hkv, T, P.POOL_ROWS_PER_PROGRAM)[1] > 1) == atomic
+    out_a, idx_a = PG.paged_prefill_anchor(*batch.args(), **kw)
+    monkeypatch.setattr(P, "POOL_BUFFER_BYTES", 1)
+    out_b, idx_b = PG.paged_prefill_anchor(*batch.args(), **kw)
+    assert idx_a.shape[2] > 1 and bool((idx_a[:, :, 1:] >= 0).any())
+    assert torch.equal(idx_a, idx_b) and torch.equal(out_a, out_b)
+    check_selection(batch, idx_b, {k: kw[k] for k in ("topk_fraction", "topk_floor", "tile_size")})
+
+
 def _args():
     batch = Batch([(40, 20), (30, 5)], 4, 2, 64, 16, torch.float32, seed=3)
     return dict(zip(("q", "k_cache", "v_cache", "block_table", "seq_lens", "query_start_loc"), batch.args()))
