@@ -5,9 +5,11 @@ owns the physical blocks block_table[b, 0..], in logical order; its keys are the
 0 <= pos < seq_lens[b]. Logical position pos of row b lives at physical block
 block_table[b, pos // block_size], slot pos % block_size.
 
-The paged kernels are the decode kernels of :mod:`kascade.kernels.decode` compiled with ``PAGED=True``:
-everything (splits, scores buffer, selection, indices) stays in logical positions, and only the K/V
-address of a key goes through :func:`physical_slots`. Launchers: :mod:`kascade.ops.paged`.
+The paged kernels are the decode kernels of :mod:`kascade.kernels.decode` and the rolling prefill
+kernels of :mod:`kascade.kernels.prefill` compiled with ``PAGED=True``: everything (splits, scores and
+pooled buffers, selection, indices) stays in logical positions, and only the K/V address of a key goes
+through :func:`physical_slots` (prefill: also the packed varlen query rows, via query_start_loc).
+Launchers: :mod:`kascade.ops.paged`.
 """
 
 from __future__ import annotations

@@ -10,10 +10,18 @@ the tile's pooled score is the plain column sum of the block's probabilities.
 
 Scores are kept in base 2 (scale * log2(e) folded into one factor); the log-sum-exp buffer holds
 base-2 values, -inf for rows without keys.
+
+PAGED=True (launchers: kascade.ops.paged) compiles the same kernels for vLLM's layout: queries packed
+along one token axis (sequence b's queries are rows query_start_loc[b] .. query_start_loc[b+1] - 1, the
+last ones of the sequence), K/V in a paged cache read through the block table (kernels/paged.py).
+Everything else stays in row-relative (= logical, kv_start = 0) positions; the tile axis of the pooled
+buffer and of the indices then counts from each sequence's first query tile (see _geometry).
 """
 
 import triton
 import triton.language as tl
+
+from .paged import physical_slots
 
 
 @triton.jit
@@ -25,6 +33,35 @@ def _row_geometry(kv_start_ptr, kv_end_ptr, b, Lq):
     L = end - start
     n = tl.minimum(L, Lq)
     return start, L, L - n
+
+
+@triton.jit
+def _geometry(kv_start_ptr, kv_end_ptr, qsl_ptr, b, Lq, PAGED: tl.constexpr):
+    """(start, L, q_pos, q_row0): _row_geometry, plus q_row0, the index along q's token axis of the
+    row's query at row-relative position q_pos (the query at r is then q_row0 + r - q_pos).
+    Contiguous: q_row0 = Lq - n (queries aligned to the row's end). PAGED (packed varlen queries):
+    start = 0, L = seq_lens[b] (passed as kv_end_ptr), the queries are q rows
+    query_start_loc[b] .. query_start_loc[b+1] - 1, so q_row0 = query_start_loc[b]."""
+    if PAGED:
+        L = tl.load(kv_end_ptr + b).to(tl.int32)
+        q_row0 = tl.load(qsl_ptr + b).to(tl.int32)
+        n = tl.load(qsl_ptr + b + 1).to(tl.int32) - q_row0
+        return L * 0, L, L - n, q_row0
+    else:
+        start, L, q_pos = _row_geometry(kv_start_ptr, kv_end_ptr, b, Lq)
+        return start, L, q_pos, Lq - (L - q_pos)
+
+
+@triton.jit
+def _kv_offsets(kn, ok, bt_row, skt, svt, skblk, svblk, PAGED: tl.constexpr, PAGE: tl.constexpr):
+    """Offsets of the K and V rows of row-relative keys kn from the row's K/V base. Contiguous:
+    kn * stride. PAGED: through the row's block table bt_row (entries loaded where ok, so the caller
+    masks its loads with ok too); skt / svt are then the slot strides, skblk / svblk the block strides."""
+    if PAGED:
+        blk, slot = physical_slots(kn, ok, bt_row, PAGE)
+        return blk * skblk + slot * skt, blk * svblk + slot * svt
+    else:
+        return kn * skt, kn * svt
 
 
 @triton.jit
@@ -73,17 +110,20 @@ def _online_block_fast(acc, m_i, l_i, q, k_ptrs, v_ptrs, key_bias, qk_scale,
 
 # The query length and tile counts are runtime values: otherwise each divisibility class of a new prompt
 # length compiles another variant of every kernel (they only bound loops and masks).
-@triton.jit(do_not_specialize=["Lq", "n_gblocks"])
+@triton.jit(do_not_specialize=["Lq", "n_gblocks", "sbt"])
 def _attn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, kv_start_ptr, kv_end_ptr,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, slb, slh,
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, kv_start_ptr, kv_end_ptr, qsl_ptr, bt_ptr,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, slb, slh, sbt, skblk, svblk,
     Lq, Hkv, G, n_gblocks, qk_scale,
     D: tl.constexpr, G_BLOCK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     WITH_V: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PREC: tl.constexpr,
+    PAGED: tl.constexpr = False, PAGE: tl.constexpr = 16,
 ):
     """Dense causal attention of BLOCK_T consecutive queries x G_BLOCK heads of one GQA group.
 
-    WITH_V=False computes only the log-sum-exp (the anchor's first pass: half the matrix work)."""
+    WITH_V=False computes only the log-sum-exp (the anchor's first pass: half the matrix work).
+    PAGED: vLLM layout (module docstring): qsl_ptr = query_start_loc, kv_end_ptr = seq_lens, bt_ptr the
+    block table (row stride sbt), skblk / svblk the cache block strides; batch strides are 0."""
     M: tl.constexpr = G_BLOCK * BLOCK_T
     # Grid (query blocks x head blocks, batch x KV heads): programs running together share one KV head,
     # so its K/V stay in L2; largest blocks first (the last query block of a row has the most keys).
@@ -91,7 +131,7 @@ def _attn_fwd_kernel(
     gb = tl.program_id(0) % n_gblocks
     b = tl.program_id(1) // Hkv
     hkv = tl.program_id(1) % Hkv
-    start, L, q_pos = _row_geometry(kv_start_ptr, kv_end_ptr, b, Lq)
+    start, L, q_pos, q_row0 = _geometry(kv_start_ptr, kv_end_ptr, qsl_ptr, b, Lq, PAGED)
     r0 = (q_pos // BLOCK_T) * BLOCK_T + (n_qblocks - 1 - tl.program_id(0) // n_gblocks) * BLOCK_T
     if r0 >= L:
         return
@@ -100,7 +140,7 @@ def _attn_fwd_kernel(
     r = r0 + offs_m % BLOCK_T
     row_ok = (g < G) & (r >= q_pos) & (r < L)
     head = hkv * G + g
-    lq_idx = r - L + Lq
+    lq_idx = q_row0 + r - q_pos
     offs_d = tl.arange(0, D)
     q_ptrs = q_ptr + b * sqb + head[:, None] * sqh + lq_idx[:, None] * sqt + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
@@ -111,23 +151,28 @@ def _attn_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     k_base = k_ptr + b * skb + hkv * skh + start * skt
     v_base = v_ptr + b * svb + hkv * svh + start * svt
+    bt_row = bt_ptr + b * sbt
     # Keys before the block need no causal mask.
     full_end = (r0 // BLOCK_N) * BLOCK_N
     for n0 in range(0, full_end, BLOCK_N):
         kn = n0 + offs_n
+        k_off, v_off = _kv_offsets(kn, kn < full_end, bt_row, skt, svt, skblk, svblk, PAGED, PAGE)
         acc, m_i, l_i = _online_block_fast(
-            acc, m_i, l_i, q, k_base + kn[:, None] * skt + offs_d[None, :],
-            v_base + kn[:, None] * svt + offs_d[None, :], offs_n, qk_scale, False, WITH_V, DOT_PREC)
+            acc, m_i, l_i, q, k_base + k_off[:, None] + offs_d[None, :],
+            v_base + v_off[:, None] + offs_d[None, :], offs_n, qk_scale, False, WITH_V, DOT_PREC)
     diag_end = tl.minimum(r0 + BLOCK_T, L)
     for n0 in range(full_end, diag_end, BLOCK_N):
         kn = n0 + offs_n
         key_ok = kn < diag_end
+        k_off, v_off = _kv_offsets(kn, key_ok, bt_row, skt, svt, skblk, svblk, PAGED, PAGE)
         acc, m_i, l_i = _online_block(
-            acc, m_i, l_i, q, k_base + kn[:, None] * skt + offs_d[None, :],
-            v_base + kn[:, None] * svt + offs_d[None, :], key_ok,
+            acc, m_i, l_i, q, k_base + k_off[:, None] + offs_d[None, :],
+            v_base + v_off[:, None] + offs_d[None, :], key_ok,
             row_ok[:, None] & key_ok[None, :] & (kn[None, :] <= r[:, None]), qk_scale, WITH_V, DOT_PREC)
 
     store_ok = (g < G) & (r < L) & (lq_idx >= 0)
+    if PAGED:  # rows before the sequence's first query are the previous sequence's queries
+        store_ok = store_ok & (r >= q_pos)
     if WITH_V:
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         o = acc / l_safe[:, None]
@@ -139,37 +184,41 @@ def _attn_fwd_kernel(
         tl.store(lse_ptr + b * slb + head * slh + lq_idx, lse, mask=store_ok)
 
 
-@triton.jit(do_not_specialize=["Lq", "n_gblocks", "tile_lo", "n_tiles"])
+@triton.jit(do_not_specialize=["Lq", "n_gblocks", "tile_lo", "n_tiles", "sbt"])
 def _pool_kernel(
-    q_ptr, k_ptr, lse_ptr, pooled_ptr, tile_k_ptr, kv_start_ptr, kv_end_ptr,
-    sqb, sqh, sqt, skb, skh, skt, slb, slh, spb, sph, spt,
+    q_ptr, k_ptr, lse_ptr, pooled_ptr, tile_k_ptr, kv_start_ptr, kv_end_ptr, qsl_ptr, bt_ptr,
+    sqb, sqh, sqt, skb, skh, skt, slb, slh, spb, sph, spt, sbt, skblk,
     Lq, Hkv, G, n_gblocks, tile_lo, n_tiles, qk_scale,
     D: tl.constexpr, G_BLOCK: tl.constexpr, T: tl.constexpr, BLOCK_N: tl.constexpr,
-    ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr,
+    ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr, PAGED: tl.constexpr = False, PAGE: tl.constexpr = 16,
 ):
     """Post-softmax probabilities of one tile's queries x G_BLOCK heads over the tile's prefix, summed
     over those rows: pooled[b, hkv, tile - tile_lo, :prefix]. With several head blocks per group
-    (ATOMIC) the partial sums are added atomically into a zeroed buffer."""
+    (ATOMIC) the partial sums are added atomically into a zeroed buffer. PAGED (vLLM layout, as in
+    _attn_fwd_kernel): tiles count from each sequence's first query tile q_pos // T, i.e. slot s of
+    the launch is tile q_pos // T + tile_lo + s."""
     M: tl.constexpr = G_BLOCK * T
     n_slots = tl.num_programs(0) // n_gblocks
     gb = tl.program_id(0) % n_gblocks
     b = tl.program_id(1) // Hkv
     hkv = tl.program_id(1) % Hkv
     slot = n_slots - 1 - tl.program_id(0) // n_gblocks
+    start, L, q_pos, q_row0 = _geometry(kv_start_ptr, kv_end_ptr, qsl_ptr, b, Lq, PAGED)
     tile = tile_lo + slot
-    start, L, q_pos = _row_geometry(kv_start_ptr, kv_end_ptr, b, Lq)
+    if PAGED:
+        tile += q_pos // T
     if tile >= n_tiles:
         return
     prefix = tile * T
     # Dense tiles need no selection; tiles without queries of this call have none.
-    if tl.load(tile_k_ptr + tile) < 0 or prefix + T <= q_pos or prefix >= L:
+    if tl.load(tile_k_ptr + tile) < 0 or prefix + T <= q_pos or prefix >= L or q_pos >= L:
         return
     offs_m = tl.arange(0, M)
     g = gb * G_BLOCK + offs_m // T
     r = prefix + offs_m % T
     row_ok = (g < G) & (r >= q_pos) & (r < L)
     head = hkv * G + g
-    lq_idx = r - L + Lq
+    lq_idx = q_row0 + r - q_pos
     offs_d = tl.arange(0, D)
     q = tl.load(q_ptr + b * sqb + head[:, None] * sqh + lq_idx[:, None] * sqt + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
@@ -181,11 +230,13 @@ def _pool_kernel(
     qt = tl.trans(q)
     offs_n = tl.arange(0, BLOCK_N)
     k_base = k_ptr + b * skb + hkv * skh + start * skt
+    bt_row = bt_ptr + b * sbt
     out_base = pooled_ptr + b.to(tl.int64) * spb + hkv * sph + slot * spt
     for n0 in range(0, prefix, BLOCK_N):
         kn = n0 + offs_n
         key_ok = kn < prefix
-        k = tl.load(k_base + kn[:, None] * skt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        k_off, _ = _kv_offsets(kn, key_ok, bt_row, skt, skt, skblk, skblk, PAGED, PAGE)
+        k = tl.load(k_base + k_off[:, None] + offs_d[None, :], mask=key_ok[:, None], other=0.0)
         st = tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale
         p = tl.math.exp2(st - lse[None, :])
         col = tl.sum(p, 1)
@@ -235,27 +286,32 @@ def _radix_pass(row_ptr, length, shift: tl.constexpr, prefix_bits, need, check_p
 
 @triton.jit(do_not_specialize=["Lq", "tile_lo", "n_tiles"])
 def _select_kernel(
-    pooled_ptr, idx_ptr, tile_k_ptr, kv_start_ptr, kv_end_ptr,
+    pooled_ptr, idx_ptr, tile_k_ptr, kv_start_ptr, kv_end_ptr, qsl_ptr,
     spb, sph, spt, sib, sih, sit,
     Lq, Hkv, tile_lo, n_tiles, T,
-    BLOCK: tl.constexpr, KEY16: tl.constexpr, KEY_SHIFT: tl.constexpr,
+    BLOCK: tl.constexpr, KEY16: tl.constexpr, KEY_SHIFT: tl.constexpr, PAGED: tl.constexpr = False,
 ):
     """Top-k of one (row, KV head, tile) pooled row by a 3-digit radix select on the float bits
     (pooled scores are >= 0, so their int32 bit patterns order like the values), then one compaction
     pass writing the selected absolute positions in ascending order: all keys above the k-th key,
     and the first keys equal to it until the budget is met. Keys are the top 24 bits (30..7) of the
     float: scores within 2^-16 relative of each other count as ties, which changes the captured mass
-    by at most that much per swapped key."""
+    by at most that much per swapped key. PAGED: tiles (of the launch and of the indices' tile axis)
+    count from each sequence's first query tile, as in _pool_kernel; positions are logical."""
     b = tl.program_id(1) // Hkv
     hkv = tl.program_id(1) % Hkv
     slot = tl.num_programs(0) - 1 - tl.program_id(0)
+    start, L, q_pos, _ = _geometry(kv_start_ptr, kv_end_ptr, qsl_ptr, b, Lq, PAGED)
     tile = tile_lo + slot
-    start, L, q_pos = _row_geometry(kv_start_ptr, kv_end_ptr, b, Lq)
+    tile0 = 0  # the tile at index 0 of the indices' tile axis
+    if PAGED:
+        tile0 = q_pos // T
+        tile += tile0
     if tile >= n_tiles:
         return
     k_budget = tl.load(tile_k_ptr + tile)
     prefix = tile * T
-    if k_budget < 0 or prefix + T <= q_pos or prefix >= L:
+    if k_budget < 0 or prefix + T <= q_pos or prefix >= L or q_pos >= L:
         return
     row_ptr = pooled_ptr + b.to(tl.int64) * spb + hkv * sph + slot * spt
     # 256 bins per pass: tl.histogram costs about (bins / 32) * log2(bins) instructions per lane for
@@ -271,7 +327,7 @@ def _select_kernel(
         d2, need = _radix_pass(row_ptr, prefix, 15, d1, need, True, 8, BLOCK, KEY16)
         d3, need = _radix_pass(row_ptr, prefix, 7, (d1 << 8) | d2, need, True, 8, BLOCK, KEY16)
         thresh = (((d1 << 8) | d2) << 8) | d3
-    out_base = idx_ptr + b.to(tl.int64) * sib + hkv.to(tl.int64) * sih + tile.to(tl.int64) * sit
+    out_base = idx_ptr + b.to(tl.int64) * sib + hkv.to(tl.int64) * sih + (tile - tile0).to(tl.int64) * sit
     offs = tl.arange(0, BLOCK)
     written = 0
     ties_taken = 0
@@ -291,9 +347,11 @@ def _select_kernel(
 
 @triton.jit
 def _gather_block(acc, m_i, l_i, q, i_base, slot, k_budget, start, k_base, v_base, skt, svt, offs_d, qk_scale,
-                  TAIL: tl.constexpr, DOT_PREC: tl.constexpr):
+                  bt_row, skblk, svblk, TAIL: tl.constexpr, DOT_PREC: tl.constexpr, PAGED: tl.constexpr,
+                  PAGE: tl.constexpr):
     """One block of a sparse tile's selected keys into the running (acc, max, sum). Full blocks
-    (TAIL=False) hold BLOCK_N selected keys; the tail block masks the slots past the budget."""
+    (TAIL=False) hold BLOCK_N selected keys; the tail block masks the slots past the budget. PAGED:
+    the indices are logical positions, translated through the row's block table."""
     if TAIL:
         kn = tl.load(i_base + slot, mask=slot < k_budget, other=-1)
         bias = tl.where(kn >= 0, 0.0, float("-inf"))
@@ -301,21 +359,24 @@ def _gather_block(acc, m_i, l_i, q, i_base, slot, k_budget, start, k_base, v_bas
     else:
         kn = tl.load(i_base + slot)
         bias = slot.to(tl.float32)  # placeholder: HAS_BIAS=False ignores it
-    return _online_block_fast(acc, m_i, l_i, q, k_base + kn[:, None] * skt + offs_d[None, :],
-                              v_base + kn[:, None] * svt + offs_d[None, :], bias, qk_scale, TAIL, True, DOT_PREC)
+    k_off, v_off = _kv_offsets(kn, kn >= 0, bt_row, skt, svt, skblk, svblk, PAGED, PAGE)
+    return _online_block_fast(acc, m_i, l_i, q, k_base + k_off[:, None] + offs_d[None, :],
+                              v_base + v_off[:, None] + offs_d[None, :], bias, qk_scale, TAIL, True, DOT_PREC)
 
 
-@triton.jit(do_not_specialize=["Lq", "n_gblocks", "n_tiles"])
+@triton.jit(do_not_specialize=["Lq", "n_gblocks", "n_tiles", "sbt"])
 def _sparse_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, idx_ptr, head_map_ptr, tile_k_ptr, kv_start_ptr, kv_end_ptr,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sib, sih, sit,
+    q_ptr, k_ptr, v_ptr, out_ptr, idx_ptr, head_map_ptr, tile_k_ptr, kv_start_ptr, kv_end_ptr, qsl_ptr, bt_ptr,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sib, sih, sit, sbt, skblk, svblk,
     Lq, Hkv, G, n_gblocks, n_tiles, qk_scale,
     D: tl.constexpr, G_BLOCK: tl.constexpr, T: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PREC: tl.constexpr, MAPPED: tl.constexpr = False,
+    DOT_PREC: tl.constexpr, MAPPED: tl.constexpr = False, PAGED: tl.constexpr = False, PAGE: tl.constexpr = 16,
 ):
     """Rolling sparse prefill of one tile x G_BLOCK heads: the tile's selected prefix keys (gathered by
     index; all prefix keys when the tile is dense), then its own tile causally. MAPPED: KV head h reads
-    the index rows of head_map[h] (a reuse layer's head map, applied here instead of copying indices)."""
+    the index rows of head_map[h] (a reuse layer's head map, applied here instead of copying indices).
+    PAGED: vLLM layout as in _attn_fwd_kernel; the indices' tile axis counts from each sequence's first
+    query tile (as _select_kernel writes it)."""
     M: tl.constexpr = G_BLOCK * T
     # Grid as in _attn_fwd_kernel: one KV head's tiles together (its K/V rows stay in L2), the head
     # blocks of one tile next to each other (they gather the same keys), largest tiles first.
@@ -323,8 +384,11 @@ def _sparse_kernel(
     gb = tl.program_id(0) % n_gblocks
     b = tl.program_id(1) // Hkv
     hkv = tl.program_id(1) % Hkv
-    start, L, q_pos = _row_geometry(kv_start_ptr, kv_end_ptr, b, Lq)
-    tile = q_pos // T + (n_slots - 1 - tl.program_id(0) // n_gblocks)
+    start, L, q_pos, q_row0 = _geometry(kv_start_ptr, kv_end_ptr, qsl_ptr, b, Lq, PAGED)
+    idx_tile = n_slots - 1 - tl.program_id(0) // n_gblocks
+    tile = q_pos // T + idx_tile
+    if not PAGED:
+        idx_tile = tile
     prefix = tile * T
     if prefix >= L:
         return
@@ -333,7 +397,7 @@ def _sparse_kernel(
     r = prefix + offs_m % T
     row_ok = (g < G) & (r >= q_pos) & (r < L)
     head = hkv * G + g
-    lq_idx = r - L + Lq
+    lq_idx = q_row0 + r - q_pos
     offs_d = tl.arange(0, D)
     q = tl.load(q_ptr + b * sqb + head[:, None] * sqh + lq_idx[:, None] * sqt + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
@@ -343,19 +407,21 @@ def _sparse_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     k_base = k_ptr + b * skb + hkv * skh
     v_base = v_ptr + b * svb + hkv * svh
+    bt_row = bt_ptr + b * sbt
     k_budget = tl.load(tile_k_ptr + tile)
     h_sel = hkv
     if MAPPED:
         h_sel = tl.load(head_map_ptr + hkv)
-    i_base = idx_ptr + b.to(tl.int64) * sib + h_sel.to(tl.int64) * sih + tile.to(tl.int64) * sit
+    i_base = idx_ptr + b.to(tl.int64) * sib + h_sel.to(tl.int64) * sih + idx_tile.to(tl.int64) * sit
     if k_budget < 0:
         for n0 in range(0, prefix, BLOCK_N):
             rel = n0 + offs_n
             bias = tl.where(rel < prefix, 0.0, float("-inf"))
             kn = start + tl.minimum(rel, prefix - 1)
+            k_off, v_off = _kv_offsets(kn, kn >= 0, bt_row, skt, svt, skblk, svblk, PAGED, PAGE)
             acc, m_i, l_i = _online_block_fast(
-                acc, m_i, l_i, q, k_base + kn[:, None] * skt + offs_d[None, :],
-                v_base + kn[:, None] * svt + offs_d[None, :], bias, qk_scale, True, True, DOT_PREC)
+                acc, m_i, l_i, q, k_base + k_off[:, None] + offs_d[None, :],
+                v_base + v_off[:, None] + offs_d[None, :], bias, qk_scale, True, True, DOT_PREC)
     else:
         # Measured on the H100 (benchmarks/notes_prefill.md): loading the next block's indices one
         # iteration ahead stops Triton from pipelining the gathers (+80 %), one loop body shared with
@@ -365,21 +431,26 @@ def _sparse_kernel(
         n_full = (k_budget // BLOCK_N) * BLOCK_N
         for n0 in range(0, n_full, BLOCK_N):
             acc, m_i, l_i = _gather_block(acc, m_i, l_i, q, i_base, n0 + offs_n, k_budget, start, k_base,
-                                          v_base, skt, svt, offs_d, qk_scale, False, DOT_PREC)
+                                          v_base, skt, svt, offs_d, qk_scale, bt_row, skblk, svblk,
+                                          False, DOT_PREC, PAGED, PAGE)
         if n_full < k_budget:
             acc, m_i, l_i = _gather_block(acc, m_i, l_i, q, i_base, n_full + offs_n, k_budget, start, k_base,
-                                          v_base, skt, svt, offs_d, qk_scale, True, DOT_PREC)
+                                          v_base, skt, svt, offs_d, qk_scale, bt_row, skblk, svblk,
+                                          True, DOT_PREC, PAGED, PAGE)
     # Own tile, causally.
     offs_t = tl.arange(0, T)
     rk = prefix + offs_t
     key_ok = rk < L
     kn = start + rk
+    k_off, v_off = _kv_offsets(kn, key_ok, bt_row, skt, svt, skblk, svblk, PAGED, PAGE)
     acc, m_i, l_i = _online_block(
-        acc, m_i, l_i, q, k_base + kn[:, None] * skt + offs_d[None, :],
-        v_base + kn[:, None] * svt + offs_d[None, :], key_ok,
+        acc, m_i, l_i, q, k_base + k_off[:, None] + offs_d[None, :],
+        v_base + v_off[:, None] + offs_d[None, :], key_ok,
         row_ok[:, None] & key_ok[None, :] & (rk[None, :] <= r[:, None]), qk_scale, True, DOT_PREC)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0)
     store_ok = (g < G) & (r < L) & (lq_idx >= 0)
+    if PAGED:
+        store_ok = store_ok & (r >= q_pos)
     o_ptrs = out_ptr + b * sob + head[:, None] * soh + lq_idx[:, None] * sot + offs_d[None, :]
     tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=store_ok[:, None])

@@ -1,4 +1,7 @@
-"""Launchers of the decode kernels on vLLM's paged KV cache.
+"""Launchers of the decode and rolling-prefill kernels on vLLM's paged KV cache.
+
+Decode (``paged_decode_*``) below; rolling prefill of vLLM's packed varlen batches
+(``paged_prefill_*``) in the second half of the module, with its own layout notes.
 
 Layout (vLLM): q [B, Hq, D] (one decode query per sequence); K and V caches
 [num_blocks, block_size, Hkv, D]; block_table [B, max_blocks_per_seq] int32, the physical block of each
@@ -26,6 +29,7 @@ import torch
 
 from ..validation import KascadeInputError, check_budget
 from . import decode as D
+from . import prefill as PF
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -40,6 +44,15 @@ def _check_paged(q, k_cache, v_cache, block_table, seq_lens):
         raise KascadeInputError(f"q has dtype {q.dtype}; expected float16, bfloat16 or float32")
     if Dh not in (64, 128):
         raise KascadeInputError(f"paged decode kernels support head_size 64 or 128, got q head_size {Dh}")
+    if q.stride(2) != 1:
+        raise KascadeInputError(f"q must be contiguous in head_size (stride 1), got strides {q.stride()}")
+    Hkv, block_size = _check_cache_tables(q, B, Hq, Dh, k_cache, v_cache, block_table, seq_lens, "decode")
+    return B, Hq, Hkv, block_size, Dh
+
+
+def _check_cache_tables(q, B, Hq, Dh, k_cache, v_cache, block_table, seq_lens, kind):
+    """Checks of the caches, the block table and seq_lens against q's dtype / device / head_size and
+    the batch size B (no value reads). Returns (Hkv, block_size)."""
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -63,9 +76,8 @@ def _check_paged(q, k_cache, v_cache, block_table, seq_lens):
     if Hkv < 1 or Hq % Hkv:
         raise KascadeInputError(f"num_q_heads ({Hq}) must be a multiple of num_kv_heads ({Hkv}, k_cache.shape[2])")
     if not 1 <= Hq // Hkv <= 16:
-        raise KascadeInputError(f"paged decode kernels support GQA group sizes 1..16, got {Hq} // {Hkv} = {Hq // Hkv}")
-    if q.stride(2) != 1:
-        raise KascadeInputError(f"q must be contiguous in head_size (stride 1), got strides {q.stride()}")
+        raise KascadeInputError(f"paged {kind} kernels support GQA group sizes 1..16, got {Hq} // {Hkv} = "
+                                f"{Hq // Hkv}")
     if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.shape[0] != B:
         got = tuple(block_table.shape) if isinstance(block_table, torch.Tensor) else type(block_table).__name__
         raise KascadeInputError(f"block_table must be [batch={B}, max_blocks_per_seq], got {got}")
@@ -88,7 +100,7 @@ def _check_paged(q, k_cache, v_cache, block_table, seq_lens):
     if block_table.shape[1] * block_size >= 2**31 - 2**16:
         raise KascadeInputError(f"max_blocks_per_seq * block_size = {block_table.shape[1] * block_size} is too "
                                 f"long for int32 indices")
-    return B, Hq, Hkv, block_size, Dh
+    return Hkv, block_size
 
 
 def check_paged_values(k_cache, block_table, seq_lens) -> None:
@@ -155,3 +167,213 @@ def paged_decode_sparse(q, k_cache, v_cache, block_table, seq_lens, indices, *, 
     out = D.sparse(q4, k_cache, v_cache, indices, kv_start, kv_end, scale=scale, head_map=head_map, paged=paged,
                    budget=budget)
     return out[:, :, 0]
+
+
+# --------------------------------------------------------------------------------------------- prefill
+# Rolling prefill (kascade.reference's rule) for vLLM's packed varlen batches, through the contiguous
+# prefill kernels (kascade.kernels.prefill) compiled with PAGED=True.
+#
+# Layout: q [total_tokens, Hq, D]; query_start_loc [B+1] int32: sequence b's queries are q rows
+# query_start_loc[b] .. query_start_loc[b+1] - 1 and are the LAST q_len_b tokens of the sequence, whose
+# keys are the logical positions 0 .. seq_lens[b] - 1 already in the paged cache (chunked prefill:
+# seq_lens[b] >= q_len_b; q_len_b == seq_lens[b] is a whole prompt, q_len_b == 1 a decode row).
+# Caches, block_table and seq_lens as for decode. Every row is handled by the rolling prefill rule:
+# tile t (row-relative = logical positions t*T .. t*T+T-1; no left padding) attends to the
+# topk_budget(t*T) keys of its prefix chosen by the anchor plus its own tile causally, or densely when
+# its prefix fits its budget. A decode row (q_len 1) in such a batch follows the same rule (its tile's
+# prefix budget + its own tile), not the decode rule of paged_decode_* (Top-k over all its keys).
+#
+# Indices (anchor out, sparse in): [B, Hkv, n_slots, W] int32 LOGICAL positions, -1 padded, where slot s
+# of sequence b is its tile first_tile_b + s, first_tile_b = (seq_lens[b] - q_len_b) // T (the tile of
+# its first query), n_slots = (max_query_len + T - 2) // T + 1 (the most tiles max_query_len consecutive
+# positions touch) and W = topk_budget(the longest prefix below max_seq_len) rounded up to a multiple
+# of 16. A sparse tile's first topk_budget(t*T) slots hold its keys (ascending), -1 after them; dense
+# tiles and slots past a sequence's last tile hold -1. (The tile axis covers only the tiles that have
+# queries, not every tile of max_seq_len: chunked prefill of a long context stays small.)
+#
+# Host sizes: max_query_len (>= every q_len; sizes the grids) and max_seq_len (>= every seq_len; default
+# max_blocks_per_seq * block_size: sizes the budget table and W) are passed by the caller (vLLM's
+# metadata has both); the launchers never read device tensors back, except with validate_values=True
+# (tests, debugging), which checks seq_lens, the used block-table entries, query_start_loc, the two host
+# sizes and (sparse) that every budget slot of the given indices is filled. Lengths are runtime kernel
+# arguments: new seq_lens / query lengths do not recompile.
+
+
+def _check_prefill(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, max_query_len, max_seq_len,
+                   tile_size):
+    """Shape / dtype / device / size checks of a paged prefill call (no value reads). Returns
+    (B, Hq, Hkv, block_size, G, max_seq_len)."""
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        got = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+        raise KascadeInputError(f"q must be [total_tokens, num_q_heads, head_size] (packed varlen queries), got {got}")
+    total, Hq, Dh = q.shape
+    if q.dtype not in _FLOAT:
+        raise KascadeInputError(f"q has dtype {q.dtype}; expected float16, bfloat16 or float32")
+    if Dh not in PF.HEAD_DIMS:
+        raise KascadeInputError(f"paged prefill kernels support head_size in {PF.HEAD_DIMS}, got q head_size {Dh}")
+    if q.stride(2) != 1:
+        raise KascadeInputError(f"q must be contiguous in head_size (stride 1), got strides {q.stride()}")
+    if q.numel() >= 2**31:
+        raise KascadeInputError(f"q has {q.numel()} elements; the prefill kernels index it with int32 (< 2^31)")
+    if not isinstance(query_start_loc, torch.Tensor) or query_start_loc.dim() != 1 or query_start_loc.shape[0] < 2:
+        got = tuple(query_start_loc.shape) if isinstance(query_start_loc, torch.Tensor) else type(query_start_loc).__name__
+        raise KascadeInputError(f"query_start_loc must be [batch + 1] (batch >= 1), got {got}")
+    if query_start_loc.dtype != torch.int32:
+        raise KascadeInputError(f"query_start_loc must be int32, got {query_start_loc.dtype}")
+    if query_start_loc.device != q.device:
+        raise KascadeInputError(f"query_start_loc is on {query_start_loc.device}, q is on {q.device}")
+    B = query_start_loc.shape[0] - 1
+    Hkv, block_size = _check_cache_tables(q, B, Hq, Dh, k_cache, v_cache, block_table, seq_lens, "prefill")
+    if isinstance(max_query_len, bool) or not isinstance(max_query_len, int) or max_query_len < 1:
+        raise KascadeInputError(f"max_query_len must be a host int >= 1 (the longest q_len of the batch), "
+                                f"got {max_query_len!r}")
+    lk_max = block_table.shape[1] * block_size
+    if max_seq_len is None:
+        max_seq_len = lk_max
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or not 1 <= max_seq_len <= lk_max:
+        raise KascadeInputError(f"max_seq_len must be a host int in [1, max_blocks_per_seq * block_size = "
+                                f"{lk_max}] (the longest seq_len of the batch), got {max_seq_len!r}")
+    if tile_size is not None and tile_size not in PF.TILE_SIZES:
+        raise KascadeInputError(f"paged prefill kernels support tile_size in {PF.TILE_SIZES}, got {tile_size}")
+    return B, Hq, Hkv, block_size, Hq // Hkv, max_seq_len
+
+
+def check_prefill_values(q, k_cache, block_table, seq_lens, query_start_loc, max_query_len, max_seq_len) -> None:
+    """Value checks of a paged prefill call (reads the tensors back): check_paged_values, then
+    query_start_loc starts at 0, never decreases and ends within q's total_tokens; every q_len is at
+    least 1, at most its seq_len and at most max_query_len; every seq_len is at most max_seq_len."""
+    check_paged_values(k_cache, block_table, seq_lens)
+    qsl = query_start_loc.cpu().long()
+    q_lens = qsl[1:] - qsl[:-1]
+    lens = seq_lens.cpu().long()
+    if int(qsl[0]) != 0 or bool((q_lens < 1).any()) or int(qsl[-1]) > q.shape[0]:
+        raise KascadeInputError(f"query_start_loc must start at 0, increase by >= 1 per sequence and end at most "
+                                f"at total_tokens = {q.shape[0]}, got {qsl.tolist()}")
+    for name, bad in (("seq_lens", q_lens > lens), ("max_query_len", q_lens > max_query_len)):
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0])
+            raise KascadeInputError(f"sequence {b} has q_len {int(q_lens[b])} > {name} "
+                                    f"{int(lens[b]) if name == 'seq_lens' else max_query_len}")
+    if bool((lens > max_seq_len).any()):
+        raise KascadeInputError(f"seq_lens {lens.tolist()} exceed max_seq_len {max_seq_len}")
+
+
+def _prepare_prefill(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, max_query_len, max_seq_len,
+                     tile_size, validate_values):
+    B, Hq, Hkv, block_size, G, max_seq_len = _check_prefill(
+        q, k_cache, v_cache, block_table, seq_lens, query_start_loc, max_query_len, max_seq_len, tile_size)
+    if validate_values:
+        check_prefill_values(q, k_cache, block_table, seq_lens, query_start_loc, max_query_len, max_seq_len)
+    paged = PF.PagedPrefill(block_table=block_table, block_size=block_size,
+                            query_start_loc=query_start_loc.contiguous(), max_query_len=max_query_len)
+    return paged, seq_lens.contiguous(), B, Hkv, G, max_seq_len
+
+
+def _prefill_budgets(max_seq_len, T, topk_fraction, topk_floor, device):
+    """(n_tiles, host budgets per tile (-1: dense), the same on the device, index width W)."""
+    n_tiles = max(1, -(-max_seq_len // T))
+    host = PF._tile_budgets_host(n_tiles, T, topk_fraction, topk_floor)
+    budgets = PF._tile_budgets(n_tiles, T, topk_fraction, topk_floor, device)
+    width = PF._pad16(max([1] + [kb for kb in host if kb >= 0]))
+    return n_tiles, host, budgets, width
+
+
+def paged_prefill_dense(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, *, max_query_len,
+                        max_seq_len=None, scale=None, validate_values=False):
+    """Causal GQA attention of packed varlen queries over their sequences' paged keys (each query at
+    logical position seq_len - q_len + i sees positions <= its own). Returns out [total_tokens, Hq, D] in
+    q's dtype (rows past query_start_loc[B] are zero)."""
+    paged, lens, *_ = _prepare_prefill(q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
+                                       max_query_len, max_seq_len, None, validate_values)
+    out, _ = PF._flash(q, k_cache, v_cache, lens, lens, scale, with_v=True, store_lse=False, pad_rows=True,
+                       paged=paged)
+    return out
+
+
+def paged_prefill_anchor(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, *, max_query_len,
+                         topk_fraction, topk_floor, tile_size, max_seq_len=None, scale=None, dense_output=False,
+                         validate_values=False):
+    """Anchor layer of a rolling prefill: for each tile with queries x GQA group, the Top-k of its prefix
+    by post-softmax probabilities summed over the tile's queries (of this call) and the group (exact up to
+    the near-ties of kascade.ops.prefill.anchor's radix select), then sparse attention over them plus the
+    own tile (dense_output=True: the dense output instead, layer 0). Returns (out [total_tokens, Hq, D],
+    indices [B, Hkv, n_slots, W] int32 logical positions as described above this function)."""
+    check_budget(topk_fraction, topk_floor)
+    paged, lens, B, Hkv, G, max_seq_len = _prepare_prefill(
+        q, k_cache, v_cache, block_table, seq_lens, query_start_loc, max_query_len, max_seq_len, tile_size,
+        validate_values)
+    T = tile_size
+    n_tiles, host, budgets, width = _prefill_budgets(max_seq_len, T, topk_fraction, topk_floor, q.device)
+    indices = torch.full((B, Hkv, paged.n_slots(T), width), -1, dtype=torch.int32, device=q.device)
+    out, lse = PF._flash(q, k_cache, v_cache, lens, lens, scale, with_v=dense_output, store_lse=True,
+                         pad_rows=True, paged=paged)
+    if PF._first_sparse_tile(host) < n_tiles:
+        PF._select(q, k_cache, lse, indices, budgets, lens, lens, G, T, 0, n_tiles, scale, paged=paged)
+    if not dense_output:
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        PF._launch_sparse(q, k_cache, v_cache, out, indices, budgets, lens, lens, G, T, scale, paged=paged)
+    return out, indices
+
+
+def paged_prefill_sparse(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, indices, *, max_query_len,
+                         topk_fraction, topk_floor, tile_size, max_seq_len=None, head_map=None, scale=None,
+                         validate_values=False):
+    """Reuse layer of a rolling prefill: each tile x GQA group attends to its indices (as
+    paged_prefill_anchor returns them, for the same batch, tile size, budget and max_seq_len) plus its
+    own tile causally; dense tiles attend to their whole prefix. head_map int32 [Hkv] on q's device: KV
+    head h reads indices[:, head_map[h]] (in the kernel, no copy). A sparse tile's budget slots are read
+    without a mask: every one must hold a key of its prefix (validate_values=True checks it).
+    Returns out [total_tokens, Hq, D]."""
+    check_budget(topk_fraction, topk_floor)
+    paged, lens, B, Hkv, G, max_seq_len = _prepare_prefill(
+        q, k_cache, v_cache, block_table, seq_lens, query_start_loc, max_query_len, max_seq_len, tile_size,
+        validate_values)
+    T = tile_size
+    n_tiles, host, budgets, width = _prefill_budgets(max_seq_len, T, topk_fraction, topk_floor, q.device)
+    n_slots = paged.n_slots(T)
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 4 or indices.shape[:2] != (B, Hkv):
+        got = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__
+        raise KascadeInputError(f"indices must be [batch={B}, num_kv_heads={Hkv}, n_slots, W], got {got}")
+    if indices.dtype not in (torch.int32, torch.int64) or indices.device != q.device:
+        raise KascadeInputError(f"indices must be int32 or int64 on {q.device}, got {indices.dtype} on "
+                                f"{indices.device}")
+    if indices.shape[2] < n_slots or indices.shape[3] < max(host):
+        raise KascadeInputError(f"indices {tuple(indices.shape)} are too small: max_query_len {max_query_len} needs "
+                                f"{n_slots} tile slots and max_seq_len {max_seq_len} a width of {max(host)}")
+    if head_map is not None and (not isinstance(head_map, torch.Tensor) or head_map.shape != (Hkv,)
+                                 or head_map.dtype != torch.int32 or head_map.device != q.device):
+        got = (f"{head_map.dtype} {tuple(head_map.shape)} on {head_map.device}" if isinstance(head_map, torch.Tensor)
+               else type(head_map).__name__)
+        raise KascadeInputError(f"head_map must be int32 [{Hkv}] on {q.device}, got {got}")
+    if indices.dtype != torch.int32 or indices.stride(-1) != 1:
+        indices = indices.to(torch.int32).contiguous()
+    if validate_values:
+        _check_prefill_indices(indices, head_map, seq_lens, query_start_loc, T, host)
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    PF._launch_sparse(q, k_cache, v_cache, out, indices, budgets, lens, lens, G, T, scale, head_map, paged=paged)
+    return out
+
+
+def _check_prefill_indices(indices, head_map, seq_lens, query_start_loc, T, host) -> None:
+    """Every sparse tile with queries must hold keys of its prefix (0 <= index < t*T) in its first
+    budget slots, for the index rows a KV head reads (through head_map)."""
+    idx = indices.cpu().long()
+    if head_map is not None:
+        idx = idx[:, head_map.cpu().long()]
+    lens = seq_lens.cpu().long().tolist()
+    qsl = query_start_loc.cpu().long().tolist()
+    for b, L in enumerate(lens):
+        q_pos = L - (qsl[b + 1] - qsl[b])
+        first = q_pos // T
+        for t in range(first, -(-L // T)):
+            kb = host[t]
+            if kb < 0:
+                continue
+            sel = idx[b, :, t - first, :kb]
+            bad = (sel < 0) | (sel >= t * T)
+            if bool(bad.any()):
+                h, j = (int(x) for x in bad.nonzero()[0])
+                raise KascadeInputError(
+                    f"indices[{b}, {h}, {t - first}, {j}] = {int(sel[h, j])} (sequence {b}, tile {t}) is not a key "
+                    f"of the tile's prefix [0, {t * T}) inside its budget of {kb}: the prefill kernel reads every "
+                    "budget slot, as paged_prefill_anchor fills them")

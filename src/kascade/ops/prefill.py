@@ -10,12 +10,16 @@ Lq > 1. Shapes and conventions: kascade.reference.
   whole [B, Hkv, L/T, L]), then (3) a radix select of each row's budget; (4) the sparse pass
   (skipped for layer 0).
 * ``sparse``: each tile x GQA group attends to its gathered selected keys plus its own tile.
+
+The internal launchers also take ``paged=PagedPrefill(...)``: the same kernels compiled with PAGED=True
+for vLLM's packed varlen queries and paged KV cache (public entry points: kascade.ops.paged).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -141,32 +145,79 @@ def _group_blocking(G: int, tokens: int, rows: int) -> tuple[int, int]:
     return g_block, -(-G // g_block)
 
 
+# --------------------------------------------------------------------------------------------- layout
+@dataclass(frozen=True)
+class PagedPrefill:
+    """vLLM's layout for the kernels' PAGED variant (checked and built by kascade.ops.paged): q packed
+    as [total_tokens, Hq, D], sequence b's queries at rows query_start_loc[b] .. query_start_loc[b+1]-1
+    (the last of its seq_lens[b] keys); K/V caches [num_blocks, block_size, Hkv, D] read through
+    block_table [B, max_blocks] int32. kv_start / kv_end passed with it are unused / seq_lens.
+    max_query_len (host) bounds every q_len: it sizes the grids."""
+
+    block_table: torch.Tensor
+    block_size: int
+    query_start_loc: torch.Tensor
+    max_query_len: int
+
+    def n_slots(self, T: int) -> int:
+        """Tiles of T a run of at most max_query_len consecutive positions can touch: the length of the
+        per-sequence tile axis (counted from each sequence's first query tile) of the pooled buffer and
+        of the indices."""
+        return (self.max_query_len + T - 2) // T + 1
+
+
+def _layout(q, k, v, kv_start, paged: PagedPrefill | None):
+    """(B, Hq, Lq, Hkv, D, q/k/v strides as the kernels take them (batch, head, token), the pointers
+    (query_start_loc, block_table), (block-table row stride, K block stride, V block stride), meta).
+    Contiguous: the pointers are placeholders (never read) and the paged strides 0. Paged: Lq is
+    max_query_len, batch strides are 0, the token stride of K/V is the cache's slot stride."""
+    if paged is None:
+        B, Hq, Lq, D = q.shape
+        strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                   v.stride(0), v.stride(1), v.stride(2))
+        return B, Hq, Lq, k.shape[1], D, strides, (kv_start, kv_start), (0, 0, 0), {}
+    _, Hq, D = q.shape
+    bt = paged.block_table
+    strides = (0, q.stride(1), q.stride(0), 0, k.stride(2), k.stride(1), 0, v.stride(2), v.stride(1))
+    return (bt.shape[0], Hq, paged.max_query_len, k.shape[2], D, strides, (paged.query_start_loc, bt),
+            (bt.stride(0), k.stride(0), v.stride(0)), dict(PAGED=True, PAGE=paged.block_size))
+
+
+def _out_strides(out, paged):
+    """(batch, head, token) strides of an output like q."""
+    if paged is None:
+        return out.stride(0), out.stride(1), out.stride(2)
+    return 0, out.stride(1), out.stride(0)
+
+
 # --------------------------------------------------------------------------------------------- dense
-def _flash(q, k, v, kv_start, kv_end, scale, *, with_v: bool, store_lse: bool, pad_rows: bool):
-    B, Hq, Lq, D = q.shape
-    Hkv = k.shape[1]
+def _flash(q, k, v, kv_start, kv_end, scale, *, with_v: bool, store_lse: bool, pad_rows: bool,
+           paged: PagedPrefill | None = None):
+    B, Hq, Lq, Hkv, D, strides, ptrs, pg_strides, pg_meta = _layout(q, k, v, kv_start, paged)
     G = Hq // Hkv
     g_pad = _next_pow2(G)
     block_t = min(128, max(16, ROWS_PER_PROGRAM // g_pad))
     g_block, n_gb = _group_blocking(G, block_t, ROWS_PER_PROGRAM)
     out = None
     if with_v:
-        out = (torch.zeros if pad_rows else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
-    lse = _lse_buffer(B, Hq, Lq, q.device) if store_lse else None
+        out = (torch.zeros if pad_rows or paged else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
+    lse = None
+    if store_lse:
+        # paged: [Hq, total_tokens] (no batch axis: sequences are packed along the token axis)
+        lse = _lse_buffer(B, Hq, Lq, q.device) if paged is None else _lse_buffer(1, Hq, q.shape[0], q.device)[0]
     o_arg = out if out is not None else q
     l_arg = lse if lse is not None else q
+    l_strides = (0 if paged else l_arg.stride(0), l_arg.stride(0) if paged else l_arg.stride(1))
     M = g_block * block_t
     grid = ((triton.cdiv(Lq, block_t) + 1) * n_gb, B * Hkv)
     K._attn_fwd_kernel[grid](
-        q, k, v, o_arg, l_arg, kv_start, kv_end,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), o_arg.stride(0), o_arg.stride(1), o_arg.stride(2),
-        l_arg.stride(0), l_arg.stride(1),
+        q, k, v, o_arg, l_arg, kv_start, kv_end, *ptrs,
+        *strides, *_out_strides(o_arg, paged), *l_strides, *pg_strides,
         Lq, Hkv, G, n_gb, _scale(scale, D),
         D=D, G_BLOCK=g_block, BLOCK_T=block_t, BLOCK_N=FLASH_BLOCK_N if with_v else LSE_BLOCK_N,
         WITH_V=with_v, STORE_LSE=store_lse, DOT_PREC=_dot_precision(q.dtype),
         num_warps=(FLASH_WARPS if with_v else LSE_WARPS) or _warps(M, D),
-        num_stages=FLASH_STAGES if with_v else LSE_STAGES,
+        num_stages=FLASH_STAGES if with_v else LSE_STAGES, **pg_meta,
     )
     return out, lse
 
@@ -259,21 +310,21 @@ def _check_budget_slots(indices, budgets, host, lengths, Lq, T, max_elems=1 << 2
                     "anchor_attention returns them")
 
 
-def _launch_sparse(q, k, v, out, indices, budgets, kv_start, kv_end, G, T, scale, head_map=None):
-    B, Hq, Lq, D = q.shape
-    Hkv = k.shape[1]
+def _launch_sparse(q, k, v, out, indices, budgets, kv_start, kv_end, G, T, scale, head_map=None,
+                   paged: PagedPrefill | None = None):
+    B, Hq, Lq, Hkv, D, strides, ptrs, pg_strides, pg_meta = _layout(q, k, v, kv_start, paged)
     g_block, n_gb = _group_blocking(G, T, SPARSE_ROWS_PER_PROGRAM or ROWS_PER_PROGRAM)
     M = g_block * T
     warps, maxnreg = (SPARSE_WARPS or _warps(M, D), SPARSE_MAXNREG) if M >= 128 else (4, None)
-    grid = ((triton.cdiv(Lq, T) + 1) * n_gb, B * Hkv)
+    n_slots = triton.cdiv(Lq, T) + 1 if paged is None else paged.n_slots(T)
+    grid = (n_slots * n_gb, B * Hkv)
     K._sparse_kernel[grid](
-        q, k, v, out, indices, (head_map if head_map is not None else budgets), budgets, kv_start, kv_end,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        indices.stride(0), indices.stride(1), indices.stride(2),
+        q, k, v, out, indices, (head_map if head_map is not None else budgets), budgets, kv_start, kv_end, *ptrs,
+        *strides, *_out_strides(out, paged),
+        indices.stride(0), indices.stride(1), indices.stride(2), *pg_strides,
         Lq, Hkv, G, n_gb, budgets.numel(), _scale(scale, D),
         D=D, G_BLOCK=g_block, T=T, BLOCK_N=SPARSE_BLOCK_N,
-        DOT_PREC=_dot_precision(q.dtype), MAPPED=head_map is not None,
+        DOT_PREC=_dot_precision(q.dtype), MAPPED=head_map is not None, **pg_meta,
         num_warps=warps, num_stages=SPARSE_STAGES, **({"maxnreg": maxnreg} if maxnreg and q.is_cuda else {}),
     )
 
@@ -339,14 +390,18 @@ def _dense_lse_cudnn(q, k, v, lengths, scale):
 
 
 def _select(q, k, lse, indices, budgets, kv_start, kv_end, G, T, tile_lo, n_tiles, scale,
-            stages=("pool", "select"), pooled=None):
+            stages=("pool", "select"), pooled=None, paged: PagedPrefill | None = None):
     """Pool and select tiles tile_lo..n_tiles-1, in chunks whose pooled buffer fits POOL_BUFFER_BYTES.
-    (stages and pooled let the benchmark time the two kernels apart.) Returns the pooled buffer."""
-    B, Hq, Lq, D = q.shape
-    Hkv = k.shape[1]
+    (stages and pooled let the benchmark time the two kernels apart.) Returns the pooled buffer.
+    paged: tiles are counted from each sequence's first query tile instead, tile_lo..paged.n_slots(T)-1
+    (n_tiles still bounds the absolute tile: it is the length of budgets)."""
+    B, Hq, Lq, Hkv, D, strides, ptrs, pg_strides, pg_meta = _layout(q, k, k, kv_start, paged)
+    q_strides, k_strides = strides[:3], strides[3:6]
+    tile_hi = n_tiles if paged is None else paged.n_slots(T)
+    l_strides = (lse.stride(0), lse.stride(1)) if paged is None else (0, lse.stride(0))
     width = n_tiles * T
     per_tile = B * Hkv * width * 4  # sized for float32 either way
-    chunk = max(1, min(n_tiles - tile_lo, POOL_BUFFER_BYTES // per_tile))
+    chunk = max(1, min(tile_hi - tile_lo, POOL_BUFFER_BYTES // per_tile))
     g_block, n_gb = _group_blocking(G, T, POOL_ROWS_PER_PROGRAM)
     atomic = n_gb > 1
     alloc = torch.zeros if atomic else torch.empty
@@ -356,25 +411,27 @@ def _select(q, k, lse, indices, budgets, kv_start, kv_end, G, T, tile_lo, n_tile
         pooled = alloc((B, Hkv, chunk, width), dtype=pooled_dtype, device=q.device)
     M = g_block * T
     qk_scale = _scale(scale, D)
-    for lo in range(tile_lo, n_tiles, chunk):
+    for lo in range(tile_lo, tile_hi, chunk):
         if "pool" in stages:
             if atomic and lo != tile_lo:
                 pooled.zero_()
             K._pool_kernel[(chunk * n_gb, B * Hkv)](
-                q, k, lse, pooled, budgets, kv_start, kv_end,
-                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                lse.stride(0), lse.stride(1), pooled.stride(0), pooled.stride(1), pooled.stride(2),
+                q, k, lse, pooled, budgets, kv_start, kv_end, *ptrs,
+                *q_strides, *k_strides, *l_strides, pooled.stride(0), pooled.stride(1), pooled.stride(2),
+                *pg_strides[:2],
                 Lq, Hkv, G, n_gb, lo, n_tiles, qk_scale,
                 D=D, G_BLOCK=g_block, T=T, BLOCK_N=POOL_BLOCK_N, ATOMIC=atomic,
-                DOT_PREC=_dot_precision(q.dtype), num_warps=(POOL_WARPS if M <= 128 else 0) or _warps(M, D), num_stages=POOL_STAGES,
+                DOT_PREC=_dot_precision(q.dtype), num_warps=(POOL_WARPS if M <= 128 else 0) or _warps(M, D),
+                num_stages=POOL_STAGES, **pg_meta,
             )
         if "select" in stages:
             K._select_kernel[(chunk, B * Hkv)](
-                pooled, indices, budgets, kv_start, kv_end,
+                pooled, indices, budgets, kv_start, kv_end, ptrs[0],
                 pooled.stride(0), pooled.stride(1), pooled.stride(2),
                 indices.stride(0), indices.stride(1), indices.stride(2),
                 Lq, Hkv, lo, n_tiles, T,
                 BLOCK=SELECT_BLOCK, KEY16=pooled.dtype == torch.float16,
                 KEY_SHIFT=0 if pooled.dtype == torch.float16 else 7, num_warps=8,
+                **({"PAGED": True} if paged is not None else {}),
             )
     return pooled
