@@ -313,7 +313,7 @@ def test_bad_inputs_name_the_value():
         R.select_decode(q, k)
     with pytest.raises(KascadeInputError, match=r"index 16 out of range for key length 16"):
         R.sparse_attention(q[:, :, :1], k, v, torch.full((1, 2, 3), 16, dtype=torch.int32))
-    with pytest.raises(KascadeInputError, match=r"prefill indices must be \[B, Hsel, n_tiles, k\]"):
+    with pytest.raises(KascadeInputError, match=r"prefill indices must be \[B, Hsel, n_tiles, k\] with B=1, Hsel=2 \(KV heads\) or 1"):
         R.sparse_attention(q, k, v, torch.zeros(1, 2, 3, dtype=torch.int32))
     with pytest.raises(KascadeInputError, match="must have 4 dims"):
         R.dense_attention(q[0], k, v)

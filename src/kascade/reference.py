@@ -36,7 +36,14 @@ from typing import Literal
 
 import torch
 
-from .validation import KascadeInputError, check_attention_inputs, check_budget, check_tile_size
+from .validation import (
+    KascadeInputError,
+    check_attention_inputs,
+    check_budget,
+    check_indices,
+    check_tile_size,
+)
+from .validation import expand_heads as _expand_heads
 
 Pooling = Literal["post_softmax", "pre_softmax"]
 HeadPooling = Literal["group", "all"]
@@ -283,14 +290,6 @@ def _selected_mask(idx: torch.Tensor, start: int, L: int) -> torch.Tensor:
     return mask[..., :L]
 
 
-def _expand_heads(idx: torch.Tensor, n_kv: int) -> torch.Tensor:
-    if idx.shape[1] == n_kv:
-        return idx
-    if idx.shape[1] == 1:
-        return idx.expand(idx.shape[0], n_kv, *idx.shape[2:])
-    raise KascadeInputError(f"indices have {idx.shape[1]} heads, expected {n_kv} KV heads or 1 (all heads pooled)")
-
-
 def _allowed_keys(
     row: _Row, lo: int, hi: int, L: int, indices_b: torch.Tensor | None, decode: bool,
     topk_fraction: float, topk_floor: int, tile_size: int,
@@ -339,7 +338,7 @@ def sparse_attention(
     """
     kv_start, kv_end = check_attention_inputs(q, k, v, kv_start, kv_end)
     decode = q.shape[2] == 1
-    _check_indices(indices, q, k, decode)
+    check_indices(indices, q, k, kv_start, kv_end, tile_size)
     indices = _expand_heads(indices, k.shape[1])
     scale = _scale(scale, q.shape[-1])
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -353,23 +352,6 @@ def sparse_attention(
             o, _ = _softmax_out(s.masked_fill(~allowed, -math.inf), row.v)
             out[b, :, row.q_index + lo : row.q_index + hi] = o.flatten(0, 1)
     return out.to(q.dtype)
-
-
-def _check_indices(indices: torch.Tensor, q: torch.Tensor, k: torch.Tensor, decode: bool) -> None:
-    want = 3 if decode else 4
-    if not isinstance(indices, torch.Tensor) or indices.dim() != want:
-        shape = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__
-        layout = "[B, Hsel, k]" if decode else "[B, Hsel, n_tiles, k]"
-        raise KascadeInputError(f"{'decode' if decode else 'prefill'} indices must be {layout}, got {shape}")
-    if indices.dtype not in (torch.int32, torch.int64):
-        raise KascadeInputError(f"indices must be int32 or int64, got {indices.dtype}")
-    if indices.device != q.device:
-        raise KascadeInputError(f"indices are on {indices.device}, q is on {q.device}")
-    if indices.shape[0] != q.shape[0]:
-        raise KascadeInputError(f"indices have batch {indices.shape[0]}, q has batch {q.shape[0]}")
-    capturing = indices.is_cuda and torch.cuda.is_current_stream_capturing()  # no host reads in a graph
-    if indices.numel() and not capturing and int(indices.max()) >= k.shape[2]:
-        raise KascadeInputError(f"index {int(indices.max())} out of range for key length {k.shape[2]}")
 
 
 # --------------------------------------------------------------------------------------------- oracle
@@ -452,7 +434,7 @@ def selection_stats(
     """
     kv_start, kv_end = check_attention_inputs(q, k, k, kv_start, kv_end)
     decode = q.shape[2] == 1
-    _check_indices(indices, q, k, decode)
+    check_indices(indices, q, k, kv_start, kv_end, tile_size)
     indices = _expand_heads(indices, k.shape[1])
     scale = _scale(scale, q.shape[-1])
     mass = torch.ones(q.shape[:3], dtype=torch.float32, device=q.device)

@@ -25,7 +25,14 @@ import torch
 
 from .. import reference
 from ..reference import HeadPooling, Pooling
-from ..validation import KascadeInputError, check_attention_inputs, check_budget, check_tile_size
+from ..validation import (
+    KascadeInputError,
+    check_attention_inputs,
+    check_budget,
+    check_indices,
+    check_tile_size,
+    expand_heads,
+)
 
 Backend = Literal["auto", "triton", "reference"]
 BACKENDS = ("auto", "triton", "reference")
@@ -189,10 +196,10 @@ def sparse_attention(
     check_budget(topk_fraction, topk_floor)
     check_tile_size(tile_size)
     phase = _phase(q)
-    reference._check_indices(indices, q, k, phase == "decode")
+    check_indices(indices, q, k, kv_start, kv_end, tile_size)
     mod = _kernels(phase) if _use_triton(q, backend) else None
     if mod is not None and hasattr(mod, "sparse"):
-        indices = reference._expand_heads(indices, k.shape[1])
+        indices = expand_heads(indices, k.shape[1])
         if phase == "decode":
             return mod.sparse(q, k, v, indices, kv_start, kv_end, scale=scale)
         return mod.sparse(q, k, v, indices, kv_start, kv_end, topk_fraction=topk_fraction,
@@ -201,7 +208,7 @@ def sparse_attention(
     if (backend or default_backend()) == "reference":
         return reference.sparse_attention(q, k, v, indices, kv_start, kv_end, topk_fraction=topk_fraction,
                                           topk_floor=topk_floor, tile_size=tile_size, scale=scale)
-    return _sparse_sdpa(q, k, v, reference._expand_heads(indices, k.shape[1]), kv_start, kv_end,
+    return _sparse_sdpa(q, k, v, expand_heads(indices, k.shape[1]), kv_start, kv_end,
                         topk_fraction=topk_fraction, topk_floor=topk_floor, tile_size=tile_size, scale=scale)
 
 
