@@ -102,3 +102,23 @@ def test_sdpa_sparse_path_matches_reference(Lq, monkeypatch):
     out = ops.sparse_attention(q, k, v, idx, kv_start, kv_end, **kw)
     ref = reference.sparse_attention(q, k, v, idx, kv_start, kv_end, **kw)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_ops_use_no_reference_internals_and_the_reference_is_a_leaf():
+    """kascade.ops reaches the reference only through its public functions (the checks, budget and
+    masks are shared modules); the reference imports nothing from the ops, engine or kernels."""
+    import ast
+    import pathlib
+
+    src = pathlib.Path(kascade.__file__).parent
+    for path in sorted((src / "ops").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.endswith("reference"):
+                pytest.fail(f"{path.name}: from {node.module} import {[a.name for a in node.names]}")
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id == "reference" and node.attr.startswith("_")):
+                pytest.fail(f"{path.name}:{node.lineno}: reference.{node.attr}")
+    tree = ast.parse((src / "reference.py").read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level}
+    assert imported == {"budget", "masks", "validation"}

@@ -279,7 +279,9 @@ def test_chunking_does_not_change_results(monkeypatch):
     kw = dict(topk_fraction=0.1, topk_floor=4, tile_size=8)
     kv_start = torch.tensor([0, 21])
     before = (R.dense_attention(q, k, v, kv_start), R.select_prefill(q, k, kv_start, None, **kw))
-    monkeypatch.setattr(R, "_CHUNK_ELEMENTS", 4 * 100 * 9)  # a few queries at a time
+    from kascade import masks
+    monkeypatch.setattr(masks, "CHUNK_ELEMENTS", 4 * 100 * 9)  # a few queries at a time
+    assert R._query_chunk(4, 100) == 9
     after = (R.dense_attention(q, k, v, kv_start), R.select_prefill(q, k, kv_start, None, **kw))
     torch.testing.assert_close(before[0], after[0])
     for b in range(2):  # same sets (ties are unlikely with random floats)

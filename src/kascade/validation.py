@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+
+# Selection options (kascade.reference, kascade.ops.anchor_attention): how scores are pooled into one
+# Top-k set, and over which heads.
+Pooling = Literal["post_softmax", "pre_softmax"]
+HeadPooling = Literal["group", "all"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

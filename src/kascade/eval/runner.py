@@ -26,7 +26,7 @@ import torch
 from ..baselines import METHODS, NEEDS_PLAN, make_method
 from ..baselines._common import decode_probs, expand_keep, scale_of
 from ..plan import Plan
-from ..reference import topk_budget
+from ..budget import topk_budget
 from . import scoring, tasks as tasks_mod
 
 # Methods whose output does not depend on the budget are run once (budget recorded as None).

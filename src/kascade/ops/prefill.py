@@ -20,7 +20,7 @@ import math
 import torch
 import triton
 
-from ..reference import topk_budget
+from ..budget import topk_budget
 from ..validation import KascadeInputError
 from ..kernels import prefill as K
 
