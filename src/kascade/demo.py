@@ -95,17 +95,20 @@ def _prefill(model, ids):
 
 def _decode(model, tokenizer, logits, cache, max_new_tokens):
     """Greedy decoding from a prefilled cache: (text, seconds)."""
-    import torch
+    from .decoding import decode_loop
 
     tokens = []
+
+    def take(next_tokens) -> bool:  # stop at EOS (not kept)
+        token = int(next_tokens[0])
+        if token == tokenizer.eos_token_id:
+            return True
+        tokens.append(token)
+        return False
+
     start = time.perf_counter()
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            token = int(logits[0, -1].argmax())
-            if token == tokenizer.eos_token_id:
-                break
-            tokens.append(token)
-            logits = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits
+    for _ in decode_loop(model, cache, logits, steps=max_new_tokens, on_token=take):
+        pass
     return tokenizer.decode(tokens, skip_special_tokens=True).strip(), time.perf_counter() - start
 
 
