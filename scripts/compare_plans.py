@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from kascade.decoding import decode_loop
+
 DEFAULT_TASKS = ("vt", "qa_hotpotqa", "fwe", "niah_multikey")
 
 
@@ -31,15 +33,9 @@ def _label(path: str) -> str:
     return Path(path).stem
 
 
-@torch.no_grad()
 def _decode(model, past, tokens: torch.Tensor) -> torch.Tensor:
     """Feed ``tokens`` [1, D] one at a time onto ``past``; log-probs of each step's next token [D, V]."""
-    out = []
-    for i in range(tokens.shape[1]):
-        res = model(input_ids=tokens[:, i : i + 1], past_key_values=past, use_cache=True)
-        past = res.past_key_values
-        out.append(torch.log_softmax(res.logits[0, -1].double(), -1))
-    return torch.stack(out)
+    return torch.stack([torch.log_softmax(logits[0].double(), -1) for logits in decode_loop(model, past, feed=tokens)])
 
 
 @torch.no_grad()
@@ -87,21 +83,15 @@ def compare(model, plans: dict, inputs: list[tuple[str, torch.Tensor]], *, steps
             dispatch.use(dense)
             torch.set_num_threads(prefill_threads)
             res = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            past, first = res.past_key_values, res.logits[0, -1]
+            past = res.past_key_values
             # The dense greedy continuation: token 0 from the prefill, then `steps` decode steps.
             if decode_threads:
                 torch.set_num_threads(decode_threads)
-            tokens, ref = [int(first.argmax())], []
-            cache = copy.deepcopy(past)
-            for _ in range(steps):
-                r = model(input_ids=torch.tensor([[tokens[-1]]], device=ids.device), past_key_values=cache,
-                          use_cache=True)
-                cache = r.past_key_values
-                ref.append(torch.log_softmax(r.logits[0, -1].double(), -1))
-                tokens.append(int(ref[-1].argmax()))
-            del cache
+            fed = []  # the greedy tokens fed at each step (token 0: the prefill's argmax)
+            ref = [torch.log_softmax(logits[0].double(), -1)
+                   for logits in decode_loop(model, copy.deepcopy(past), res.logits, steps=steps, on_token=fed.append)]
             ref = torch.stack(ref)  # [D, V]
-            feed = torch.tensor([tokens[:steps]], device=ids.device)
+            feed = torch.stack(fed, dim=1)  # [1, D]
             row = {"prompt": label, "n_tokens": int(ids.shape[1]), "dense_seconds": round(time.perf_counter() - t0, 1),
                    "plans": {}}
             if bar is not None:

@@ -37,6 +37,8 @@ def _run(argv):
 
 
 def test_eval_smoke_and_resume(tmp_path, plan_args, capsys):
+    from kascade.eval import scoring
+
     out = tmp_path / "ev"
     argv = ["eval", "--model", "smollm2-135m", "--tasks", "niah_single", "qa_squad", "--lengths", "1024",
             "--samples", "2", "--methods", "dense", "kascade", "quest", "--max-new-tokens", "6",
@@ -47,7 +49,8 @@ def test_eval_smoke_and_resume(tmp_path, plan_args, capsys):
     assert len(cells) == 2 * 2 * 3
     assert {c["method"] for c in cells} == {"dense", "kascade", "quest"}
     for c in cells:
-        assert 0.0 <= c["score"] <= 100.0 and 1 <= c["new_tokens"] <= 6
+        assert c["score"] == scoring.score(c["prediction"], c["answers"], c["metric"])
+        assert 1 <= c["new_tokens"] <= 6
         assert abs(c["n_tokens"] - 1024) <= 21
     rows = {(r["method"], r["topk_fraction"]): r for r in doc["summary"]["rows"]}
     assert rows[("dense", None)]["mean_captured_mass"] == 1.0
@@ -67,12 +70,19 @@ def test_eval_smoke_and_resume(tmp_path, plan_args, capsys):
 def test_decode_heavy_smoke(tmp_path, plan_args):
     out = tmp_path / "dh"
     argv = ["eval", "--model", "smollm2-135m", "--tasks", "none", "--decode-heavy", "--dh-context", "512",
-            "--dh-tokens", "9", "--dh-samples", "1", "--methods", "dense", "quest", "kascade",
+            "--dh-tokens", "9", "--dh-samples", "1", "--methods", "dense", "quest", "kascade", "kascade_decode_only",
             "--out", str(out), *plan_args]
     assert _run(argv) == 0
     doc = json.loads((out / "eval_smollm2-135m.json").read_text())
     rows = {r["method"]: r for r in doc["decode_heavy"][0]["rows"]}
     assert rows["dense"]["kl_to_dense"] == 0.0 and rows["dense"]["top1_agreement"] == 100.0
+    sample = doc["decode_heavy"][0]["per_sample"][0]
     for name in ("quest", "kascade"):
-        assert rows[name]["kl_to_dense"] >= 0.0 and rows[name]["steps"] == 8
+        assert rows[name]["steps"] == 8
+        # one sample: the summary row is that sample's numbers
+        assert rows[name]["kl_to_dense"] == pytest.approx(sample[name]["kl_to_dense"], abs=1e-6)
+        assert rows[name]["top1_agreement"] == sample[name]["top1_agreement"]
         assert rows[name]["perplexity"] > 1.0
+    # every method decodes from the one dense prefill, so Kascade and decode-only Kascade coincide exactly
+    without_name = [{k: v for k, v in rows[n].items() if k != "method"} for n in ("kascade", "kascade_decode_only")]
+    assert without_name[0] == without_name[1]

@@ -59,10 +59,22 @@ def test_input_errors():
         kascade.sparse_attention(q, k, v, torch.zeros(2, 3, 4, dtype=torch.int32))
     with pytest.raises(KascadeInputError, match="indices have batch 1, q has batch 2"):
         kascade.sparse_attention(q, k, v, torch.zeros(1, 2, 4, dtype=torch.int32))
+    with pytest.raises(KascadeInputError, match=r"decode indices must be \[B, Hsel, k\] with B=2, Hsel=2 \(KV heads\) "
+                       r"or 1; got \(2, 2, 1, 4\)"):
+        kascade.sparse_attention(q, k, v, torch.zeros(2, 2, 1, 4, dtype=torch.int32))
     with pytest.raises(KascadeInputError, match="tile_size must be a positive integer, got 0"):
         kascade.anchor_attention(q, k, v, tile_size=0)
     with pytest.raises(KascadeInputError, match="q, k, v must be on one device"):
         kascade.dense_attention(q, k.to("meta"), v)
+
+
+@pytest.mark.parametrize("backend", ["reference", None])
+def test_prefill_indices_with_too_few_tiles(backend):
+    """Was a raw IndexError: rows of 40 keys in tiles of 8 need 5 tiles of indices."""
+    q, k, v = make(40)
+    with pytest.raises(KascadeInputError, match=r"indices have 2 tiles, the longest row needs 5: prefill indices "
+                       r"must be \[B, Hsel, n_tiles, k\] with B=2, Hsel=2 \(KV heads\) or 1, n_tiles >= 5"):
+        kascade.sparse_attention(q, k, v, torch.zeros(2, 2, 2, 4, dtype=torch.int32), tile_size=8, backend=backend)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -90,3 +102,23 @@ def test_sdpa_sparse_path_matches_reference(Lq, monkeypatch):
     out = ops.sparse_attention(q, k, v, idx, kv_start, kv_end, **kw)
     ref = reference.sparse_attention(q, k, v, idx, kv_start, kv_end, **kw)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_ops_use_no_reference_internals_and_the_reference_is_a_leaf():
+    """kascade.ops reaches the reference only through its public functions (the checks, budget and
+    masks are shared modules); the reference imports nothing from the ops, engine or kernels."""
+    import ast
+    import pathlib
+
+    src = pathlib.Path(kascade.__file__).parent
+    for path in sorted((src / "ops").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.endswith("reference"):
+                pytest.fail(f"{path.name}: from {node.module} import {[a.name for a in node.names]}")
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id == "reference" and node.attr.startswith("_")):
+                pytest.fail(f"{path.name}:{node.lineno}: reference.{node.attr}")
+    tree = ast.parse((src / "reference.py").read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level}
+    assert imported == {"budget", "masks", "validation"}

@@ -279,7 +279,9 @@ def test_chunking_does_not_change_results(monkeypatch):
     kw = dict(topk_fraction=0.1, topk_floor=4, tile_size=8)
     kv_start = torch.tensor([0, 21])
     before = (R.dense_attention(q, k, v, kv_start), R.select_prefill(q, k, kv_start, None, **kw))
-    monkeypatch.setattr(R, "_CHUNK_ELEMENTS", 4 * 100 * 9)  # a few queries at a time
+    from kascade import masks
+    monkeypatch.setattr(masks, "CHUNK_ELEMENTS", 4 * 100 * 9)  # a few queries at a time
+    assert R._query_chunk(4, 100) == 9
     after = (R.dense_attention(q, k, v, kv_start), R.select_prefill(q, k, kv_start, None, **kw))
     torch.testing.assert_close(before[0], after[0])
     for b in range(2):  # same sets (ties are unlikely with random floats)
@@ -313,7 +315,7 @@ def test_bad_inputs_name_the_value():
         R.select_decode(q, k)
     with pytest.raises(KascadeInputError, match=r"index 16 out of range for key length 16"):
         R.sparse_attention(q[:, :, :1], k, v, torch.full((1, 2, 3), 16, dtype=torch.int32))
-    with pytest.raises(KascadeInputError, match=r"prefill indices must be \[B, Hsel, n_tiles, k\]"):
+    with pytest.raises(KascadeInputError, match=r"prefill indices must be \[B, Hsel, n_tiles, k\] with B=1, Hsel=2 \(KV heads\) or 1"):
         R.sparse_attention(q, k, v, torch.zeros(1, 2, 3, dtype=torch.int32))
     with pytest.raises(KascadeInputError, match="must have 4 dims"):
         R.dense_attention(q[0], k, v)

@@ -8,7 +8,7 @@ from .engine import VARIANTS, Engine, Variant
 from .integrations import disable, enable
 from .ops import anchor_attention, dense_attention, sparse_attention
 from .plan import ModelSpec, Plan, PlanError
-from .reference import topk_budget
+from .budget import topk_budget
 from .validation import KascadeInputError
 
 __version__ = "0.1.0"

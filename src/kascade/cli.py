@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 SUBCOMMANDS = (
     "kascade.demo",  # kascade demo
@@ -19,6 +20,26 @@ SUBCOMMANDS = (
     "kascade.eval.cli",  # kascade eval
     "kascade.plans.cli",  # kascade plans [show NAME]
 )
+
+
+class DeprecatedFlag(argparse.Action):
+    """An old spelling of a flag, kept for one release: prints a deprecation message to stderr (and
+    issues a DeprecationWarning), then sets the new flag's dest: to ``const`` for a switch (nargs=0),
+    else to the values given.
+
+        p.add_argument("--dense-prefill", dest="decode_only", action=DeprecatedFlag, const=True,
+                       use="--decode-only", help="deprecated: use --decode-only")
+    """
+
+    def __init__(self, option_strings, dest, *, use: str, nargs=0, const=None, **kwargs):
+        self.use = use
+        super().__init__(option_strings, dest, nargs=nargs, const=const, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        message = f"{option_string} is deprecated and will be removed in the next release; use {self.use}"
+        print(f"kascade: warning: {message}", file=sys.stderr)
+        warnings.warn(message, DeprecationWarning, stacklevel=2)
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
 
 
 def build_parser() -> argparse.ArgumentParser:

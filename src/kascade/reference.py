@@ -31,74 +31,29 @@ Conventions (shared by the ops, the kernels and the engine)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-from .validation import KascadeInputError, check_attention_inputs, check_budget, check_tile_size
-
-Pooling = Literal["post_softmax", "pre_softmax"]
-HeadPooling = Literal["group", "all"]
-
-# Keep chunked score tensors under ~64M floats (256 MB) so a 32K prompt fits a small CPU machine.
-_CHUNK_ELEMENTS = 1 << 26
-
-
-# --------------------------------------------------------------------------------------------- budget
-def topk_budget(length, topk_fraction: float = 0.10, topk_floor: int = 128):
-    """k = min(max(ceil(topk_fraction * length), topk_floor), length), for an int or an integer tensor.
-
-    The ceiling is done in integer arithmetic on the fraction in parts per million, so 0.1 * 30 is 3,
-    not 4, and a kernel computing it on the device gets the same number.
-    """
-    ppm = round(topk_fraction * 1_000_000)
-    if isinstance(length, torch.Tensor):
-        k = (length * ppm + 999_999) // 1_000_000
-        return torch.minimum(torch.clamp(k, min=topk_floor), length)
-    length = int(length)
-    k = (length * ppm + 999_999) // 1_000_000
-    return min(max(k, topk_floor), length)
-
-
-def prefill_tile_is_dense(prefix: int, topk_fraction: float, topk_floor: int) -> bool:
-    """A prefill tile attends densely when its whole prefix fits in its budget."""
-    return prefix <= topk_budget(prefix, topk_fraction, topk_floor)
+from .budget import prefill_tile_is_dense, topk_budget
+from .masks import Row as _Row  # noqa: F401  (the row slices: kascade.masks)
+from .masks import allowed_keys as _allowed_keys
+from .masks import query_chunk as _query_chunk
+from .masks import rows as _rows
+from .masks import selected_mask as _selected_mask  # noqa: F401
+from .masks import softmax_scale as _scale
+from .validation import (
+    HeadPooling,
+    KascadeInputError,
+    Pooling,
+    check_attention_inputs,
+    check_budget,
+    check_indices,
+    check_tile_size,
+)
+from .validation import expand_heads as _expand_heads
 
 
 # --------------------------------------------------------------------------------------------- rows
-@dataclass
-class _Row:
-    """One batch row's valid region, already sliced."""
-
-    q: torch.Tensor  # [Hq, n, D] float32, the n valid queries
-    k: torch.Tensor  # [Hkv, L, D] float32
-    v: torch.Tensor  # [Hkv, L, D] float32
-    start: int  # kv_start: absolute position of row-relative key 0
-    q_index: int  # index (along Lq) of the first valid query
-    q_pos: int  # row-relative position of the first valid query
-
-
-def _rows(q, k, v, kv_start, kv_end):
-    Lq = q.shape[2]
-    for b in range(q.shape[0]):
-        s, e = int(kv_start[b]), int(kv_end[b])
-        L = e - s
-        n = min(Lq, L)
-        yield b, _Row(
-            q=q[b, :, Lq - n :].float(),
-            k=k[b, :, s:e].float(),
-            v=v[b, :, s:e].float(),
-            start=s,
-            q_index=Lq - n,
-            q_pos=L - n,
-        )
-
-
-def _scale(scale: float | None, head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-
-
 def _group_scores(row: _Row, lo: int, hi: int, scale: float) -> torch.Tensor:
     """Scaled scores of valid queries lo..hi-1 against all row keys: [Hkv, G, hi-lo, L]."""
     Hq, _, D = row.q.shape
@@ -111,11 +66,6 @@ def _causal(row: _Row, lo: int, hi: int, L: int, device) -> torch.Tensor:
     """[hi-lo, L] bool: key j visible to valid query i (row-relative causality)."""
     pos = row.q_pos + torch.arange(lo, hi, device=device)
     return torch.arange(L, device=device)[None, :] <= pos[:, None]
-
-
-def _query_chunk(n_heads: int, L: int, granularity: int = 1) -> int:
-    size = max(1, _CHUNK_ELEMENTS // max(1, n_heads * L))
-    return max(granularity, size // granularity * granularity)
 
 
 # --------------------------------------------------------------------------------------------- dense
@@ -273,52 +223,6 @@ def select_prefill(
 
 
 # --------------------------------------------------------------------------------------------- sparse
-def _selected_mask(idx: torch.Tensor, start: int, L: int) -> torch.Tensor:
-    """Indices [..., k] (absolute, -1 padded) -> bool mask [..., L] over row-relative keys."""
-    rel = idx.long() - start
-    valid = (idx >= 0) & (rel >= 0) & (rel < L)
-    rel = torch.where(valid, rel, torch.full_like(rel, L))
-    mask = torch.zeros(*idx.shape[:-1], L + 1, dtype=torch.bool, device=idx.device)
-    mask.scatter_(-1, rel, True)
-    return mask[..., :L]
-
-
-def _expand_heads(idx: torch.Tensor, n_kv: int) -> torch.Tensor:
-    if idx.shape[1] == n_kv:
-        return idx
-    if idx.shape[1] == 1:
-        return idx.expand(idx.shape[0], n_kv, *idx.shape[2:])
-    raise KascadeInputError(f"indices have {idx.shape[1]} heads, expected {n_kv} KV heads or 1 (all heads pooled)")
-
-
-def _allowed_keys(
-    row: _Row, lo: int, hi: int, L: int, indices_b: torch.Tensor | None, decode: bool,
-    topk_fraction: float, topk_floor: int, tile_size: int,
-) -> torch.Tensor:
-    """Which keys each valid query lo..hi-1 attends: [Hkv, 1, hi-lo, L] bool."""
-    device = row.q.device
-    n_kv = row.k.shape[0]
-    if decode:
-        sel = _selected_mask(indices_b, row.start, L)  # [Hkv, L]
-        return sel[:, None, None, :]
-    T = tile_size
-    pos = row.q_pos + torch.arange(lo, hi, device=device)
-    keys = torch.arange(L, device=device)
-    tile = pos // T
-    causal = keys[None, :] <= pos[:, None]
-    own_tile = causal & (keys[None, :] >= (tile * T)[:, None])  # [nq, L]
-    dense_tile = torch.tensor(
-        [prefill_tile_is_dense(int(t) * T, topk_fraction, topk_floor) for t in tile.tolist()],
-        dtype=torch.bool, device=device,
-    )
-    t_lo, t_hi = int(tile.min()), int(tile.max()) + 1
-    sel = _selected_mask(indices_b[:, t_lo:t_hi], row.start, L)  # [Hkv, nt, L]
-    sel = sel[:, tile - t_lo, :]  # [Hkv, nq, L]
-    sel = sel & (keys[None, None, :] < (tile * T)[None, :, None])  # only the prefix counts
-    allowed = torch.where(dense_tile[None, :, None], causal[None], sel | own_tile[None])
-    return allowed.reshape(n_kv, 1, hi - lo, L)
-
-
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -339,7 +243,7 @@ def sparse_attention(
     """
     kv_start, kv_end = check_attention_inputs(q, k, v, kv_start, kv_end)
     decode = q.shape[2] == 1
-    _check_indices(indices, q, k, decode)
+    check_indices(indices, q, k, kv_start, kv_end, tile_size)
     indices = _expand_heads(indices, k.shape[1])
     scale = _scale(scale, q.shape[-1])
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -353,23 +257,6 @@ def sparse_attention(
             o, _ = _softmax_out(s.masked_fill(~allowed, -math.inf), row.v)
             out[b, :, row.q_index + lo : row.q_index + hi] = o.flatten(0, 1)
     return out.to(q.dtype)
-
-
-def _check_indices(indices: torch.Tensor, q: torch.Tensor, k: torch.Tensor, decode: bool) -> None:
-    want = 3 if decode else 4
-    if not isinstance(indices, torch.Tensor) or indices.dim() != want:
-        shape = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__
-        layout = "[B, Hsel, k]" if decode else "[B, Hsel, n_tiles, k]"
-        raise KascadeInputError(f"{'decode' if decode else 'prefill'} indices must be {layout}, got {shape}")
-    if indices.dtype not in (torch.int32, torch.int64):
-        raise KascadeInputError(f"indices must be int32 or int64, got {indices.dtype}")
-    if indices.device != q.device:
-        raise KascadeInputError(f"indices are on {indices.device}, q is on {q.device}")
-    if indices.shape[0] != q.shape[0]:
-        raise KascadeInputError(f"indices have batch {indices.shape[0]}, q has batch {q.shape[0]}")
-    capturing = indices.is_cuda and torch.cuda.is_current_stream_capturing()  # no host reads in a graph
-    if indices.numel() and not capturing and int(indices.max()) >= k.shape[2]:
-        raise KascadeInputError(f"index {int(indices.max())} out of range for key length {k.shape[2]}")
 
 
 # --------------------------------------------------------------------------------------------- oracle
@@ -452,7 +339,7 @@ def selection_stats(
     """
     kv_start, kv_end = check_attention_inputs(q, k, k, kv_start, kv_end)
     decode = q.shape[2] == 1
-    _check_indices(indices, q, k, decode)
+    check_indices(indices, q, k, kv_start, kv_end, tile_size)
     indices = _expand_heads(indices, k.shape[1])
     scale = _scale(scale, q.shape[-1])
     mass = torch.ones(q.shape[:3], dtype=torch.float32, device=q.device)

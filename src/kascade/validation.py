@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+
+# Selection options (kascade.reference, kascade.ops.anchor_attention): how scores are pooled into one
+# Top-k set, and over which heads.
+Pooling = Literal["post_softmax", "pre_softmax"]
+HeadPooling = Literal["group", "all"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -83,3 +90,72 @@ def check_budget(topk_fraction: float, topk_floor: int) -> None:
 def check_tile_size(tile_size: int) -> None:
     if int(tile_size) != tile_size or tile_size < 1:
         raise KascadeInputError(f"tile_size must be a positive integer, got {tile_size}")
+
+
+def check_indices(
+    indices: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    kv_start: torch.Tensor | None = None,
+    kv_end: torch.Tensor | None = None,
+    tile_size: int | None = None,
+) -> None:
+    """Validate the selected indices given to sparse attention, against q [B, Hq, Lq, D], k [B, Hkv, Lk, D].
+
+    Decode (Lq == 1): [B, Hsel, k]; prefill: [B, Hsel, n_tiles, k], with n_tiles covering the longest
+    row (ceil(max(kv_end - kv_start) / tile_size), checked when kv_start, kv_end and tile_size are
+    given). Hsel is Hkv, or 1 for one set shared by all heads. int32/int64 on q's device, every index
+    < Lk (-1 marks an unused slot). Each wrong shape raises a KascadeInputError naming the shape expected.
+    """
+    B, Hkv, Lk = q.shape[0], k.shape[1], k.shape[2]
+    decode = q.shape[2] == 1
+    if not decode and tile_size is not None:
+        check_tile_size(tile_size)
+    phase = "decode" if decode else "prefill"
+    layout = "[B, Hsel, k]" if decode else "[B, Hsel, n_tiles, k]"
+    expected = f"B={B}, Hsel={Hkv} (KV heads) or 1"
+    if not decode and kv_start is not None and kv_end is not None and tile_size is not None:
+        n_tiles = _tiles_needed(kv_start, kv_end, tile_size)
+        if n_tiles is not None:
+            expected += f", n_tiles >= {n_tiles} (ceil(longest row / tile_size={tile_size}))"
+    else:
+        n_tiles = None
+    want = f"{phase} indices must be {layout} with {expected}"
+    if not isinstance(indices, torch.Tensor):
+        raise KascadeInputError(f"{want}; got {type(indices).__name__}")
+    shape = tuple(indices.shape)
+    if indices.dim() != (3 if decode else 4):
+        raise KascadeInputError(f"{want}; got {shape}")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise KascadeInputError(f"indices must be int32 or int64, got {indices.dtype}")
+    if indices.device != q.device:
+        raise KascadeInputError(f"indices are on {indices.device}, q is on {q.device}")
+    if shape[0] != B:
+        raise KascadeInputError(f"indices have batch {shape[0]}, q has batch {B}: {want}; got {shape}")
+    if shape[1] not in (Hkv, 1):
+        raise KascadeInputError(
+            f"indices have {shape[1]} heads, expected {Hkv} KV heads or 1 (all heads pooled): {want}; got {shape}"
+        )
+    if n_tiles is not None and shape[2] < n_tiles:
+        raise KascadeInputError(f"indices have {shape[2]} tiles, the longest row needs {n_tiles}: {want}; got {shape}")
+    capturing = indices.is_cuda and torch.cuda.is_current_stream_capturing()  # no host reads in a graph
+    if indices.numel() and not capturing and int(indices.max()) >= Lk:
+        raise KascadeInputError(f"index {int(indices.max())} out of range for key length {Lk}")
+
+
+def _tiles_needed(kv_start: torch.Tensor, kv_end: torch.Tensor, tile_size: int) -> int | None:
+    """ceil(longest row / tile_size), or None while a CUDA graph is captured (no host reads then)."""
+    if kv_start.numel() == 0 or (kv_start.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return None
+    return max(1, -(-int((kv_end - kv_start).max()) // int(tile_size)))
+
+
+def expand_heads(indices: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """Indices with one shared head set ([B, 1, ...]) broadcast to n_kv KV heads; others unchanged."""
+    if indices.shape[1] == n_kv:
+        return indices
+    if indices.shape[1] == 1:
+        return indices.expand(indices.shape[0], n_kv, *indices.shape[2:])
+    raise KascadeInputError(
+        f"indices have {indices.shape[1]} heads, expected {n_kv} KV heads or 1 (all heads pooled)"
+    )

@@ -24,7 +24,7 @@ if torch.cuda.is_available():
 @pytest.fixture(autouse=True)
 def _tuning_from_env(monkeypatch):
     """KASCADE_DECODE_TUNING='{"sparse_num_stages": 5, ...}' runs every test under those TUNING overrides
-    (scripts/gpu_decode_tune2.sh checks the new launch variants this way)."""
+    (benchmarks/tune/gpu_decode_tune2.sh checks the new launch variants this way)."""
     import json
     import os
 

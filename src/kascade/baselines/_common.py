@@ -18,7 +18,7 @@ import torch
 
 from .. import ops
 from ..plan import ModelSpec
-from ..reference import topk_budget
+from ..budget import topk_budget
 from ..validation import KascadeInputError, check_attention_inputs, check_budget
 
 # Layers the baselines' papers fix for 32-layer Llama-3.1-8B; other depths map them to the same

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..engine import Engine
-from ..reference import topk_budget
+from ..budget import topk_budget
 from ._common import decode_probs, expand_keep, key_valid, scale_of, topk_keep
 from ..validation import check_attention_inputs
 

@@ -67,7 +67,7 @@ class StreamingLLM(LayerMethod):
 
     def _prefill(self, layer, q, k, v, kv_start, kv_end, scale):
         frac, floor, n_sinks = self.topk_fraction, self.topk_floor, self.num_sinks
-        from ..reference import topk_budget
+        from ..budget import topk_budget
 
         def allow(pos, L):
             keys = torch.arange(L, device=pos.device)[None, :]

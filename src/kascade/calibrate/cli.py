@@ -28,7 +28,8 @@ def register(subparsers) -> None:
     p.add_argument("--topk-fraction", type=float, default=0.10, help="plan's Top-k fraction (default 0.10)")
     p.add_argument("--topk-floor", type=int, default=128, help="plan's minimum k (default 128)")
     p.add_argument("--tile-size", type=int, default=32, help="plan's prefill query tile (default 32)")
-    p.add_argument("--stats-k", type=int, default=64, help="k of the calibration statistics (default 64)")
+    p.add_argument("--stats-k", type=int, default=64, help="k of the Top-k similarity statistics that choose the anchors and head "
+                        "map (default 64); not the plan's budget, which is --topk-fraction/--topk-floor")
     p.add_argument("--aggregate", choices=("min", "mean"), default="min",
                    help="per-prompt aggregation of the similarity over query tiles (default min, the paper's)")
     p.add_argument("--stats-budget", action="store_true",

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ..plan import ModelSpec
-from ..reference import topk_budget
+from ..budget import topk_budget
 
 # Scores of one chunk stay under ~16M floats (64 MB).
 _CHUNK_ELEMENTS = 1 << 24

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..cli import DeprecatedFlag
+
 
 def register(subparsers) -> None:
     from ..baselines import METHODS
@@ -32,8 +34,11 @@ def register(subparsers) -> None:
                    help="context lengths in tokens of the model's input (default 4096)")
     p.add_argument("--samples", type=int, default=10, help="samples per task and length (default 10)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD", help="default: all")
-    p.add_argument("--budgets", nargs="+", type=float, default=[0.10], metavar="FRACTION",
-                   help="Top-k fractions (default 0.10; the sweep is 0.025 0.05 0.1 0.2)")
+    p.add_argument("--topk-fractions", dest="budgets", nargs="+", type=float, default=[0.10], metavar="FRACTION",
+                   help="Top-k fractions to evaluate, one run each (default 0.10; the sweep is 0.025 0.05 0.1 0.2); "
+                        "stored as 'budgets' in the run's metadata and 'topk_fraction' in each cell")
+    p.add_argument("--budgets", dest="budgets", nargs="+", type=float, metavar="FRACTION", action=DeprecatedFlag,
+                   use="--topk-fractions", default=argparse.SUPPRESS, help="deprecated spelling of --topk-fractions")
     p.add_argument("--topk-floor", type=int, default=128, help="minimum k (default 128)")
     p.add_argument("--seed", type=int, default=0, help="task seed (default 0)")
     p.add_argument("--plan", default=None, help="plan JSON for the Kascade methods (default: the shipped plan)")

@@ -23,6 +23,7 @@ import torch
 
 from ..baselines import make_method
 from . import tasks as tasks_mod
+from ..decoding import decode_loop
 from .runner import _progress
 
 
@@ -47,20 +48,20 @@ def run_decode_heavy(runner, methods: list[str], fraction: float, *, context_tok
     B = num_samples
     dispatch.use(make_method("dense", None, spec))
     res = model(input_ids=ids[:, :context_tokens], use_cache=True, logits_to_keep=1)
-    caches = {n: copy.deepcopy(res.past_key_values) for n in names}
+    # One teacher-forced decode loop per method, advanced in lockstep: each step feeds the next true
+    # token to every method (the dispatch switched to it) and compares its prediction with dense's.
+    feed = ids[:, context_tokens : context_tokens + continuation_tokens - 1]
+    loops = {n: decode_loop(model, copy.deepcopy(res.past_key_values), feed=feed) for n in names}
     del res
     for n in names:
         dispatch.use(built[n], probe=runner.cfg.probe_mass, fresh=True)
     sample_tot = {n: {"nll": torch.zeros(B), "kl": torch.zeros(B), "agree": torch.zeros(B)} for n in names}
     for t in range(continuation_tokens - 1):
-        inp = ids[:, context_tokens + t: context_tokens + t + 1]
         target = ids[:, context_tokens + t + 1]
         dense_logp = None
         for n in names:
             dispatch.use(built[n], probe=runner.cfg.probe_mass, fresh=False)
-            out = model(input_ids=inp, past_key_values=caches[n], use_cache=True)
-            caches[n] = out.past_key_values
-            logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B, V]
+            logp = torch.log_softmax(next(loops[n]).float(), dim=-1)  # [B, V]
             st = sample_tot[n]
             st["nll"] -= logp.gather(-1, target[:, None])[:, 0].cpu()
             if dense_logp is None:
@@ -85,7 +86,7 @@ def run_decode_heavy(runner, methods: list[str], fraction: float, *, context_tok
         totals[n]["kl"] = float(st["kl"].sum())
         totals[n]["agree"] = float(st["agree"].sum())
         totals[n]["steps"] = steps * B
-    del caches
+    del loops
     bar.close()
     rows = []
     dense_ppl = math.exp(totals["dense"]["nll"] / max(1, totals["dense"]["steps"]))

@@ -26,7 +26,8 @@ import torch
 from ..baselines import METHODS, NEEDS_PLAN, make_method
 from ..baselines._common import decode_probs, expand_keep, scale_of
 from ..plan import Plan
-from ..reference import topk_budget
+from ..budget import topk_budget
+from ..decoding import decode_loop
 from . import scoring, tasks as tasks_mod
 
 # Methods whose output does not depend on the budget are run once (budget recorded as None).
@@ -158,28 +159,23 @@ def plan_id(plan: Plan | None) -> str | None:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
 
 
-@torch.no_grad()
 def greedy(model, past, first_logits, attention_mask, max_new_tokens: int, eos_ids: set[int]) -> list[list[int]]:
     """Greedy continuation of a left-padded batch from its prefilled cache and last logits. Each row
     stops at its first EOS (kept); rows that finished early ride along until all are done."""
     B = first_logits.shape[0]
     outs: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
-    logits = first_logits
-    positions = attention_mask.sum(-1, keepdim=True) - 1  # position id of each row's last token
-    for _ in range(max_new_tokens):
-        tok = logits[:, -1].argmax(-1)
+
+    def take(tok) -> bool:
         for b, t in enumerate(tok.tolist()):
             if not done[b]:
                 outs[b].append(t)
                 done[b] = t in eos_ids
-        if all(done):
-            break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
-        positions = positions + 1
-        res = model(input_ids=tok[:, None], attention_mask=attention_mask, position_ids=positions,
-                    past_key_values=past, use_cache=True)
-        past, logits = res.past_key_values, res.logits
+        return all(done)
+
+    for _ in decode_loop(model, past, first_logits, steps=max_new_tokens, attention_mask=attention_mask,
+                         on_token=take):
+        pass
     return outs
 
 

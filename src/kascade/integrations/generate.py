@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from ..cli import DeprecatedFlag
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate text from a prompt with Kascade attention",
@@ -19,7 +21,12 @@ def register(subparsers) -> None:
                    help="plan JSON (default: the plan shipped for --model; required for other models)")
     p.add_argument("--variant", default="kascade",
                    help="kascade, all_heads_pooled, no_remap, pre_softmax, oracle or dense (default kascade)")
-    p.add_argument("--dense-prefill", action="store_true", help="sparse decode only (dense prefill)")
+    p.add_argument("--decode-only", action=argparse.BooleanOptionalAction, default=False,
+                   help="decode-only Kascade: dense prefill, Kascade decode (sparse_prefill=False in code, the "
+                        "kascade_decode_only eval method); default: Kascade in prefill and decode")
+    p.add_argument("--dense-prefill", dest="decode_only", action=DeprecatedFlag, const=True, use="--decode-only",
+                   default=argparse.SUPPRESS,
+                   help="deprecated spelling of --decode-only")
     p.add_argument("--topk-fraction", type=float, default=None, help="override the plan's Top-k fraction")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--sample", action="store_true", help="sample (temperature/top-p) instead of greedy")
@@ -106,7 +113,7 @@ def main(args: argparse.Namespace) -> int:
             hf.enable(model, plan, variant="dense")
         dense, dense_s, n = _generate(model, tokenizer, ids, args)
         print(f"--- dense ({n} tokens, {dense_s:.2f} s)\n{dense}")
-    hf.enable(model, plan, variant=args.variant, sparse_prefill=not args.dense_prefill)
+    hf.enable(model, plan, variant=args.variant, sparse_prefill=not args.decode_only)
     out, secs, n = _generate(model, tokenizer, ids, args)
     hf.disable(model)
     if args.compare_dense:

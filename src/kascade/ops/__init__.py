@@ -12,6 +12,10 @@ Shapes, padding and index conventions are those of :mod:`kascade.reference`. Ind
 kernel may be wider than the reference's (padded with -1 to a convenient width); the number of real
 indices per (row, head[, tile]) is always the budget.
 
+Without a kernel, the ops call the reference's public functions (the selection, and every op with
+backend="reference"). The input checks (kascade.validation), the budget (kascade.budget) and the masks
+of the CPU SDPA path (kascade.masks) are modules shared with the reference, never its private helpers.
+
 ``backend``: "auto" (Triton for CUDA tensors when available, else reference), "triton" (error if it
 cannot run) or "reference". The environment variable KASCADE_BACKEND sets the default.
 """
@@ -23,9 +27,17 @@ from typing import Literal
 
 import torch
 
-from .. import reference
-from ..reference import HeadPooling, Pooling
-from ..validation import KascadeInputError, check_attention_inputs, check_budget, check_tile_size
+from .. import masks, reference
+from ..validation import (
+    HeadPooling,
+    KascadeInputError,
+    Pooling,
+    check_attention_inputs,
+    check_budget,
+    check_indices,
+    check_tile_size,
+    expand_heads,
+)
 
 Backend = Literal["auto", "triton", "reference"]
 BACKENDS = ("auto", "triton", "reference")
@@ -189,10 +201,10 @@ def sparse_attention(
     check_budget(topk_fraction, topk_floor)
     check_tile_size(tile_size)
     phase = _phase(q)
-    reference._check_indices(indices, q, k, phase == "decode")
+    check_indices(indices, q, k, kv_start, kv_end, tile_size)
     mod = _kernels(phase) if _use_triton(q, backend) else None
     if mod is not None and hasattr(mod, "sparse"):
-        indices = reference._expand_heads(indices, k.shape[1])
+        indices = expand_heads(indices, k.shape[1])
         if phase == "decode":
             return mod.sparse(q, k, v, indices, kv_start, kv_end, scale=scale)
         return mod.sparse(q, k, v, indices, kv_start, kv_end, topk_fraction=topk_fraction,
@@ -201,26 +213,27 @@ def sparse_attention(
     if (backend or default_backend()) == "reference":
         return reference.sparse_attention(q, k, v, indices, kv_start, kv_end, topk_fraction=topk_fraction,
                                           topk_floor=topk_floor, tile_size=tile_size, scale=scale)
-    return _sparse_sdpa(q, k, v, reference._expand_heads(indices, k.shape[1]), kv_start, kv_end,
+    return _sparse_sdpa(q, k, v, expand_heads(indices, k.shape[1]), kv_start, kv_end,
                         topk_fraction=topk_fraction, topk_floor=topk_floor, tile_size=tile_size, scale=scale)
 
 
 def _sparse_sdpa(q, k, v, indices, kv_start, kv_end, *, topk_fraction, topk_floor, tile_size, scale):
-    """The reference's masks fed to torch SDPA: same keys, several times faster on CPU (no kernel)."""
+    """The reference's masks (kascade.masks, shared with it) fed to torch SDPA: same keys, several times
+    faster on CPU (no kernel)."""
     decode = q.shape[2] == 1
     out = torch.zeros_like(q)
     Hq, D = q.shape[1], q.shape[3]
-    scale = reference._scale(scale, D)
-    for b, row in reference._rows(q, k, v, kv_start, kv_end):
+    scale = masks.softmax_scale(scale, D)
+    for b, row in masks.rows(q, k, v, kv_start, kv_end):
         n_kv, L = row.k.shape[0], row.k.shape[1]
         G = Hq // n_kv
         n = row.q.shape[1]
-        step = reference._query_chunk(Hq, L)
+        step = masks.query_chunk(Hq, L)
         kk = row.k[:, None].expand(n_kv, G, L, D)
         vv = row.v[:, None].expand(n_kv, G, L, D)
         for lo in range(0, n, step):
             hi = min(n, lo + step)
-            allowed = reference._allowed_keys(row, lo, hi, L, indices[b], decode, topk_fraction, topk_floor,
+            allowed = masks.allowed_keys(row, lo, hi, L, indices[b], decode, topk_fraction, topk_floor,
                                               tile_size)
             qq = row.q[:, lo:hi].reshape(n_kv, G, hi - lo, D)
             o = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, attn_mask=allowed, scale=scale)

@@ -18,7 +18,7 @@ holding absolute key positions, -1 padded.
   splits are merged as in ``dense``.
 
 No host synchronisation: every size below comes from tensor shapes, the budget of each row is computed
-on the device (reference.topk_budget's integer formula), so the ops can be captured in a CUDA graph.
+on the device (kascade.budget.topk_budget's integer formula), so the ops can be captured in a CUDA graph.
 The index width is W = topk_budget(Lk) rounded up to a multiple of 16 (>= every row's budget; -1 past it).
 """
 
@@ -32,7 +32,7 @@ import triton
 
 from ..kernels import decode as kd
 from ..kernels import topk as kt
-from ..reference import topk_budget
+from ..budget import topk_budget
 from ..validation import KascadeInputError
 
 LOG2E = 1.4426950408889634

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from ..reference import topk_budget
+from ..budget import topk_budget
 from ..validation import KascadeInputError
 from ..kernels import prefill as K
 

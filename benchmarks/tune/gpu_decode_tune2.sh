@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool), from the repo root, one run of about 4 minutes:
 #   1. the decode GPU tests with the default TUNING;
-#   2. scripts/decode_tune2.py: old vs new launch variants (reuse kernel / split count, hybrid selection
+#   2. benchmarks/tune/decode_tune2.py: old vs new launch variants (reuse kernel / split count, hybrid selection
 #      histograms) at 128K b64, 32K b64, 128K b1 and 8K b64, each variant checked, then layer 0 /
 #      anchor / reuse and the whole-model speedup with the default ("old") and the point's best ("new")
 #      variants; table on stdout, JSON + log in $OUT;
 #   3. the decode GPU tests again (a quick subset) with every new code path switched on.
-#   bash scripts/gpu_decode_tune2.sh            (OUT defaults to benchmarks/results)
+#   bash benchmarks/tune/gpu_decode_tune2.sh            (OUT defaults to benchmarks/results)
 set -uo pipefail
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
@@ -22,7 +22,7 @@ timeout 150 python -m pytest -q -x tests/gpu/test_decode_gpu.py 2>&1 | tail -6
 echo "   ($((SECONDS - t0)) s)"
 
 echo "== 2. old vs new variants"
-timeout 330 python scripts/decode_tune2.py --out "$OUT/decode_tune2.json" 2>&1 | grep -v "UserWarning\|_warn_once\|warn(" \
+timeout 330 python benchmarks/tune/decode_tune2.py --out "$OUT/decode_tune2.json" 2>&1 | grep -v "UserWarning\|_warn_once\|warn(" \
   | tee "$OUT/decode_tune2.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
 echo "   ($((SECONDS - t0)) s)"

@@ -1,6 +1,6 @@
 """Decode kernels on a contiguous cache vs a vLLM paged cache (random block table), bf16, GPU.
 
-    PYTHONPATH=src python scripts/bench_paged.py [--contig-only] [--block-size 16] [--json out.json]
+    PYTHONPATH=src python benchmarks/tune/bench_paged.py [--contig-only] [--block-size 16] [--json out.json]
 
 --contig-only times only the contiguous ops (runs on a checkout without kascade.ops.paged: the baseline
 of the contiguous path before the PAGED constexpr was added). Times: median ms (CUDA graph, L2 flushed;

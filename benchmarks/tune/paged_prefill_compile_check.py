@@ -5,8 +5,8 @@ bf16, GQA 4, head_dim 128, T=32. Pointers and strides get the 16-divisibility a 
 Compare two checkouts (e.g. before / after a kernel change):
 
     git archive <rev> src | tar -x -C /tmp/base
-    python scripts/paged_prefill_compile_check.py new $PWD/src
-    python scripts/paged_prefill_compile_check.py base /tmp/base/src
+    python benchmarks/tune/paged_prefill_compile_check.py new $PWD/src
+    python benchmarks/tune/paged_prefill_compile_check.py base /tmp/base/src
 
 argv[1] names the Triton cache folder (/tmp/paged_prefill_cc/cache_<name>), argv[2] the src folder to
 import. Uses Triton's ASTSource and the cuobjdump bundled with Triton (checked with Triton 3.9).

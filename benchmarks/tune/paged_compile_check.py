@@ -3,8 +3,8 @@ usage (registers, stack) and SASS instruction count, contiguous and PAGED=True. 
 the 16-divisibility a real launch gives them. Compare two checkouts (e.g. before / after a kernel change):
 
     git archive <rev> src | tar -x -C /tmp/base
-    python scripts/paged_compile_check.py new $PWD/src
-    python scripts/paged_compile_check.py base /tmp/base/src
+    python benchmarks/tune/paged_compile_check.py new $PWD/src
+    python benchmarks/tune/paged_compile_check.py base /tmp/base/src
 
 argv[1] names the Triton cache folder (/tmp/paged_cc/cache_<name>), argv[2] the src folder to import.
 Uses Triton's ASTSource and the cuobjdump bundled with Triton (checked with Triton 3.9).

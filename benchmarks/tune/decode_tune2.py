@@ -11,8 +11,8 @@ Per point (bf16, 32 q-heads / 8 KV heads / d 128, Top-k 10%, model of 32 layers 
 Times: kascade.bench.common.bench_ms (CUDA-graph replays after an L2-evicting read). The JSON (rewritten
 after every point, so a cut-off run keeps what it measured) goes to --out.
 
-    python scripts/decode_tune2.py --out "$OUT/decode_tune2.json" [--points 131072x64,32768x64,131072x1,8192x64]
-    python scripts/decode_tune2.py --dry-run      # the plan only (no GPU needed)
+    python benchmarks/tune/decode_tune2.py --out "$OUT/decode_tune2.json" [--points 131072x64,32768x64,131072x1,8192x64]
+    python benchmarks/tune/decode_tune2.py --dry-run      # the plan only (no GPU needed)
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(HERE)), "src"))  # benchmarks/tune/ -> repo
 
 # Variant sets. "v6": the run that chose the v6 defaults (decode_tune2.json); "b1": batch-1 launch
 # geometry (split counts that fill the 132 SMs evenly, score-pass and selection launch settings).
