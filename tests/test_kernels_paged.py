@@ -232,7 +232,7 @@ BAD = {
     "q-int": (lambda a: a.update(q=a["q"].int()), "q has dtype torch.int32"),
     "head-size-96": (lambda a: a.update(q=torch.zeros(2, 8, 96), k_cache=torch.zeros(4, 16, 2, 96),
                                         v_cache=torch.zeros(4, 16, 2, 96)),
-                     "head_size 64 or 128, got q head_size 96"),
+                     r"head_size in \(64, 128\), got q head_size 96"),
     "k-dtype": (lambda a: a.update(k_cache=a["k_cache"].half()), "k_cache has dtype torch.float16"),
     "k-3d": (lambda a: a.update(k_cache=a["k_cache"][0]), r"k_cache must be \[num_blocks, block_size"),
     "v-shape": (lambda a: a.update(v_cache=a["v_cache"][:-1]), "same shape"),

@@ -34,18 +34,24 @@ from . import prefill as PF
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _check_paged(q, k_cache, v_cache, block_table, seq_lens):
-    """Shape / dtype / device checks (no value reads). Returns (B, Hq, Hkv, block_size, D)."""
+def _check_q(q, layout: str, phase: str, head_dims) -> tuple[int, int, int]:
+    """q [rows, num_q_heads, head_size] of one phase ("decode": a query per sequence, "prefill": packed)."""
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         got = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
-        raise KascadeInputError(f"q must be [batch, num_q_heads, head_size] (one decode query per sequence), got {got}")
-    B, Hq, Dh = q.shape
+        raise KascadeInputError(f"q must be {layout}, got {got}")
     if q.dtype not in _FLOAT:
         raise KascadeInputError(f"q has dtype {q.dtype}; expected float16, bfloat16 or float32")
-    if Dh not in (64, 128):
-        raise KascadeInputError(f"paged decode kernels support head_size 64 or 128, got q head_size {Dh}")
+    if q.shape[2] not in head_dims:
+        raise KascadeInputError(f"paged {phase} kernels support head_size in {tuple(head_dims)}, got q head_size "
+                                f"{q.shape[2]}")
     if q.stride(2) != 1:
         raise KascadeInputError(f"q must be contiguous in head_size (stride 1), got strides {q.stride()}")
+    return tuple(q.shape)
+
+
+def _check_paged(q, k_cache, v_cache, block_table, seq_lens):
+    """Shape / dtype / device checks (no value reads). Returns (B, Hq, Hkv, block_size, D)."""
+    B, Hq, Dh = _check_q(q, "[batch, num_q_heads, head_size] (one decode query per sequence)", "decode", (64, 128))
     Hkv, block_size = _check_cache_tables(q, B, Hq, Dh, k_cache, v_cache, block_table, seq_lens, "decode")
     return B, Hq, Hkv, block_size, Dh
 
@@ -203,16 +209,8 @@ def _check_prefill(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, 
                    tile_size):
     """Shape / dtype / device / size checks of a paged prefill call (no value reads). Returns
     (B, Hq, Hkv, block_size, G, max_seq_len)."""
-    if not isinstance(q, torch.Tensor) or q.dim() != 3:
-        got = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
-        raise KascadeInputError(f"q must be [total_tokens, num_q_heads, head_size] (packed varlen queries), got {got}")
-    total, Hq, Dh = q.shape
-    if q.dtype not in _FLOAT:
-        raise KascadeInputError(f"q has dtype {q.dtype}; expected float16, bfloat16 or float32")
-    if Dh not in PF.HEAD_DIMS:
-        raise KascadeInputError(f"paged prefill kernels support head_size in {PF.HEAD_DIMS}, got q head_size {Dh}")
-    if q.stride(2) != 1:
-        raise KascadeInputError(f"q must be contiguous in head_size (stride 1), got strides {q.stride()}")
+    total, Hq, Dh = _check_q(q, "[total_tokens, num_q_heads, head_size] (packed varlen queries)", "prefill",
+                             PF.HEAD_DIMS)
     if q.numel() >= 2**31:
         raise KascadeInputError(f"q has {q.numel()} elements; the prefill kernels index it with int32 (< 2^31)")
     if not isinstance(query_start_loc, torch.Tensor) or query_start_loc.dim() != 1 or query_start_loc.shape[0] < 2:
