@@ -362,3 +362,90 @@ def test_cli_from_stats_provenance_names_the_collection(tmp_path):
     cmd = new.provenance["command"]
     assert "--from-stats" not in cmd
     assert "--model qwen2.5-0.5b --samples 7 --max-tokens 4096 --seed 3" in cmd
+
+
+# ---------------------------------------------------------------- shard-constrained head maps (issue 17)
+def test_head_map_tp_constraint_is_the_best_within_the_shard():
+    L, H = 3, 4
+    g = torch.Generator().manual_seed(17)
+    sim = torch.rand(L, L, H, H, generator=g, dtype=torch.float64)
+    # layer 1 (anchor 0): head 0's best anchor head is 3 (other TP=2 shard), its best within shard {0, 1} is 1;
+    # head 2's best is 0 (other shard) and within {2, 3} it is 3; head 1 and head 3 already best in their shard
+    sim[0, 1, 0] = torch.tensor([0.2, 0.5, 0.1, 0.9])
+    sim[0, 1, 1] = torch.tensor([0.3, 0.8, 0.4, 0.2])
+    sim[0, 1, 2] = torch.tensor([0.95, 0.1, 0.2, 0.6])
+    sim[0, 1, 3] = torch.tensor([0.1, 0.2, 0.7, 0.3])
+    free = dp.head_map(sim, (0,))
+    assert free == dp.head_map(sim, (0,), tp_size=1)  # tp_size=1 is the unconstrained map
+    assert free[1] == (3, 1, 0, 2)
+    tp2 = dp.head_map(sim, (0,), tp_size=2)
+    assert tp2[1] == (1, 1, 3, 2)
+    tp4 = dp.head_map(sim, (0,), tp_size=4)
+    assert tp4[1] == (0, 1, 2, 3) and tp4[2] == (0, 1, 2, 3)  # one head per shard: its own head
+    # in general: the constrained choice is the argmax over the shard, and the free one is untouched
+    for j in (1, 2):
+        for h in range(H):
+            lo = (h // 2) * 2
+            assert tp2[j][h] == lo + int(sim[0, j, h, lo:lo + 2].argmax())
+            assert free[j][h] == int(sim[0, j, h].argmax())
+    spec = ModelSpec("llama", L, 8, H, 8)
+    assert Plan(spec, (0,), tp2).valid_for_tp(2) and not Plan(spec, (0,), free).valid_for_tp(2)
+    with pytest.raises(ValueError, match="3 does not divide 4"):
+        dp.head_map(sim, (0,), tp_size=3)
+
+
+def test_make_plan_tp_sizes():
+    from kascade.calibrate import make_plan
+
+    L, H = 6, 4
+    g = torch.Generator().manual_seed(3)
+    sim = torch.rand(L, L, H, H, generator=g, dtype=torch.float64)
+    imp = torch.rand(L, generator=g, dtype=torch.float64)
+    stats = CalibrationStats(ModelSpec("llama", L, 8, H, 8), sim, imp, 2, 100, 8, 4)
+    free = make_plan(stats, 3)[0]
+    assert free.tp_sizes == () and free == make_plan(stats, 3, tp_sizes=())[0]
+    assert not free.valid_for_tp(2)  # this random map crosses shards (else the test shows nothing)
+    p = make_plan(stats, 3, tp_sizes=(2, 4))[0]
+    assert p.tp_sizes == (1, 2, 4) and all(p.valid_for_tp(t) for t in (1, 2, 4))
+    assert p.head_map == tuple(tuple(range(H)) for _ in range(L))  # TP=4, 4 KV heads: one per shard
+    p2 = make_plan(stats, 3, tp_sizes=(2,))[0]
+    assert p2.tp_sizes == (1, 2) and p2.valid_for_tp(2) and not p2.valid_for_tp(4)
+    same = sim * dp.same_shard(H, 2)
+    assert p2.anchor_layers == dp.best_anchors(same.amax(3).mean(2) * imp[None], 3).anchor_layers
+    assert p2.head_map == dp.head_map(sim, p2.anchor_layers, tp_size=2)
+    assert "constrained to TP shards" in p2.provenance["method"]
+    with pytest.raises(ValueError, match=r"TP sizes \[3\]"):
+        make_plan(stats, 3, tp_sizes=(3,))
+
+
+def test_cli_tp_from_stats(tmp_path, capsys):
+    """`kascade calibrate --from-stats S --tp 2,4` re-plans without the model; the plan records the sizes."""
+    import argparse
+
+    from kascade.calibrate import cli, make_plan
+
+    L, H = 5, 4
+    g = torch.Generator().manual_seed(8)
+    stats = CalibrationStats(ModelSpec("llama", L, 8, H, 8), torch.rand(L, L, H, H, generator=g, dtype=torch.float64),
+                             torch.rand(L, generator=g, dtype=torch.float64), 3, 300, 8, 4)
+    stats.save(tmp_path / "s.pt")
+    parser = argparse.ArgumentParser(prog="kascade")
+    cli.register(parser.add_subparsers())
+
+    def run(*extra):
+        out = tmp_path / f"plan{len(list(tmp_path.iterdir()))}.json"
+        ns = parser.parse_args(["calibrate", "--from-stats", str(tmp_path / "s.pt"), "--anchors", "2",
+                                "--out", str(out), *extra])
+        assert ns.func(ns) == 0
+        return Plan.load(out)
+
+    p = run("--tp", "2")
+    assert p.tp_sizes == (1, 2) and p == make_plan(stats, 2, tp_sizes=(2,))[0]
+    assert "--tp 2" in p.provenance["command"]
+    assert run("--tp", "4,2").tp_sizes == (1, 2, 4)
+    assert run().tp_sizes == ()
+    with pytest.raises(SystemExit, match="--tp: TP sizes"):
+        run("--tp", "8")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["calibrate", "--tp", "two"])
+    assert "expected comma-separated positive integers" in capsys.readouterr().err

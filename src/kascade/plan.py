@@ -52,6 +52,11 @@ class Plan:
 
     head_map[j][h] is the KV head of layer j's anchor (``anchor_of(j)``) whose Top-k indices KV head h
     of layer j reuses. Anchor rows are the identity.
+
+    tp_sizes: the tensor-parallel sizes the plan was calibrated to be valid for (``kascade calibrate --tp``),
+    () when none was recorded. Under TP size t, KV head h lives on shard h // (Hkv / t); the head map is
+    valid for t when every reuse head maps to an anchor head of its own shard (:meth:`valid_for_tp`, computed
+    from the head map, so any plan can be checked). :meth:`shard` gives one rank's plan.
     """
 
     model: ModelSpec
@@ -61,9 +66,11 @@ class Plan:
     topk_floor: int = 128
     tile_size: int = 32
     provenance: dict[str, Any] = field(default_factory=dict, compare=False)
+    tp_sizes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "anchor_layers", tuple(int(a) for a in self.anchor_layers))
+        object.__setattr__(self, "tp_sizes", tuple(self.tp_sizes))
         object.__setattr__(self, "head_map", tuple(tuple(int(g) for g in row) for row in self.head_map))
         self.validate()
 
@@ -101,6 +108,58 @@ class Plan:
     def is_anchor(self, layer: int) -> bool:
         return layer in self.anchor_layers
 
+    # ---------------------------------------------------------------- tensor parallelism
+    def tp_crossings(self, tp_size: int) -> list[tuple[int, int, int]]:
+        """(layer j, KV head h, anchor KV head g) for every reuse head whose anchor head lies in another
+        shard under TP size ``tp_size`` (which must divide the KV heads)."""
+        self._check_tp_size(tp_size)
+        per = self.model.num_kv_heads // tp_size
+        return [(j, h, g) for j, row in enumerate(self.head_map) for h, g in enumerate(row) if g // per != h // per]
+
+    def valid_for_tp(self, tp_size: int) -> bool:
+        """Whether every reuse head maps to an anchor head of its own shard under TP size ``tp_size``
+        (False where ``tp_size`` does not divide the KV heads)."""
+        if not isinstance(tp_size, int) or tp_size < 1 or self.model.num_kv_heads % tp_size:
+            return False
+        return not self.tp_crossings(tp_size)
+
+    def shard(self, rank: int, tp_size: int) -> "Plan":
+        """The plan of TP rank ``rank`` of ``tp_size``: the model with Hq/t query and Hkv/t KV heads (KV
+        heads rank*Hkv/t .. (rank+1)*Hkv/t - 1 of the full model) and the head map in local head numbers.
+        PlanError where t does not divide the head counts or the head map crosses shards."""
+        self._check_tp_size(tp_size)
+        if not isinstance(rank, int) or not 0 <= rank < tp_size:
+            raise PlanError(f"TP rank {rank!r} out of range 0..{tp_size - 1}")
+        crossings = self.tp_crossings(tp_size)
+        if crossings:
+            per = self.model.num_kv_heads // tp_size
+            j, h, g = crossings[0]
+            raise PlanError(
+                f"the plan's head map crosses tensor-parallel shards at TP size {tp_size}: layer {j} KV head {h} "
+                f"(shard {h // per}) reuses KV head {g} (shard {g // per}) of anchor layer {self.anchor_of(j)}"
+                f"{f' (and {len(crossings) - 1} more)' if len(crossings) > 1 else ''}; calibrate a plan with "
+                f"`kascade calibrate --tp {tp_size}` (valid TP sizes recorded in this plan: "
+                f"{list(self.tp_sizes) or 'none'})"
+            )
+        from dataclasses import replace
+
+        m = self.model
+        per = m.num_kv_heads // tp_size
+        lo = rank * per
+        spec = replace(m, num_heads=m.num_heads // tp_size, num_kv_heads=per)
+        rows = tuple(tuple(g - lo for g in row[lo:lo + per]) for row in self.head_map)
+        prov = dict(self.provenance, tp_shard={"rank": rank, "tp_size": tp_size})
+        return Plan(model=spec, anchor_layers=self.anchor_layers, head_map=rows, topk_fraction=self.topk_fraction,
+                    topk_floor=self.topk_floor, tile_size=self.tile_size, provenance=prov)
+
+    def _check_tp_size(self, tp_size: int) -> None:
+        m = self.model
+        if not isinstance(tp_size, int) or tp_size < 1:
+            raise PlanError(f"TP size must be a positive integer, got {tp_size!r}")
+        if m.num_kv_heads % tp_size:
+            raise PlanError(f"TP size {tp_size} does not divide the model's {m.num_kv_heads} KV heads "
+                            f"({m.num_heads} query heads)")
+
     # ---------------------------------------------------------------- validation
     def validate(self) -> None:
         n_layers, n_kv = self.model.num_layers, self.model.num_kv_heads
@@ -129,6 +188,13 @@ class Plan:
             raise PlanError(f"topk_floor must be a positive integer, got {self.topk_floor!r}")
         if not isinstance(self.tile_size, int) or self.tile_size < 1:
             raise PlanError(f"tile_size must be a positive integer, got {self.tile_size!r}")
+        for t in self.tp_sizes:
+            if not isinstance(t, int) or isinstance(t, bool) or t < 1:
+                raise PlanError(f"tp_sizes must be positive integers, got {list(self.tp_sizes)}")
+            if not self.valid_for_tp(t):
+                what = (f"does not divide the {n_kv} KV heads" if n_kv % t
+                        else f"is crossed by the head map ({len(self.tp_crossings(t))} reuse heads map to another shard)")
+                raise PlanError(f"tp_sizes lists {t}, but TP size {t} {what}")
 
     def check_model(self, spec: ModelSpec) -> None:
         """Raise if this plan was made for a model of another shape than ``spec``."""
@@ -148,7 +214,7 @@ class Plan:
 
     # ---------------------------------------------------------------- JSON
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "schema_version": SCHEMA_VERSION,
             "model": asdict(self.model),
             "anchor_layers": list(self.anchor_layers),
@@ -156,8 +222,11 @@ class Plan:
             "topk_fraction": self.topk_fraction,
             "topk_floor": self.topk_floor,
             "tile_size": self.tile_size,
-            "provenance": self.provenance,
         }
+        if self.tp_sizes:  # written only when recorded: plans without it keep their JSON (and hashes) unchanged
+            data["tp_sizes"] = list(self.tp_sizes)
+        data["provenance"] = self.provenance
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
@@ -165,7 +234,7 @@ class Plan:
         if version != SCHEMA_VERSION:
             raise PlanError(f"plan schema_version is {version!r}, this kascade reads version {SCHEMA_VERSION}")
         known = {"schema_version", "model", "anchor_layers", "head_map", "topk_fraction", "topk_floor",
-                 "tile_size", "provenance"}
+                 "tile_size", "provenance", "tp_sizes"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise PlanError(f"plan has unknown fields {unknown}; expected only {sorted(known)}")
@@ -184,6 +253,7 @@ class Plan:
             topk_floor=int(data.get("topk_floor", 128)),
             tile_size=int(data.get("tile_size", 32)),
             provenance=dict(data.get("provenance", {})),
+            tp_sizes=tuple(data.get("tp_sizes", ())),
         )
 
     def save(self, path: str | Path) -> None:

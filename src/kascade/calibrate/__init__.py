@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import torch
 
 from ..plan import Plan
-from .dp import AnchorChoice, anchor_table, best_anchors, head_map
+from .dp import AnchorChoice, anchor_table, best_anchors, head_map, same_shard, shard_tp_size
 from .stats import CalibrationStats, StatsCollector
 
 
@@ -129,16 +129,28 @@ def make_plan(
     aggregate: str = "min",
     stats_budget: bool = False,
     weighting: str = "importance",
+    tp_sizes: tuple[int, ...] = (),
 ) -> tuple[Plan, list[AnchorChoice]]:
     """The plan with ``num_anchors`` anchors, and the DP table (best sets for M = 3..8).
 
     The defaults are the paper's objective: per-prompt minimum over tiles at k = stats_k, importance
     weighted. ``aggregate="mean"`` averages over tiles instead; ``stats_budget=True`` scores at the plan's
-    per-tile budget k (needs statistics collected with ``budget``); ``weighting="uniform"`` drops w_j."""
+    per-tile budget k (needs statistics collected with ``budget``); ``weighting="uniform"`` drops w_j.
+
+    ``tp_sizes`` (e.g. (2, 4)): a shard-constrained plan, valid under each of these tensor-parallel sizes:
+    every reuse head maps only to anchor heads of its own shard for the least common multiple t of the sizes
+    (the largest, when the others divide it), the anchor objective scores what that constrained map can reach,
+    and the plan records ``tp_sizes`` (1 included)."""
     if aggregate not in ("min", "mean"):
         raise ValueError(f"aggregate={aggregate!r}; expected 'min' or 'mean'")
     variant = ("budget_" if stats_budget else "") + aggregate
     stats = stats.variant(variant)
+    tp = shard_tp_size(stats.spec.num_kv_heads, tp_sizes) if tp_sizes else 1
+    if tp > 1:  # cross-shard anchor heads can not serve a reuse head: out of the objective (similarity >= 0)
+        from dataclasses import replace as _replace
+
+        allowed = same_shard(stats.spec.num_kv_heads, tp).to(stats.similarity.device)
+        stats = _replace(stats, similarity=stats.similarity * allowed.to(stats.similarity.dtype))
     score = stats.weighted_similarity(weighting)
     choice = best_anchors(score, num_anchors)
     table = anchor_table(score)
@@ -161,10 +173,13 @@ def make_plan(
         "reuse_similarity": [round(float(layer_sim[stats_anchor(choice.anchor_layers, j), j]), 6)
                              for j in range(stats.spec.num_layers)],
     })
+    if tp > 1:
+        prov["method"] += f" [head map constrained to TP shards of size {stats.spec.num_kv_heads // tp} KV heads]"
     prov.update({k: v for k, v in stats.info.items() if k not in prov})
     plan = Plan(model=stats.spec, anchor_layers=choice.anchor_layers,
-                head_map=head_map(stats.similarity, choice.anchor_layers), topk_fraction=topk_fraction,
-                topk_floor=topk_floor, tile_size=tile_size, provenance=prov)
+                head_map=head_map(stats.similarity, choice.anchor_layers, tp), topk_fraction=topk_fraction,
+                topk_floor=topk_floor, tile_size=tile_size, provenance=prov,
+                tp_sizes=tuple(sorted({1, *(int(t) for t in tp_sizes)})) if tp_sizes else ())
     return plan, table
 
 

@@ -37,12 +37,26 @@ def register(subparsers) -> None:
                         "instead of the fixed --stats-k")
     p.add_argument("--weighting", choices=("importance", "uniform"), default="importance",
                    help="layer weights of the anchor objective: importance w_j (default, the paper's) or uniform")
+    p.add_argument("--tp", type=_tp_sizes, default=(), metavar="N[,N...]",
+                   help="tensor-parallel sizes the plan must be valid for (e.g. 2,4): each reuse head maps only to "
+                        "anchor heads of its own shard (for the least common multiple of the sizes, which must divide "
+                        "the KV heads); the plan records them. Works with --from-stats (no model run)")
     p.add_argument("--out", default=None, help="plan path (default: <model>.plan.json)")
     p.add_argument("--save-stats", default=None, metavar="PATH", help="also save the raw statistics (.pt)")
     p.add_argument("--from-stats", default=None, metavar="PATH",
                    help="skip the model runs: re-plan from statistics saved with --save-stats")
     p.add_argument("--no-chat-template", action="store_true", help="feed prompts without the chat template")
     p.set_defaults(func=main)
+
+
+def _tp_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tp {text!r}: expected comma-separated positive integers, e.g. 2,4") from None
+    if not sizes or any(t < 1 for t in sizes):
+        raise argparse.ArgumentTypeError(f"--tp {text!r}: expected comma-separated positive integers, e.g. 2,4")
+    return tuple(sorted(set(sizes)))
 
 
 # Options that shape the collected statistics (not the planning): recorded with them for --from-stats.
@@ -65,6 +79,8 @@ def _canonical_command(args) -> str:
         parts += ["--weighting", args.weighting]
     if args.no_chat_template:
         parts.append("--no-chat-template")
+    if getattr(args, "tp", ()):
+        parts += ["--tp", ",".join(str(t) for t in args.tp)]
     if args.out:
         parts += ["--out", args.out]
     return shlex.join(parts)
@@ -87,6 +103,16 @@ def _load_model(name: str):
     raise SystemExit(f"--model {name!r}: expected one of {sorted(models.MODELS)} or a local model directory")
 
 
+def _check_tp(tp_sizes, num_kv_heads: int) -> None:
+    if tp_sizes:
+        from .dp import shard_tp_size
+
+        try:
+            shard_tp_size(num_kv_heads, tp_sizes)
+        except ValueError as exc:
+            raise SystemExit(f"--tp: {exc}") from None
+
+
 def main(args: argparse.Namespace) -> int:
     from . import CalibrationStats, collect, format_table, make_plan
     from .devset import default_devset, encode, file_devset
@@ -94,6 +120,7 @@ def main(args: argparse.Namespace) -> int:
     provenance = {}
     if args.from_stats:
         stats = CalibrationStats.load(args.from_stats)
+        _check_tp(args.tp, stats.spec.num_kv_heads)
         print(f"statistics from {args.from_stats}: {stats.num_prompts} prompts, {stats.num_tokens} tokens")
         collect_args = stats.info.get("collect_args")
         if collect_args:  # the command that rebuilds this plan from scratch names the collection's settings
@@ -106,6 +133,9 @@ def main(args: argparse.Namespace) -> int:
     else:
         command = _canonical_command(args)
         model, tokenizer = _load_model(args.model)
+        from ..integrations.hf import model_spec
+
+        _check_tp(args.tp, model_spec(model).num_kv_heads)  # before the (long) statistics runs
         if args.data:
             devset = file_devset(args.data, args.samples)
         else:
@@ -142,12 +172,14 @@ def main(args: argparse.Namespace) -> int:
     plan, table = make_plan(stats, args.anchors, topk_fraction=args.topk_fraction, topk_floor=args.topk_floor,
                             tile_size=args.tile_size, provenance={"command": command, **provenance},
                             aggregate=args.aggregate,
-                            stats_budget=args.stats_budget, weighting=args.weighting)
+                            stats_budget=args.stats_budget, weighting=args.weighting, tp_sizes=args.tp)
     print(f"best anchor sets ({'importance-weighted' if args.weighting == 'importance' else 'unweighted'} similarity; "
           "relative = score / score with every layer an anchor):")
     print(format_table(table))
     print("layer importance w_j: " + " ".join(f"{w:.3f}" for w in stats.importance))
     print(f"chosen: {len(plan.anchor_layers)} anchors {list(plan.anchor_layers)}")
+    if plan.tp_sizes:
+        print(f"head map constrained to tensor-parallel shards: valid for TP sizes {list(plan.tp_sizes)}")
     out = args.out or f"{args.model.replace('/', '_')}.plan.json"
     plan.save(out)
     print(f"plan written to {out}")

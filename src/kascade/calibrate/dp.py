@@ -67,12 +67,37 @@ def anchor_table(score: torch.Tensor, sizes=range(3, 9)) -> list[AnchorChoice]:
     return [best_anchors(score, m) for m in sizes if m <= score.shape[0]]
 
 
-def head_map(similarity: torch.Tensor, anchor_layers) -> tuple[tuple[int, ...], ...]:
+def shard_tp_size(num_kv_heads: int, tp_sizes) -> int:
+    """The TP size whose shards satisfy every size in ``tp_sizes``: their least common multiple (the largest
+    when the others divide it). A head map valid for it is valid for each of them. ValueError if it does
+    not divide ``num_kv_heads``."""
+    import math
+
+    sizes = [int(t) for t in tp_sizes]
+    if not sizes or any(t < 1 for t in sizes):
+        raise ValueError(f"TP sizes must be positive integers, got {sizes}")
+    t = math.lcm(*sizes)
+    if num_kv_heads % t:
+        raise ValueError(f"TP sizes {sizes} need shards of {num_kv_heads} KV heads over {t} ranks, but {t} does not "
+                         f"divide {num_kv_heads}")
+    return t
+
+
+def same_shard(num_kv_heads: int, tp_size: int) -> torch.Tensor:
+    """[H, H] bool: True where reuse head h and anchor head g are on the same shard under TP size ``tp_size``."""
+    shard = torch.arange(num_kv_heads) // (num_kv_heads // tp_size)
+    return shard[:, None] == shard[None, :]
+
+
+def head_map(similarity: torch.Tensor, anchor_layers, tp_size: int = 1) -> tuple[tuple[int, ...], ...]:
     """head_map[j][h] = argmax_g similarity[anchor(j), j, h, g] for reuse layers; identity for anchors.
 
-    similarity: [L, L, H, H] as in :class:`~kascade.calibrate.stats.CalibrationStats`.
+    similarity: [L, L, H, H] as in :class:`~kascade.calibrate.stats.CalibrationStats`. ``tp_size`` > 1: g only
+    ranges over the anchor heads of h's own shard (shard of head h = h // (H / tp_size)), so the map is valid
+    for that TP size and every size dividing it.
     """
     L, _, H, _ = similarity.shape
+    allowed = same_shard(H, shard_tp_size(H, [tp_size])).to(similarity.device) if tp_size > 1 else None
     anchors = sorted(anchor_layers)
     rows = []
     for j in range(L):
@@ -80,5 +105,8 @@ def head_map(similarity: torch.Tensor, anchor_layers) -> tuple[tuple[int, ...], 
             rows.append(tuple(range(H)))
             continue
         a = max(x for x in anchors if x <= j)
-        rows.append(tuple(int(g) for g in similarity[a, j].argmax(dim=-1)))
+        sim = similarity[a, j]
+        if allowed is not None:
+            sim = sim.masked_fill(~allowed, float("-inf"))
+        rows.append(tuple(int(g) for g in sim.argmax(dim=-1)))
     return tuple(rows)

@@ -225,6 +225,7 @@ class _State:
     force_dense: str | None = None  # a reason every pass runs dense
     warned: set[str] = field(default_factory=set)
     model_name: str = ""
+    shards: dict[tuple[int, int], Any] = field(default_factory=dict)  # (rank, tp size) -> per-rank Engine
 
     def warn_once(self, reason: str) -> None:
         if reason not in self.warned:
@@ -273,6 +274,9 @@ def kascade_attention_forward(
             "this model's attention implementation is 'kascade' but kascade.enable() was not called on it "
             "(or kascade.disable() removed its state); call kascade.enable(model, plan)"
         )
+    method = state.method
+    if query.shape[1] != state.spec.num_heads or key.shape[1] != state.spec.num_kv_heads:
+        method = _tp_method(state, module, query, key)  # head-sharded q/k/v: tensor parallelism
     q_length, kv_length = query.shape[2], key.shape[2]
     reason = state.force_dense
     cache_ref = getattr(module, "_kascade_cache", None)
@@ -284,7 +288,7 @@ def kascade_attention_forward(
         elif sliding_window is not None and cache.length > int(sliding_window):
             reason = f"a row is longer than the sliding window ({sliding_window} tokens)"
         else:
-            out = _attend_with_cache(state, module.layer_idx, cache, query, key, value, attention_mask, scaling)
+            out = _attend_with_cache(method, module.layer_idx, cache, query, key, value, attention_mask, scaling)
             return out.transpose(1, 2).contiguous(), None
     if reason is None and _output_attentions_requested(kwargs):
         reason = "output_attentions=True asks for attention weights, which sparse attention does not form"
@@ -314,11 +318,66 @@ def kascade_attention_forward(
         state.warn_once(reason)
         return _dense_fallback(module, query, key, value, attention_mask, scaling, kwargs)
     kv_start, kv_end = (t.to(device=query.device, dtype=torch.long) for t in bounds)
-    out = state.method(module.layer_idx, query, key, value, kv_start, kv_end, scale=scaling)
+    out = method(module.layer_idx, query, key, value, kv_start, kv_end, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _attend_with_cache(state, layer: int, cache, query, key, value, attention_mask, scaling):
+# ------------------------------------------------------------------------------------------ tensor parallelism
+def _tp_rank(module: torch.nn.Module, tp_size: int) -> int:
+    """This process's TP rank for a module whose attention heads are split over ``tp_size`` ranks: the local
+    rank on the sharded mesh dimension of its q_proj weight when that is a DTensor (transformers' TP), else
+    the rank in the default process group when the group is exactly the TP group (world size == tp_size)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise PlanError("torch.distributed is not initialised")
+    proj = getattr(module, "q_proj", None)
+    weight = getattr(proj, "weight", None)
+    mesh, placements = getattr(weight, "device_mesh", None), getattr(weight, "placements", None)
+    if mesh is not None and placements is not None:
+        from torch.distributed.tensor import Shard
+
+        dims = [i for i, pl in enumerate(placements) if isinstance(pl, Shard) and pl.dim == 0]
+        if len(dims) == 1 and mesh.size(dims[0]) == tp_size:
+            return int(mesh.get_local_rank(dims[0]))
+        raise PlanError(f"q_proj's weight is sharded as {placements} over a mesh of shape {tuple(mesh.shape)}, "
+                        f"expected one dimension of {tp_size} ranks splitting the heads")
+    world = dist.get_world_size()
+    if world != tp_size:
+        raise PlanError(f"the heads are split over {tp_size} ranks but the process group has {world}, and "
+                        "q_proj's weight is no DTensor to read the TP mesh from")
+    return int(dist.get_rank())
+
+
+def _tp_method(state: _State, module, query: torch.Tensor, key: torch.Tensor):
+    """The per-rank Engine (built once) when the attention receives a TP shard's heads: Hq/t query and Hkv/t
+    KV heads of the model the plan was made for, heads rank*Hkv/t.. of the full model. PlanError where the
+    head counts are no TP split, the rank cannot be learnt, or the plan's head map crosses shards."""
+    spec = state.spec
+    hq, hkv = query.shape[1], key.shape[1]
+    t = spec.num_kv_heads // hkv if hkv and spec.num_kv_heads % hkv == 0 else 0
+    if not t or hq * t != spec.num_heads or hkv * t != spec.num_kv_heads:
+        raise PlanError(f"layer {module.layer_idx} got {hq} query heads and {hkv} KV heads; the plan's model has "
+                        f"{spec.num_heads} and {spec.num_kv_heads} (not an even tensor-parallel split)")
+    try:
+        rank = _tp_rank(module, t)
+    except PlanError as exc:
+        raise PlanError(f"layer {module.layer_idx} got {hq} of {spec.num_heads} query heads and {hkv} of "
+                        f"{spec.num_kv_heads} KV heads (tensor parallelism over {t} ranks?) but kascade cannot "
+                        f"learn this process's shard: {exc}") from None
+    engine = state.shards.get((rank, t))
+    if engine is None:
+        method = state.method
+        if not isinstance(method, Engine):
+            raise PlanError(f"under tensor parallelism (TP size {t}) kascade shards an Engine's plan; the attention "
+                            f"method {type(method).__name__} gets the full model's heads only")
+        engine = Engine(method.plan.shard(rank, t), variant=method.variant, sparse_prefill=method.sparse_prefill,
+                        backend=method.backend, track_stats=method.track_stats)
+        state.shards[(rank, t)] = engine
+    return engine
+
+
+def _attend_with_cache(method, layer: int, cache, query, key, value, attention_mask, scaling):
     """Attention of one layer over a KascadeCache: the step is the cache's; an Engine gets it once per
     pass (begin) and runs each layer without validation or host reads (run)."""
     step = cache.step
@@ -327,7 +386,6 @@ def _attend_with_cache(state, layer: int, cache, query, key, value, attention_ma
         # the first pass over an empty cache: left padding from generate()'s mask (one host read)
         cache.set_start(attention_mask.kv_start)
         step = cache.step = cache.step_for(step.q_length)
-    method = state.method
     if isinstance(method, Engine):
         if layer == 0:
             method.begin(step, query, key)
