@@ -1,4 +1,6 @@
-"""`kascade demo` on the real SmolLM2-135M-Instruct (CPU, offline). Slow (~1-3 min) but part of CI."""
+"""`kascade demo` on the real SmolLM2-135M-Instruct (CPU, offline). Slow (~2-3 min) but part of CI.
+
+The default is the full method (sparse prefill and decode) with the shipped plan smollm2-135m-11a."""
 
 from __future__ import annotations
 
@@ -39,8 +41,21 @@ def test_kascade_demo_command():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "dense   answer:" in out and "kascade answer:" in out and "captured" in out
+    assert "sparse prefill + decode" in out and "anchors [0, 1, 2, 3, 7, 11, 14, 20, 23, 24, 28]" in out
     result = json.loads(out.strip().splitlines()[-1])
     assert result["kascade_correct"] and result["dense_correct"]
     assert 3700 <= result["prompt_tokens"] <= 4000
     assert 0.05 < result["attended_fraction"] < 0.5  # really sparse
     assert 0.5 < result["captured_mass"] <= 1.0
+
+
+def test_demo_defaults_to_the_full_method():
+    import argparse
+
+    from kascade import demo
+
+    parser = argparse.ArgumentParser()
+    demo.register(parser.add_subparsers())
+    assert parser.parse_args(["demo"]).decode_only is False
+    assert parser.parse_args(["demo", "--decode-only"]).decode_only is True
+    assert demo.FULL_METHOD_PLANS["smollm2-135m"] == "smollm2-135m-11a"

