@@ -15,7 +15,7 @@ def parse(*argv):
     (("generate", "--prompt", "x"), False),  # generate: Kascade in both phases by default
     (("generate", "--prompt", "x", "--decode-only"), True),
     (("generate", "--prompt", "x", "--no-decode-only"), False),
-    (("demo",), True),  # demo: decode-only by default (a CPU sparse prefill takes minutes)
+    (("demo",), False),  # demo: the full method by default (smollm2-135m-11a plan)
     (("demo", "--no-decode-only"), False),
     (("demo", "--decode-only"), True),
 ])
