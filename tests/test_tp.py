@@ -126,7 +126,7 @@ def test_transformers_tp_gloo_two_processes_equals_one(tmp_path):
 
     here = Path(__file__).parent
     sys.path.insert(0, str(here))
-    from tests_tp_common import greedy_logits, tiny_llama
+    from tp_common import greedy_logits, tiny_llama
 
     model = tiny_llama()
     model.save_pretrained(tmp_path / "model")

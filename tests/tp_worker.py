@@ -32,7 +32,7 @@ def main(model_dir: str, plan_path: str, cross_path: str, out_path: str, steps: 
         attn = hf._attention_modules(model)[0]
         result["q_proj_weight"] = type(attn.q_proj.weight).__name__
         kascade.enable(model, plan_path)
-        from tests_tp_common import greedy_logits  # noqa: E402  (tests/ on sys.path)
+        from tp_common import greedy_logits  # noqa: E402  (tests/ on sys.path)
 
         result["logits"] = greedy_logits(model, steps)
         state = attn._kascade_state

@@ -167,7 +167,7 @@ class Engine:
         if self.variant == "dense" or (not step.decode and not self.sparse_prefill):
             if step.decode:
                 return dec.dense(q, k, v, s0, s1, scale=scale)
-            return dense_prefill(q, k, v, s0, s1, step.lengths, scale=scale)
+            return pre.dense_fastest(q, k, v, s0, s1, step.lengths, scale=scale)
         if p.is_anchor(layer):
             if step.decode:
                 out, indices = dec.anchor(q, k, v, s0, s1, topk_fraction=p.topk_fraction, topk_floor=p.topk_floor,
@@ -259,23 +259,6 @@ class Engine:
 
 def _kernels_fit(q: torch.Tensor, k: torch.Tensor, tile_size: int) -> bool:
     """Whether the Triton kernels take these shapes (else run() uses the validated ops, which fall back)."""
-    G = q.shape[1] // k.shape[1]
-    return q.shape[3] in (64, 128) and 1 <= G <= 16 and tile_size in (16, 32, 64)
-
-
-def dense_prefill(q, k, v, kv_start, kv_end, lengths, *, scale=None) -> torch.Tensor:
-    """Dense causal prefill for the plan/run path: torch SDPA's cuDNN kernel where it applies (the fastest
-    dense prefill measured on the H100: one chunk, no padding, bf16/fp16; K/V expanded, it takes no GQA),
-    else kascade's Triton flash kernel (chunks after the first, left padding)."""
     from .ops import prefill as pre
 
-    Lq, Lk = q.shape[2], k.shape[2]
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and Lq == Lk and all(L == Lk for L in lengths):
-        G = q.shape[1] // k.shape[1]
-        kx = k.repeat_interleave(G, 1) if G > 1 else k
-        vx = v.repeat_interleave(G, 1) if G > 1 else v
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
-            return torch.nn.functional.scaled_dot_product_attention(q, kx, vx, is_causal=True, scale=scale)
-    return pre.dense(q, k, v, kv_start, kv_end, scale=scale, lengths=lengths)
+    return q.shape[3] in pre.HEAD_DIMS and 1 <= q.shape[1] // k.shape[1] <= pre.MAX_GQA and tile_size in pre.TILE_SIZES

@@ -64,8 +64,8 @@ class Generator:
 
     prefill_chunk: prompt tokens per prefill pass, rounded down to a multiple of 64 (long prompts in
     several passes bound the activation memory; one pass is fastest: it may use cuDNN's dense kernel). cuda_graph: capture the
-    decode step (CUDA only). The graph is captured on the first generate() and reused while the batch
-    size, capacity and sampling settings stay the same. compile: torch.compile the decode forward around
+    decode step (CUDA only). The graph is captured on the first generate() and reused while the sampling
+    settings stay the same. compile: torch.compile the decode forward around
     the attention (fewer, fused kernels for the model's norms, rotary and MLP; the first step compiles);
     None: on with the CUDA graph (measured 8-16 % faster per step on the H100, dense and Kascade alike).
     A Generator serves batches of up to ``batch_size`` rows (its bucket): smaller batches are padded with
@@ -176,7 +176,7 @@ class Generator:
             out = self._decode_step(sampling)
         restore()
         self._graph, self._graph_out = graph, out
-        self._graph_key = (cache.batch_size, cache.capacity, tuple(sorted(sampling.items())))
+        self._graph_key = tuple(sorted(sampling.items()))
 
     def decode_step(self, sampling: dict) -> torch.Tensor:
         """Next tokens [B] of one decode step (graph replay when captured)."""
@@ -184,8 +184,8 @@ class Generator:
             raise KascadeInputError(f"the cache is full ({self.cache.capacity} tokens per row)")
         if not self.cuda_graph:
             return self._decode_step(sampling)
-        key = (self.cache.batch_size, self.cache.capacity, tuple(sorted(sampling.items())))
-        if self._graph is None or self._graph_key != key:
+        # the cache (batch, capacity) is fixed for a Generator: only the sampling settings select a graph
+        if self._graph is None or self._graph_key != tuple(sorted(sampling.items())):
             self._capture(sampling)
         self._graph.replay()
         self.cache.advance_host(1)

@@ -49,6 +49,17 @@ def _check_q(q, layout: str, phase: str, head_dims) -> tuple[int, int, int]:
     return tuple(q.shape)
 
 
+def _check_int32(name: str, t, layout: str, q, shape_ok) -> None:
+    """An int32 metadata tensor (block_table, seq_lens, query_start_loc) of the right shape on q's device."""
+    if not isinstance(t, torch.Tensor) or not shape_ok(t):
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise KascadeInputError(f"{name} must be {layout}, got {got}")
+    if t.dtype != torch.int32:
+        raise KascadeInputError(f"{name} must be int32, got {t.dtype}")
+    if t.device != q.device:
+        raise KascadeInputError(f"{name} is on {t.device}, q is on {q.device}")
+
+
 def _check_paged(q, k_cache, v_cache, block_table, seq_lens):
     """Shape / dtype / device checks (no value reads). Returns (B, Hq, Hkv, block_size, D)."""
     B, Hq, Dh = _check_q(q, "[batch, num_q_heads, head_size] (one decode query per sequence)", "decode", (64, 128))
@@ -84,25 +95,14 @@ def _check_cache_tables(q, B, Hq, Dh, k_cache, v_cache, block_table, seq_lens, k
     if not 1 <= Hq // Hkv <= 16:
         raise KascadeInputError(f"paged {kind} kernels support GQA group sizes 1..16, got {Hq} // {Hkv} = "
                                 f"{Hq // Hkv}")
-    if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.shape[0] != B:
-        got = tuple(block_table.shape) if isinstance(block_table, torch.Tensor) else type(block_table).__name__
-        raise KascadeInputError(f"block_table must be [batch={B}, max_blocks_per_seq], got {got}")
-    if block_table.dtype != torch.int32:
-        raise KascadeInputError(f"block_table must be int32, got {block_table.dtype}")
-    if block_table.device != q.device:
-        raise KascadeInputError(f"block_table is on {block_table.device}, q is on {q.device}")
+    _check_int32("block_table", block_table, f"[batch={B}, max_blocks_per_seq]", q,
+                 lambda t: t.dim() == 2 and t.shape[0] == B)
     if block_table.shape[1] < 1:
         raise KascadeInputError(f"block_table must have at least one block per sequence, got "
                                 f"{tuple(block_table.shape)}")
     if block_table.stride(1) != 1:
         raise KascadeInputError(f"block_table must be contiguous along its rows, got strides {block_table.stride()}")
-    if not isinstance(seq_lens, torch.Tensor) or seq_lens.shape != (B,):
-        got = tuple(seq_lens.shape) if isinstance(seq_lens, torch.Tensor) else type(seq_lens).__name__
-        raise KascadeInputError(f"seq_lens must be [batch={B}], got {got}")
-    if seq_lens.dtype != torch.int32:
-        raise KascadeInputError(f"seq_lens must be int32, got {seq_lens.dtype}")
-    if seq_lens.device != q.device:
-        raise KascadeInputError(f"seq_lens is on {seq_lens.device}, q is on {q.device}")
+    _check_int32("seq_lens", seq_lens, f"[batch={B}]", q, lambda t: t.shape == (B,))
     if block_table.shape[1] * block_size >= 2**31 - 2**16:
         raise KascadeInputError(f"max_blocks_per_seq * block_size = {block_table.shape[1] * block_size} is too "
                                 f"long for int32 indices")
@@ -213,13 +213,8 @@ def _check_prefill(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, 
                              PF.HEAD_DIMS)
     if q.numel() >= 2**31:
         raise KascadeInputError(f"q has {q.numel()} elements; the prefill kernels index it with int32 (< 2^31)")
-    if not isinstance(query_start_loc, torch.Tensor) or query_start_loc.dim() != 1 or query_start_loc.shape[0] < 2:
-        got = tuple(query_start_loc.shape) if isinstance(query_start_loc, torch.Tensor) else type(query_start_loc).__name__
-        raise KascadeInputError(f"query_start_loc must be [batch + 1] (batch >= 1), got {got}")
-    if query_start_loc.dtype != torch.int32:
-        raise KascadeInputError(f"query_start_loc must be int32, got {query_start_loc.dtype}")
-    if query_start_loc.device != q.device:
-        raise KascadeInputError(f"query_start_loc is on {query_start_loc.device}, q is on {q.device}")
+    _check_int32("query_start_loc", query_start_loc, "[batch + 1] (batch >= 1)", q,
+                 lambda t: t.dim() == 1 and t.shape[0] >= 2)
     B = query_start_loc.shape[0] - 1
     Hkv, block_size = _check_cache_tables(q, B, Hq, Dh, k_cache, v_cache, block_table, seq_lens, "prefill")
     if isinstance(max_query_len, bool) or not isinstance(max_query_len, int) or max_query_len < 1:

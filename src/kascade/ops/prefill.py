@@ -367,15 +367,37 @@ def anchor(q, k, v, kv_start, kv_end, *, topk_fraction, topk_floor, tile_size, s
     return out, indices
 
 
+def _expand_kv(k, v, G: int):
+    """K/V repeated to the query heads (cuDNN's attention takes no GQA); unchanged when G == 1."""
+    return (k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)) if G > 1 else (k, v)
+
+
+def _cudnn_applies(q, k, lengths) -> bool:
+    """cuDNN's causal attention serves this call: CUDA, half precision, one chunk (Lq == Lk), no padding."""
+    Lk = k.shape[2]
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[2] == Lk
+            and all(L == Lk for L in lengths))
+
+
+def dense_fastest(q, k, v, kv_start, kv_end, lengths, *, scale=None):
+    """Dense causal prefill by the fastest kernel that applies: torch SDPA's cuDNN kernel (measured fastest
+    on the H100) for one unpadded chunk, else the Triton flash kernel (later chunks, left padding).
+    lengths: host copy of kv_end - kv_start (the plan/run path has it)."""
+    if _cudnn_applies(q, k, lengths):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        kx, vx = _expand_kv(k, v, q.shape[1] // k.shape[1])
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+            return torch.nn.functional.scaled_dot_product_attention(q, kx, vx, is_causal=True, scale=scale)
+    return dense(q, k, v, kv_start, kv_end, scale=scale, lengths=lengths)
+
+
 def _dense_lse_cudnn(q, k, v, lengths, scale):
     """(out, base-2 lse) from torch's cuDNN attention, or (None, None) where it does not apply."""
     B, Hq, Lq, D = q.shape
-    Lk = k.shape[2]
-    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and Lq == Lk and all(L == Lk for L in lengths)):
+    if not _cudnn_applies(q, k, lengths):
         return None, None
-    G = Hq // k.shape[1]
-    kx = k.repeat_interleave(G, 1) if G > 1 else k.contiguous()
-    vx = v.repeat_interleave(G, 1) if G > 1 else v.contiguous()
+    kx, vx = (t.contiguous() for t in _expand_kv(k, v, Hq // k.shape[1]))
     try:
         res = torch.ops.aten._scaled_dot_product_cudnn_attention(
             q.contiguous(), kx, vx, None, True, 0.0, True, False, scale=_scale(scale, D) / LOG2E)

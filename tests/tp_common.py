@@ -31,12 +31,11 @@ def greedy_logits(model, steps: int) -> torch.Tensor:
     """Logits [1 + steps, vocab] of the prefill's last position and ``steps`` greedy decode steps (DynamicCache)."""
     from transformers import DynamicCache
 
-    import inspect
+    from kascade.generation import _cache_kwarg
 
     ids = prompt()
     cache = DynamicCache(config=model.config)
-    # transformers >= 5.2x names the cache argument `cache` (past_key_values deprecated)
-    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    key = _cache_kwarg(model)
     out = []
     with torch.no_grad():
         logits = model(ids, use_cache=True, **{key: cache}).logits[:, -1]
