@@ -12,18 +12,27 @@ first metadata builder is made: a plan for another model raises :class:`kascade.
 
 What runs where (vLLM's FlashAttention backend is the base: its paged cache layout
 [num_blocks, 2, block_size, Hkv, D], its K/V cache writes, its metadata builder; one metadata object per
-step is shared by all layers):
+step is shared by all layers, and the layers of a step run in order):
 
-* pure decode batches (every query length 1): Kascade on the paged cache
+* pure decode batches (every query length 1): Kascade's decode on the paged cache
   (:mod:`kascade.ops.paged`): layer 0 dense + selection, anchor layers select, every other layer
   reuses its anchor's indices through the plan's head map (read inside the kernel). The layer index
   comes from the layer's name (``model.layers.<i>.self_attn.attn``). These batches are captured in vLLM's
   full CUDA graphs (``UNIFORM_SINGLE_TOKEN_DECODE``): the indices an anchor returns are the buffers the
   reuse layers read in the same graph.
-* prefill and mixed batches: vLLM's FlashAttention (dense; FA3 on Hopper): Kascade runs as
-  "decode-only" there (the paged rolling prefill is not wired in yet).
+* prefill and mixed batches (chunked prefill beside decodes): Kascade's rolling prefill on the paged
+  cache for every row (``paged_prefill_*``; a decode row in such a batch follows the rolling rule: its
+  tile's prefix budget plus its own tile). These run outside CUDA graphs (vLLM's piecewise graphs leave
+  attention out), so the host sizes of vLLM's metadata (max_query_len, max_seq_len) size the grids.
+* tensor parallelism: each rank serves its own KV heads (rank r of t holds heads r*Hkv/t ..). A plan
+  whose head map stays inside each shard (``kascade calibrate --tp t``, or identity maps) runs each
+  rank's :meth:`Plan.shard` with no communication; any other plan all-gathers each anchor layer's
+  indices over the TP group (a few MB per anchor layer at 128K) and the reuse layers read the heads
+  their map names. ``KASCADE_TP_MODE`` = ``auto`` (default: shard when the plan allows, else gather),
+  ``shard`` (refuse a crossing plan) or ``gather`` (always gather).
 * anything Kascade cannot serve (sliding windows, ALiBi, soft-capping, sinks, quantized KV caches,
-  encoder attention, tensor parallelism) falls back to vLLM's FlashAttention, with one warning per reason.
+  encoder attention, decode context parallelism, KV heads replicated across TP ranks) falls back to
+  vLLM's FlashAttention, with one warning per reason.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from ..plan import Plan, PlanError
 
 PLAN_ENV = "KASCADE_PLAN"
 FRACTION_ENV = "KASCADE_TOPK_FRACTION"
+TP_MODE_ENV = "KASCADE_TP_MODE"
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -65,32 +75,103 @@ def load_plan(value: str | None = None) -> Plan:
 
 
 def check_plan(plan: Plan, *, num_layers: int, num_heads: int, num_kv_heads: int, head_size: int) -> None:
-    """Refuse a plan made for another model shape (the model as vLLM runs it, one shard per GPU)."""
+    """Refuse a plan made for another model shape (the whole model: heads summed over TP ranks)."""
     m = plan.model
     want = (m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim)
     got = (num_layers, num_heads, num_kv_heads, head_size)
     if want != got:
         raise PlanError(f"the plan was made for {m.num_layers} layers, {m.num_heads} heads, {m.num_kv_heads} KV "
                         f"heads, head size {m.head_dim}; vLLM runs {num_layers} layers, {num_heads} heads, "
-                        f"{num_kv_heads} KV heads, head size {head_size} (tensor parallelism shards heads: "
-                        "not supported yet)")
+                        f"{num_kv_heads} KV heads, head size {head_size}")
+
+
+TP_MODES = ("auto", "shard", "gather")
+
+
+def tp_head_maps(plan: Plan, tp_size: int, rank: int, mode: str = "auto") -> tuple[list[list[int]], bool]:
+    """(per layer, the anchor head each of this rank's KV heads reads; gather) under TP size ``tp_size``.
+
+    shard (gather False): the rank's :meth:`Plan.shard` map, in the rank's own head numbers (its anchors'
+    indices are all it needs). gather (True): the rows of the full map for the rank's heads, in the
+    model's head numbers: the anchors' indices are all-gathered over the TP group first. ``auto`` shards
+    when the plan allows it (no communication) and gathers otherwise."""
+    if mode not in TP_MODES:
+        raise PlanError(f"{TP_MODE_ENV} must be one of {', '.join(TP_MODES)}, got {mode!r}")
+    if tp_size == 1:
+        return [list(row) for row in plan.head_map], False
+    if mode == "shard" or (mode == "auto" and plan.valid_for_tp(tp_size)):
+        return [list(row) for row in plan.shard(rank, tp_size).head_map], False
+    plan._check_tp_size(tp_size)
+    per = plan.model.num_kv_heads // tp_size
+    return [list(row[rank * per:(rank + 1) * per]) for row in plan.head_map], True
 
 
 class _State:
-    """Per process: the plan, its head maps on the device, and the indices of the latest anchor layer of
-    the current step (kept between the layers of one forward pass)."""
+    """Per process (one per TP rank): the plan, this rank's head maps on the device, how anchor indices
+    reach other ranks, and the indices of the latest anchor layer of the current step (kept between the
+    layers of one forward pass)."""
 
     plan: Plan | None = None
-    head_maps: torch.Tensor | None = None
+    head_maps: torch.Tensor | None = None  # [num_layers, local KV heads] int32
+    gather = None  # None, or a function all-gathering indices over the TP group along dim 1 (KV heads)
     indices: torch.Tensor | None = None
     indices_layer: int = -1
     warned: set = set()
+
+    @classmethod
+    def setup(cls, plan: Plan, head_maps: list[list[int]], gather, device) -> None:
+        cls.plan, cls.gather = plan, gather
+        cls.head_maps = torch.tensor(head_maps, dtype=torch.int32, device=device)
+        cls.indices, cls.indices_layer = None, -1
 
     @classmethod
     def warn_once(cls, reason: str) -> None:
         if reason not in cls.warned:
             cls.warned.add(reason)
             warnings.warn(f"kascade (vLLM): {reason}; those layers run vLLM's FlashAttention", stacklevel=3)
+
+
+def attend(layer: int, query, k_cache, v_cache, md, scale: float, output):
+    """Kascade attention of one layer of a vLLM step, written into ``output`` [tokens, Hq, D].
+
+    md: vLLM's attention metadata (num_actual_tokens, max_query_len, query_start_loc [B+1], max_seq_len,
+    seq_lens [B], block_table [B, blocks]; rows past the batch are CUDA-graph padding). Decode batches
+    (max_query_len 1) take the decode kernels, any other batch the rolling prefill; an anchor layer
+    stores its indices (all-gathered under TP gather mode) for the reuse layers after it."""
+    from ..ops import paged
+
+    plan = _State.plan
+    budget = dict(topk_fraction=plan.topk_fraction, topk_floor=plan.topk_floor)
+    decode = md.max_query_len == 1
+    n = md.query_start_loc.shape[0] - 1  # sequences (a decode batch: one query each)
+    rows = n if decode else md.num_actual_tokens
+    q = query[:rows]
+    tables = (k_cache, v_cache, md.block_table[:n], md.seq_lens[:n])
+    if not decode:
+        tables = (*tables, md.query_start_loc)
+        sizes = dict(max_query_len=int(md.max_query_len), max_seq_len=int(md.max_seq_len), tile_size=plan.tile_size)
+    if plan.is_anchor(layer):
+        if decode:
+            out, indices = paged.paged_decode_anchor(q, *tables, scale=scale, dense_output=layer == 0, **budget)
+        else:
+            out, indices = paged.paged_prefill_anchor(q, *tables, scale=scale, dense_output=layer == 0, **budget,
+                                                      **sizes)
+        _State.indices = _State.gather(indices) if _State.gather is not None else indices
+        _State.indices_layer = layer
+    else:
+        anchor = plan.anchor_of(layer)
+        held = _State.indices
+        if _State.indices_layer != anchor or held is None or held.shape[0] != n or held.dim() != (3 if decode else 4):
+            raise PlanError(f"layer {layer} reuses anchor layer {anchor}, whose indices this step does not hold "
+                            f"(held: layer {_State.indices_layer}); layers must run in order")
+        head_map = _State.head_maps[layer]
+        if decode:
+            out = paged.paged_decode_sparse(q, *tables, held, head_map=head_map, scale=scale,
+                                            budget=(plan.topk_fraction, plan.topk_floor))
+        else:
+            out = paged.paged_prefill_sparse(q, *tables, held, head_map=head_map, scale=scale, **budget, **sizes)
+    output[:rows].copy_(out.view(output[:rows].shape))
+    return output
 
 
 def register() -> None:
@@ -113,9 +194,10 @@ except ImportError:  # pragma: no cover - exercised where vLLM is absent (CI)
 if FlashAttentionBackend is not None:
 
     class KascadeMetadataBuilder(FlashAttentionMetadataBuilder):
-        """vLLM's FlashAttention metadata, plus: the plan is loaded and checked once (first builder)."""
+        """vLLM's FlashAttention metadata, plus: the plan is loaded, checked and laid out for this TP rank
+        once per process (first builder)."""
 
-        # full CUDA graphs for pure decode batches (Kascade's path); mixed batches run piecewise
+        # full CUDA graphs for pure decode batches (Kascade's decode); mixed batches run piecewise
         _cudagraph_support = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
         def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
@@ -123,13 +205,22 @@ if FlashAttentionBackend is not None:
             if _State.plan is None:
                 plan = load_plan()
                 mc, pc = vllm_config.model_config, vllm_config.parallel_config
-                check_plan(plan, num_layers=mc.get_num_layers(pc), num_heads=mc.get_num_attention_heads(pc),
-                           num_kv_heads=mc.get_num_kv_heads(pc), head_size=mc.get_head_size())
-                _State.plan = plan
-                _State.head_maps = torch.tensor(plan.head_map, dtype=torch.int32, device=device)
+                tp = pc.tensor_parallel_size
+                check_plan(plan, num_layers=mc.get_num_layers(pc), num_heads=mc.get_num_attention_heads(pc) * tp,
+                           num_kv_heads=mc.get_total_num_kv_heads(), head_size=mc.get_head_size())
+                if tp > 1 and plan.model.num_kv_heads % tp:
+                    _State.plan = plan  # the layers fall back (KV heads replicated over ranks)
+                    return
+                from vllm.distributed import get_tensor_model_parallel_rank, get_tp_group
+
+                rank = get_tensor_model_parallel_rank() if tp > 1 else 0
+                maps, gather = tp_head_maps(plan, tp, rank, os.environ.get(TP_MODE_ENV, "auto"))
+                group = get_tp_group() if gather else None
+                _State.setup(plan, maps, (lambda t: group.all_gather(t, dim=1)) if gather else None, device)
 
     class KascadeAttentionImpl(FlashAttentionImpl):
-        """Kascade on pure decode batches; vLLM's FlashAttention elsewhere (see the module docstring)."""
+        """Kascade on decode and prefill batches; vLLM's FlashAttention where Kascade cannot serve (see the
+        module docstring)."""
 
         _layer: int | None = None  # the decoder layer index, from the layer's name (first call)
         _reason: str | None = None  # why this layer cannot run Kascade ("" = it can)
@@ -147,15 +238,16 @@ if FlashAttentionBackend is not None:
                 return f"quantized KV caches ({self.kv_cache_dtype})"
             if getattr(self.attn_type, "value", self.attn_type) != "decoder":
                 return "encoder attention"
-            if _State.plan is not None and self.num_kv_heads != _State.plan.model.num_kv_heads:
-                return "tensor parallelism (a shard holds part of the KV heads)"
+            if getattr(self, "dcp_world_size", 1) > 1:
+                return "decode context parallelism"
+            if _State.head_maps is None or self.num_kv_heads != _State.head_maps.shape[1]:
+                return "KV heads replicated across tensor-parallel ranks"
             return ""
 
         def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                     output_block_scale=None):
-            plan = _State.plan
-            if (attn_metadata is None or plan is None or attn_metadata.max_query_len != 1
-                    or output_scale is not None or output_block_scale is not None):
+            if (attn_metadata is None or _State.plan is None or output_scale is not None
+                    or output_block_scale is not None or attn_metadata.causal is not True):
                 return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                        output_block_scale)
             if self._reason is None:
@@ -165,32 +257,14 @@ if FlashAttentionBackend is not None:
                 _State.warn_once(self._reason)
                 return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                        output_block_scale)
-            from ..ops import paged
-
-            idx = self._layer
-            n = attn_metadata.query_start_loc.shape[0] - 1  # sequences = queries in a decode batch
-            q = query[:n]
             k_cache, v_cache = kv_cache.unbind(1)
-            seq_lens = attn_metadata.seq_lens[:n]
-            block_table = attn_metadata.block_table[:n]
-            budget = dict(topk_fraction=plan.topk_fraction, topk_floor=plan.topk_floor)
-            if plan.is_anchor(idx):
-                out, indices = paged.paged_decode_anchor(q, k_cache, v_cache, block_table, seq_lens, scale=self.scale,
-                                                         dense_output=idx == 0, **budget)
-                _State.indices, _State.indices_layer = indices, idx
-            else:
-                anchor = plan.anchor_of(idx)
-                if _State.indices_layer != anchor or _State.indices is None or _State.indices.shape[0] != n:
-                    raise PlanError(f"layer {idx} reuses anchor layer {anchor}, whose indices this step does not "
-                                    f"hold (held: layer {_State.indices_layer}); layers must run in order")
-                out = paged.paged_decode_sparse(q, k_cache, v_cache, block_table, seq_lens, _State.indices,
-                                                head_map=_State.head_maps[idx], scale=self.scale,
-                                                budget=(plan.topk_fraction, plan.topk_floor))
-            output[:n].copy_(out.view(output[:n].shape))
+            q = query.view(query.shape[0], self.num_heads, self.head_size)
+            attend(self._layer, q, k_cache, v_cache, attn_metadata, self.scale,
+                   output.view(output.shape[0], self.num_heads, self.head_size))
             return output
 
     class KascadeAttentionBackend(FlashAttentionBackend):
-        """vLLM's FlashAttention backend (FA3 on Hopper) with Kascade's decode (registered as CUSTOM)."""
+        """vLLM's FlashAttention backend (FA3 on Hopper) with Kascade's attention (registered as CUSTOM)."""
 
         @staticmethod
         def get_name() -> str:
@@ -205,4 +279,5 @@ if FlashAttentionBackend is not None:
             return KascadeMetadataBuilder
 
 
-__all__ = ["register", "load_plan", "check_plan", "layer_index", "PLAN_ENV", "FRACTION_ENV"]
+__all__ = ["register", "load_plan", "check_plan", "tp_head_maps", "attend", "layer_index", "PLAN_ENV", "FRACTION_ENV",
+           "TP_MODE_ENV"]

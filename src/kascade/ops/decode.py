@@ -269,7 +269,9 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None, head_
     own budget's slots (what ``anchor`` writes first), not all W. paged: K/V are paged caches; indices
     are logical positions."""
     B, Hq, Hkv, Lk, D, kv_strides, bt, pg_strides, pg_meta = _kv_layout(q, k, v, paged)
-    if indices.dim() != 3 or indices.shape[0] != B or indices.shape[1] != Hkv:
+    # with a head map, the indices may hold more heads than K (an anchor's indices all-gathered over TP ranks)
+    heads_ok = indices.shape[1] >= Hkv if head_map is not None else indices.shape[1] == Hkv
+    if indices.dim() != 3 or indices.shape[0] != B or not heads_ok:
         raise KascadeInputError(f"decode indices must be [B={B}, Hkv={Hkv}, W], got {tuple(indices.shape)}")
     if head_map is not None and (head_map.shape != (Hkv,) or head_map.dtype != torch.int32
                                  or head_map.device != q.device):

@@ -157,14 +157,24 @@ def paged_decode_anchor(q, k_cache, v_cache, block_table, seq_lens, *, topk_frac
     return out[:, :, 0], indices
 
 
+def _reuse_indices_ok(indices, dims: int, B: int, Hkv: int, head_map) -> bool:
+    """Indices of a reuse layer: [B, Hkv, ...] of ``dims`` dimensions; with a head map they may hold more
+    KV heads than the cache (an anchor's indices all-gathered over tensor-parallel ranks: the map holds
+    the model's head numbers, each < indices.shape[1])."""
+    if not isinstance(indices, torch.Tensor) or indices.dim() != dims or indices.shape[0] != B:
+        return False
+    return indices.shape[1] >= Hkv if head_map is not None else indices.shape[1] == Hkv
+
+
 def paged_decode_sparse(q, k_cache, v_cache, block_table, seq_lens, indices, *, head_map=None, scale=None,
                         budget=None, validate_values=False):
     """Attention over given keys (reuse layers): indices [B, Hkv, W] int32/int64 logical positions (-1 and
-    positions >= seq_len are skipped); head_map int32 [Hkv]: KV head h attends over indices[:, head_map[h]].
+    positions >= seq_len are skipped); head_map int32 [Hkv]: KV head h attends over indices[:, head_map[h]]
+    (then indices may hold more heads than the cache, e.g. all-gathered over TP ranks).
     budget: (topk_fraction, topk_floor) the indices were selected with (an anchor's): each row then visits
     only its own budget's slots instead of all W. Returns out [B, Hq, D] in q's dtype."""
     B, _, Hkv, _, _ = _check_paged(q, k_cache, v_cache, block_table, seq_lens)
-    if not isinstance(indices, torch.Tensor) or indices.dim() != 3 or indices.shape[:2] != (B, Hkv):
+    if not _reuse_indices_ok(indices, 3, B, Hkv, head_map):
         got = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__
         raise KascadeInputError(f"indices must be [batch={B}, num_kv_heads={Hkv}, W], got {got}")
     if indices.device != q.device:
@@ -324,7 +334,7 @@ def paged_prefill_sparse(q, k_cache, v_cache, block_table, seq_lens, query_start
     T = tile_size
     n_tiles, host, budgets, width = _prefill_budgets(max_seq_len, T, topk_fraction, topk_floor, q.device)
     n_slots = paged.n_slots(T)
-    if not isinstance(indices, torch.Tensor) or indices.dim() != 4 or indices.shape[:2] != (B, Hkv):
+    if not _reuse_indices_ok(indices, 4, B, Hkv, head_map):
         got = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__
         raise KascadeInputError(f"indices must be [batch={B}, num_kv_heads={Hkv}, n_slots, W], got {got}")
     if indices.dtype not in (torch.int32, torch.int64) or indices.device != q.device:

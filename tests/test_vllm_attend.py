@@ -1,0 +1,186 @@
+"""The vLLM backend's per-layer logic (kascade.integrations.vllm.attend) on paged caches under the CPU
+interpreter, without vLLM: which kernel each layer of a step runs (decode or rolling prefill; layer 0,
+anchor, reuse through the head map), the anchor indices carried to the reuse layers, and tensor
+parallelism — each rank's heads of a TP=2 step, in shard mode and in gather mode (anchor indices
+all-gathered, here by a stand-in for the TP group), equal the same heads of the single-process step."""
+
+from __future__ import annotations
+
+import os
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+_ALREADY_COMPILED = any(m in sys.modules for m in ("kascade.kernels.decode", "kascade.kernels.prefill")) and \
+    os.environ.get("TRITON_INTERPRET") != "1"
+os.environ.setdefault("TRITON_INTERPRET", "1")
+if _ALREADY_COMPILED or os.environ["TRITON_INTERPRET"] != "1":
+    pytest.skip("needs TRITON_INTERPRET=1 before the kernels load; run this file on its own", allow_module_level=True)
+
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from kascade import PlanError  # noqa: E402
+from kascade.integrations import vllm as kv  # noqa: E402
+from kascade.ops import paged as PG  # noqa: E402
+from kascade.plan import ModelSpec, Plan  # noqa: E402
+from kascade.plans import load_shipped  # noqa: E402
+
+LAYERS, HQ, HKV, D, BS = 4, 8, 4, 64, 16
+# layer 1 reuses anchor 0 with heads crossing TP=2 shards (0 <-> 2), layer 3 reuses anchor 2
+HEAD_MAP = ((0, 1, 2, 3), (2, 1, 0, 3), (0, 1, 2, 3), (1, 0, 3, 2))
+
+
+def _plan(head_map=HEAD_MAP):
+    spec = ModelSpec("llama", LAYERS, HQ, HKV, D, name="tiny")
+    return Plan(spec, (0, 2), head_map, topk_fraction=0.25, topk_floor=8, tile_size=16)
+
+
+class Step:
+    """One vLLM step: per layer, packed queries and a paged K/V cache (one block table for all layers)."""
+
+    def __init__(self, seqs, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.seqs = seqs  # [(seq_len, q_len)]
+        need = [-(-L // BS) for L, _ in seqs]
+        num_blocks = sum(need) + 3
+        perm = torch.randperm(num_blocks, generator=g)
+        self.block_table = torch.zeros((len(seqs), max(need) + 1), dtype=torch.int32)
+        used = 0
+        for b, n in enumerate(need):
+            self.block_table[b, :n] = perm[used:used + n].to(torch.int32)
+            used += n
+        tokens = sum(n for _, n in seqs)
+        self.q = [torch.randn(tokens + 2, HQ, D, generator=g) * 1.5 for _ in range(LAYERS)]  # +2: graph padding
+        self.k = [torch.randn(num_blocks, BS, HKV, D, generator=g) for _ in range(LAYERS)]
+        self.v = [torch.randn(num_blocks, BS, HKV, D, generator=g) for _ in range(LAYERS)]
+        q_lens = [n for _, n in seqs]
+        self.md = SimpleNamespace(
+            num_actual_tokens=tokens, max_query_len=max(q_lens), max_seq_len=max(L for L, _ in seqs),
+            query_start_loc=torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32),
+            seq_lens=torch.tensor([L for L, _ in seqs], dtype=torch.int32), block_table=self.block_table)
+
+    def heads(self, layer, lo_kv, hi_kv):
+        """This layer's q and caches restricted to KV heads lo_kv .. hi_kv - 1 (one TP rank's shard)."""
+        g = HQ // HKV
+        return (self.q[layer][:, lo_kv * g:hi_kv * g].contiguous(), self.k[layer][:, :, lo_kv:hi_kv].contiguous(),
+                self.v[layer][:, :, lo_kv:hi_kv].contiguous())
+
+
+def _run(step, plan, maps, gather=None, kv_heads=(0, HKV)):
+    """Every layer of the step through kv.attend; returns (outputs per layer, anchor indices per layer)."""
+    kv._State.setup(plan, maps, gather, "cpu")
+    outs, held = [], {}
+    for layer in range(LAYERS):
+        q, k, v = step.heads(layer, *kv_heads)
+        out = torch.full_like(q, float("nan"))
+        kv.attend(layer, q, k, v, step.md, D ** -0.5, out)
+        outs.append(out)
+        if plan.is_anchor(layer):
+            held[layer] = kv._State.indices
+    return outs, held
+
+
+STEPS = {"prefill+decode": [(70, 70), (45, 1), (90, 30)], "decode": [(70, 1), (130, 1), (40, 1)]}
+
+
+@pytest.mark.parametrize("kind", sorted(STEPS))
+def test_each_layer_runs_its_kernel_with_its_anchor_indices(kind):
+    step = Step(STEPS[kind])
+    plan = _plan()
+    outs, _ = _run(step, plan, [list(r) for r in plan.head_map])
+    md, rows = step.md, step.md.num_actual_tokens
+    budget = dict(topk_fraction=plan.topk_fraction, topk_floor=plan.topk_floor)
+    decode = kind == "decode"
+    n = len(step.seqs)
+    indices = None
+    for layer in range(LAYERS):
+        q = step.q[layer][:rows]
+        tables = (step.k[layer], step.v[layer], md.block_table, md.seq_lens)
+        sizes = dict(max_query_len=md.max_query_len, max_seq_len=md.max_seq_len, tile_size=plan.tile_size)
+        if plan.is_anchor(layer):
+            if decode:
+                want, indices = PG.paged_decode_anchor(q, *tables, dense_output=layer == 0, scale=D ** -0.5, **budget)
+            else:
+                want, indices = PG.paged_prefill_anchor(q, *tables, md.query_start_loc, dense_output=layer == 0,
+                                                        scale=D ** -0.5, **budget, **sizes)
+        else:
+            hm = torch.tensor(plan.head_map[layer], dtype=torch.int32)
+            if decode:
+                want = PG.paged_decode_sparse(q, *tables, indices, head_map=hm, scale=D ** -0.5,
+                                              budget=(plan.topk_fraction, plan.topk_floor))
+            else:
+                want = PG.paged_prefill_sparse(q, *tables, md.query_start_loc, indices, head_map=hm, scale=D ** -0.5,
+                                               validate_values=True, **budget, **sizes)
+        got = outs[layer][:n if decode else rows]
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        assert bool(torch.isnan(outs[layer][n if decode else rows:]).all()), "padding rows are left alone"
+    # the reuse layers really read another head's indices: without the map their output changes
+    q = step.q[1][:rows]
+    tables = (step.k[1], step.v[1], md.block_table, md.seq_lens)
+    _, idx0 = _run(step, plan, [list(r) for r in plan.head_map])
+    if decode:
+        plain = PG.paged_decode_sparse(q, *tables, idx0[0], scale=D ** -0.5)
+    else:
+        plain = PG.paged_prefill_sparse(q, *tables, md.query_start_loc, idx0[0], scale=D ** -0.5, **budget,
+                                        max_query_len=md.max_query_len, max_seq_len=md.max_seq_len,
+                                        tile_size=plan.tile_size)
+    assert float((plain - outs[1][:plain.shape[0]]).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("kind", sorted(STEPS))
+@pytest.mark.parametrize("mode", ["gather", "shard"])
+def test_tp2_ranks_equal_the_single_process_heads(kind, mode):
+    step = Step(STEPS[kind], seed=1)
+    plan = _plan() if mode == "gather" else _plan(tuple((0, 1, 2, 3) if j in (0, 2) else (1, 0, 3, 2) for j in range(LAYERS)))
+    full_outs, full_idx = _run(step, plan, [list(r) for r in plan.head_map])
+    per = HKV // 2
+    for rank in range(2):
+        maps, gather = kv.tp_head_maps(plan, 2, rank, "auto")
+        assert gather == (mode == "gather")
+        calls = []
+
+        def all_gather(local, rank=rank):
+            # the TP group's all-gather along KV heads: this rank's part must be what the single process
+            # selected for these heads; the other rank's part is taken from the single-process run
+            layer = plan.anchor_layers[len(calls)]  # anchors run in order, one gather each
+            calls.append(layer)
+            torch.testing.assert_close(local, full_idx[layer][:, rank * per:(rank + 1) * per], atol=0, rtol=0)
+            return full_idx[layer].clone()
+
+        outs, _ = _run(step, plan, maps, all_gather if gather else None, kv_heads=(rank * per, (rank + 1) * per))
+        assert calls == (list(plan.anchor_layers) if gather else [])
+        g = HQ // HKV
+        for layer in range(LAYERS):
+            rows = len(step.seqs) if kind == "decode" else step.md.num_actual_tokens
+            torch.testing.assert_close(outs[layer][:rows], full_outs[layer][:rows, rank * per * g:(rank + 1) * per * g],
+                                       atol=0, rtol=0)
+
+
+def test_layers_out_of_order_are_refused():
+    step = Step(STEPS["decode"])
+    plan = _plan()
+    kv._State.setup(plan, [list(r) for r in plan.head_map], None, "cpu")
+    q, k, v = step.heads(3, 0, HKV)
+    with pytest.raises(PlanError, match="layer 3 reuses anchor layer 2"):
+        kv.attend(3, q, k, v, step.md, D ** -0.5, torch.empty_like(q))
+
+
+def test_tp_head_maps():
+    llama = load_shipped("llama-3.1-8b-instruct")  # the authors' map crosses TP=2 shards (layer 20: head 0 -> 4)
+    maps, gather = kv.tp_head_maps(llama, 2, 1, "auto")
+    assert gather and len(maps) == 32 and maps[20] == list(llama.head_map[20][4:8])
+    with pytest.raises(PlanError, match="crosses tensor-parallel shards"):
+        kv.tp_head_maps(llama, 2, 0, "shard")
+    ident = Plan.identity(llama.model, llama.anchor_layers)
+    maps, gather = kv.tp_head_maps(ident, 4, 3, "auto")
+    assert not gather and maps[5] == [0, 1]  # local head numbers of rank 3's two KV heads
+    maps, gather = kv.tp_head_maps(ident, 4, 3, "gather")
+    assert gather and maps[5] == [6, 7]
+    assert kv.tp_head_maps(llama, 1, 0, "shard") == ([list(r) for r in llama.head_map], False)
+    with pytest.raises(PlanError, match="KASCADE_TP_MODE must be one of"):
+        kv.tp_head_maps(llama, 2, 0, "scatter")
+    with pytest.raises(PlanError, match="does not divide"):
+        kv.tp_head_maps(llama, 3, 0, "gather")
