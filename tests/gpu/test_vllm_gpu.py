@@ -1,5 +1,6 @@
 """The Kascade vLLM backend inside the real engine (vLLM >= 0.25.1, CUDA graphs): at Top-k 1.0 it gives
-FLASH_ATTN's greedy tokens; at 10% it serves greedy and sampled requests of different lengths. A 4-layer
+FLASH_ATTN's greedy tokens (its prefill and decode paths both run); at 10% it serves greedy and sampled
+requests of different lengths. A 4-layer
 Llama-3.1-8B-shape model with random weights. Skipped without CUDA or vLLM."""
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from kascade.integrations import vllm as kv  # noqa: E402
 
 def _args(**kw):
     base = dict(model="llama-3.1-8b", layers=4, eager=False, gpu_memory_utilization=0.5, topk_fraction=0.1,
-                plan=None, context="1000", batch="1", steps=8, backends="CUSTOM")
+                plan=None, context="1000", batch="1", steps=8, backends="CUSTOM", tp=1, tp_mode="auto")
     return argparse.Namespace(**{**base, **kw})
 
 

@@ -46,9 +46,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--context", default="32768,131072", help="prompt lengths (comma list)")
     a("--batch", default="1", help="decode batch sizes (comma list)")
     a("--steps", type=int, default=32, help="decode steps timed per point")
-    a("--backends", default="FLASH_ATTN,TRITON_ATTN,CUSTOM", help="vLLM attention backends (CUSTOM = Kascade)")
+    a("--backends", default="FLASH_ATTN,TRITON_ATTN,CUSTOM",
+      help="vLLM attention backends (CUSTOM = Kascade; CUSTOM:<plan> = Kascade with that --plan, e.g. CUSTOM:identity)")
     a("--plan", default=None, help="plan for the Kascade backend (default: the shipped Llama-3.1-8B plan, or "
-                                   "identity head maps with anchors 0,2,8,13,14 for other shapes)")
+                                   "identity head maps with anchors 0,2,8,13,14 for other shapes; 'identity': "
+                                   "the default plan's anchors with identity head maps, valid for any TP size)")
+    a("--tp", type=int, default=1, help="tensor-parallel size (vLLM's tensor_parallel_size)")
+    a("--tp-mode", default="auto", choices=["auto", "shard", "gather"],
+      help="how the Kascade backend serves head maps across TP shards (KASCADE_TP_MODE)")
     a("--topk-fraction", type=float, default=0.1)
     a("--eager", action="store_true", help="no CUDA graphs")
     a("--gpu-memory-utilization", type=float, default=0.9)
@@ -77,12 +82,14 @@ def _plan_path(args, cfg_dir: str) -> str:
     cfg = json.load(open(os.path.join(cfg_dir, "config.json")))
     spec = ModelSpec(cfg["model_type"], cfg["num_hidden_layers"], cfg["num_attention_heads"],
                      cfg["num_key_value_heads"], cfg["head_dim"], name=args.model)
-    if args.plan:
+    if args.plan and args.plan != "identity":
         plan = load_shipped(args.plan) if args.plan in shipped() else Plan.load(args.plan)
     elif args.model == "llama-3.1-8b" and spec.num_layers == 32:
         plan = load_shipped("llama-3.1-8b-instruct")
     else:
         plan = Plan.identity(spec, sorted({a for a in (0, 2, 8, 13, 14) if a < spec.num_layers}))
+    if args.plan == "identity":
+        plan = Plan.identity(spec, plan.anchor_layers)
     plan = Plan(spec, plan.anchor_layers, plan.head_map, topk_fraction=args.topk_fraction,
                 topk_floor=plan.topk_floor, tile_size=plan.tile_size)
     path = os.path.join(cfg_dir, "plan.json")
@@ -96,7 +103,13 @@ def _llm(model_dir: str, backend: str, args, max_len: int, max_seqs: int):
     return LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", seed=0,
                attention_backend=backend, max_model_len=max_len, max_num_seqs=max(max_seqs, 8),
                enforce_eager=args.eager, gpu_memory_utilization=args.gpu_memory_utilization,
-               enable_prefix_caching=False)
+               enable_prefix_caching=False, tensor_parallel_size=args.tp)
+
+
+def _capacity(llm) -> int:
+    """Tokens the engine's KV cache holds (all sequences together)."""
+    cc = llm.llm_engine.vllm_config.cache_config
+    return int(cc.num_gpu_blocks) * int(cc.block_size)
 
 
 def _prompts(n: int, length: int, vocab: int, seed: int):
@@ -166,7 +179,8 @@ def _in_process(args, extra: list[str]):
     out = tempfile.mktemp(suffix=".json", prefix="kascade-serve-")
     argv = [sys.executable, "-m", "kascade.cli", "bench", "serve", "--model", args.model, "--context", args.context,
             "--batch", args.batch, "--steps", str(args.steps), "--topk-fraction", str(args.topk_fraction),
-            "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--worker-out", out, *extra]
+            "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--tp", str(args.tp),
+            "--tp-mode", args.tp_mode, "--worker-out", out, *extra]
     if args.layers:
         argv += ["--layers", str(args.layers)]
     if args.plan:
@@ -183,8 +197,12 @@ def _worker(args) -> int:
     from ..integrations import vllm as kv
 
     kv.register()
+    os.environ[kv.TP_MODE_ENV] = args.tp_mode
     vocab = SHAPES[args.model]["vocab_size"]
-    backend = args.backends
+    label = args.backends
+    backend, _, plan = label.partition(":")  # "CUSTOM:identity": the Kascade backend with another --plan
+    if plan:
+        args.plan = plan
     if args.worker_check:
         small = argparse.Namespace(**{**vars(args), "layers": 4})
         d = _model_dir(small, 2048)
@@ -197,10 +215,18 @@ def _worker(args) -> int:
         d = _model_dir(args, max_len)
         os.environ[kv.PLAN_ENV] = _plan_path(args, d)
         llm = _llm(d, backend, args, max_len, max(batches))
+        capacity = _capacity(llm)
         result = []
         for L in contexts:
             for B in batches:
-                r = dict(backend=backend, context=L, batch=B, **_run_point(llm, L, B, args.steps, vocab))
+                r = dict(backend=label, context=L, batch=B, tp=args.tp,
+                         tp_mode=args.tp_mode if backend == "CUSTOM" else None)
+                if B * (L + args.steps + 8) > capacity:  # vLLM would queue some requests: not batch B
+                    print(f"{backend} {L} x {B}: needs {B * (L + args.steps + 8)} KV tokens, the cache holds "
+                          f"{capacity}: skipped", flush=True)
+                    result.append(dict(r, skipped=f"KV cache holds {capacity} tokens"))
+                    continue
+                r.update(_run_point(llm, L, B, args.steps, vocab))
                 r["decode_tok_s"] = B / r["decode_ms_per_step"] * 1e3
                 result.append(r)
                 print(format_table([r], COLUMNS).splitlines()[-1], flush=True)
@@ -243,8 +269,8 @@ def run(args) -> int:
         rows.extend(_in_process(args, ["--backends", backend]))
     for L in contexts:
         for B in batches:
-            pt = [r for r in rows if r["context"] == L and r["batch"] == B]
-            base = [r for r in pt if r["backend"] != "CUSTOM"]
+            pt = [r for r in rows if r["context"] == L and r["batch"] == B and not r.get("skipped")]
+            base = [r for r in pt if not r["backend"].startswith("CUSTOM")]
             best_ms = min((r["decode_ms_per_step"] for r in base), default=None)
             best_ttft = min((r["ttft_s"] for r in base if r["ttft_s"]), default=None)
             for r in pt:
