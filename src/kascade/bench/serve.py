@@ -216,6 +216,7 @@ def _worker(args) -> int:
         os.environ[kv.PLAN_ENV] = _plan_path(args, d)
         llm = _llm(d, backend, args, max_len, max(batches))
         capacity = _capacity(llm)
+        _warm_up(llm, vocab)
         result = []
         for L in contexts:
             for B in batches:
@@ -233,6 +234,16 @@ def _worker(args) -> int:
     with open(args.worker_out, "w") as f:
         json.dump(result, f)
     return 0
+
+
+def _warm_up(llm, vocab: int) -> None:
+    """One request before timing, long enough for sparse tiles and chunks: compiles the kernels a first
+    prefill needs (vLLM's start-up only runs the decode shapes of its CUDA graphs through attention), so
+    no time to first token includes a one-off JIT compile (Triton caches it on disk for later starts)."""
+    from vllm import SamplingParams
+
+    llm.generate(_prompts(1, 8192, vocab, seed=3), SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True,
+                                                                  detokenize=False), use_tqdm=False)
 
 
 def _greedy(llm, vocab: int):
