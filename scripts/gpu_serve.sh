@@ -16,6 +16,7 @@ if [[ $what == tests ]]; then
   python -m pytest -q --tb=short tests/gpu/test_vllm_gpu.py tests/gpu/test_paged_gpu.py 2>&1 | tail -30 \
     | tee "$OUT/gpu_tests_serve.log"
 else
-  python -m kascade.cli bench serve "$@" --json "$OUT/serve.json" 2>&1 \
-    | grep -v -E "Warn|warn|INFO|it/s\]|^\s*$" | tail -40 | tee "$OUT/serve.log"
+  # the whole log lands in OUT as it is written (kept if the call runs out of time); the console gets rows
+  python -m kascade.cli bench serve "$@" --json "$OUT/serve.json" 2>&1 | tee "$OUT/serve.log" \
+    | grep -v -E "Warn|warn|INFO|it/s\]|^\s*$" | tail -40
 fi
