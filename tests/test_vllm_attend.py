@@ -83,57 +83,73 @@ def _run(step, plan, maps, gather=None, kv_heads=(0, HKV)):
     return outs, held
 
 
-STEPS = {"prefill+decode": [(70, 70), (45, 1), (90, 30)], "decode": [(70, 1), (130, 1), (40, 1)]}
+# (seq_len, q_len) per sequence, and how many leading sequences vLLM's reordered batch marks as decodes
+STEPS = {"prefill+decode": ([(70, 70), (45, 1), (90, 30)], 0), "decodes first": ([(45, 1), (130, 1), (70, 70), (90, 30)], 2),
+         "decode": ([(70, 1), (130, 1), (40, 1)], 3)}
+
+
+def _step(kind, seed=0):
+    seqs, nd = STEPS[kind]
+    step = Step(seqs, seed=seed)
+    step.md.num_decodes = nd
+    return step
+
+
+def _expected(step, plan):
+    """Per layer, what the direct op calls give: decode kernels for the leading decodes, the rolling
+    prefill for the rest (its query_start_loc shifted to its own rows), anchors' indices carried."""
+    md, n, nd = step.md, len(step.seqs), step.md.num_decodes
+    budget = dict(topk_fraction=plan.topk_fraction, topk_floor=plan.topk_floor)
+    sizes = dict(max_query_len=md.max_query_len, max_seq_len=md.max_seq_len, tile_size=plan.tile_size)
+    outs, held = [], None
+    for layer in range(LAYERS):
+        k, v = step.k[layer], step.v[layer]
+        parts, got = [], [None, None]
+        hm = torch.tensor(plan.head_map[layer], dtype=torch.int32)
+        if nd:
+            q = step.q[layer][:nd]
+            t = (k, v, md.block_table[:nd], md.seq_lens[:nd])
+            if plan.is_anchor(layer):
+                out, got[0] = PG.paged_decode_anchor(q, *t, dense_output=layer == 0, scale=D ** -0.5, **budget)
+            else:
+                out = PG.paged_decode_sparse(q, *t, held[0], head_map=hm, scale=D ** -0.5,
+                                             budget=(plan.topk_fraction, plan.topk_floor))
+            parts.append(out)
+        if nd < n:
+            q = step.q[layer][nd:md.num_actual_tokens]
+            t = (k, v, md.block_table[nd:], md.seq_lens[nd:], md.query_start_loc[nd:] - nd)
+            if plan.is_anchor(layer):
+                out, got[1] = PG.paged_prefill_anchor(q, *t, dense_output=layer == 0, scale=D ** -0.5, **budget,
+                                                      **sizes)
+            else:
+                out = PG.paged_prefill_sparse(q, *t, held[1], head_map=hm, scale=D ** -0.5, validate_values=True,
+                                              **budget, **sizes)
+            parts.append(out)
+        if plan.is_anchor(layer):
+            held = got
+        outs.append(torch.cat(parts))
+    return outs
 
 
 @pytest.mark.parametrize("kind", sorted(STEPS))
 def test_each_layer_runs_its_kernel_with_its_anchor_indices(kind):
-    step = Step(STEPS[kind])
+    step = _step(kind)
     plan = _plan()
     outs, _ = _run(step, plan, [list(r) for r in plan.head_map])
-    md, rows = step.md, step.md.num_actual_tokens
-    budget = dict(topk_fraction=plan.topk_fraction, topk_floor=plan.topk_floor)
-    decode = kind == "decode"
-    n = len(step.seqs)
-    indices = None
-    for layer in range(LAYERS):
-        q = step.q[layer][:rows]
-        tables = (step.k[layer], step.v[layer], md.block_table, md.seq_lens)
-        sizes = dict(max_query_len=md.max_query_len, max_seq_len=md.max_seq_len, tile_size=plan.tile_size)
-        if plan.is_anchor(layer):
-            if decode:
-                want, indices = PG.paged_decode_anchor(q, *tables, dense_output=layer == 0, scale=D ** -0.5, **budget)
-            else:
-                want, indices = PG.paged_prefill_anchor(q, *tables, md.query_start_loc, dense_output=layer == 0,
-                                                        scale=D ** -0.5, **budget, **sizes)
-        else:
-            hm = torch.tensor(plan.head_map[layer], dtype=torch.int32)
-            if decode:
-                want = PG.paged_decode_sparse(q, *tables, indices, head_map=hm, scale=D ** -0.5,
-                                              budget=(plan.topk_fraction, plan.topk_floor))
-            else:
-                want = PG.paged_prefill_sparse(q, *tables, md.query_start_loc, indices, head_map=hm, scale=D ** -0.5,
-                                               validate_values=True, **budget, **sizes)
-        got = outs[layer][:n if decode else rows]
-        torch.testing.assert_close(got, want, atol=0, rtol=0)
-        assert bool(torch.isnan(outs[layer][n if decode else rows:]).all()), "padding rows are left alone"
-    # the reuse layers really read another head's indices: without the map their output changes
-    q = step.q[1][:rows]
-    tables = (step.k[1], step.v[1], md.block_table, md.seq_lens)
-    _, idx0 = _run(step, plan, [list(r) for r in plan.head_map])
-    if decode:
-        plain = PG.paged_decode_sparse(q, *tables, idx0[0], scale=D ** -0.5)
-    else:
-        plain = PG.paged_prefill_sparse(q, *tables, md.query_start_loc, idx0[0], scale=D ** -0.5, **budget,
-                                        max_query_len=md.max_query_len, max_seq_len=md.max_seq_len,
-                                        tile_size=plan.tile_size)
-    assert float((plain - outs[1][:plain.shape[0]]).abs().max()) > 1e-3
+    rows = step.md.num_actual_tokens
+    for layer, want in enumerate(_expected(step, plan)):
+        torch.testing.assert_close(outs[layer][:rows], want, atol=0, rtol=0)
+        assert bool(torch.isnan(outs[layer][rows:]).all()), "padding rows are left alone"
+    # the reuse layers really read another head's indices: with identity maps layer 1's output changes
+    ident = _plan(tuple((0, 1, 2, 3) for _ in range(LAYERS)))
+    plain, _ = _run(step, ident, [list(r) for r in ident.head_map])
+    assert float((plain[1][:rows] - outs[1][:rows]).abs().max()) > 1e-3
 
 
 @pytest.mark.parametrize("kind", sorted(STEPS))
 @pytest.mark.parametrize("mode", ["gather", "shard"])
 def test_tp2_ranks_equal_the_single_process_heads(kind, mode):
-    step = Step(STEPS[kind], seed=1)
+    step = _step(kind, seed=1)
     plan = _plan() if mode == "gather" else _plan(tuple((0, 1, 2, 3) if j in (0, 2) else (1, 0, 3, 2) for j in range(LAYERS)))
     full_outs, full_idx = _run(step, plan, [list(r) for r in plan.head_map])
     per = HKV // 2
@@ -141,26 +157,30 @@ def test_tp2_ranks_equal_the_single_process_heads(kind, mode):
         maps, gather = kv.tp_head_maps(plan, 2, rank, "auto")
         assert gather == (mode == "gather")
         calls = []
+        nd, n = step.md.num_decodes, len(step.seqs)
+        calls_plan = [(j, p) for j in plan.anchor_layers for p, has in ((0, nd > 0), (1, nd < n)) if has]
 
         def all_gather(local, rank=rank):
             # the TP group's all-gather along KV heads: this rank's part must be what the single process
             # selected for these heads; the other rank's part is taken from the single-process run
-            layer = plan.anchor_layers[len(calls)]  # anchors run in order, one gather each
-            calls.append(layer)
-            torch.testing.assert_close(local, full_idx[layer][:, rank * per:(rank + 1) * per], atol=0, rtol=0)
-            return full_idx[layer].clone()
+            # anchors run in order; each gathers its decode part, then its prefill part (those it has)
+            layer, part = calls_plan[len(calls)]
+            calls.append((layer, part))
+            full = full_idx[layer][part]
+            torch.testing.assert_close(local, full[:, rank * per:(rank + 1) * per], atol=0, rtol=0)
+            return full.clone()
 
         outs, _ = _run(step, plan, maps, all_gather if gather else None, kv_heads=(rank * per, (rank + 1) * per))
-        assert calls == (list(plan.anchor_layers) if gather else [])
+        assert calls == (calls_plan if gather else [])
         g = HQ // HKV
         for layer in range(LAYERS):
-            rows = len(step.seqs) if kind == "decode" else step.md.num_actual_tokens
+            rows = step.md.num_actual_tokens
             torch.testing.assert_close(outs[layer][:rows], full_outs[layer][:rows, rank * per * g:(rank + 1) * per * g],
                                        atol=0, rtol=0)
 
 
 def test_layers_out_of_order_are_refused():
-    step = Step(STEPS["decode"])
+    step = _step("decode")
     plan = _plan()
     kv._State.setup(plan, [list(r) for r in plan.head_map], None, "cpu")
     q, k, v = step.heads(3, 0, HKV)

@@ -277,7 +277,11 @@ def run(args) -> int:
     check = None if args.no_check else _check(args, vocab)
     rows = []
     for backend in _list(str)(args.backends):
-        rows.extend(_in_process(args, ["--backends", backend]))
+        try:
+            rows.extend(_in_process(args, ["--backends", backend]))
+        except Exception as e:  # one engine failing (e.g. out of memory) must not lose the others' rows
+            print(f"{backend}: the engine failed ({e}); its rows are missing", file=sys.stderr, flush=True)
+            rows.append(dict(backend=backend, context=None, batch=None, failed=str(e)))
     for L in contexts:
         for B in batches:
             pt = [r for r in rows if r["context"] == L and r["batch"] == B and not r.get("skipped")]

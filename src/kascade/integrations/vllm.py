@@ -135,42 +135,51 @@ def attend(layer: int, query, k_cache, v_cache, md, scale: float, output):
     """Kascade attention of one layer of a vLLM step, written into ``output`` [tokens, Hq, D].
 
     md: vLLM's attention metadata (num_actual_tokens, max_query_len, query_start_loc [B+1], max_seq_len,
-    seq_lens [B], block_table [B, blocks]; rows past the batch are CUDA-graph padding). Decode batches
-    (max_query_len 1) take the decode kernels, any other batch the rolling prefill; an anchor layer
-    stores its indices (all-gathered under TP gather mode) for the reuse layers after it."""
+    seq_lens [B], block_table [B, blocks]; rows past the batch are CUDA-graph padding) and
+    ``num_decodes``: the batch's first num_decodes sequences have one query each (the builder asks vLLM
+    to put decodes first). Those take the decode kernels, the rest the rolling prefill (sized by its own
+    longest chunk: a decode row would otherwise hold a chunk's worth of index slots); an anchor layer
+    stores both parts' indices (all-gathered under TP gather mode) for the reuse layers after it."""
     from ..ops import paged
 
     plan = _State.plan
     budget = dict(topk_fraction=plan.topk_fraction, topk_floor=plan.topk_floor)
-    decode = md.max_query_len == 1
-    n = md.query_start_loc.shape[0] - 1  # sequences (a decode batch: one query each)
-    rows = n if decode else md.num_actual_tokens
-    q = query[:rows]
-    tables = (k_cache, v_cache, md.block_table[:n], md.seq_lens[:n])
-    if not decode:
-        tables = (*tables, md.query_start_loc)
-        sizes = dict(max_query_len=int(md.max_query_len), max_seq_len=int(md.max_seq_len), tile_size=plan.tile_size)
-    if plan.is_anchor(layer):
-        if decode:
-            out, indices = paged.paged_decode_anchor(q, *tables, scale=scale, dense_output=layer == 0, **budget)
-        else:
-            out, indices = paged.paged_prefill_anchor(q, *tables, scale=scale, dense_output=layer == 0, **budget,
-                                                      **sizes)
-        _State.indices = _State.gather(indices) if _State.gather is not None else indices
-        _State.indices_layer = layer
-    else:
-        anchor = plan.anchor_of(layer)
+    n = md.query_start_loc.shape[0] - 1  # sequences
+    nd = n if md.max_query_len == 1 else min(int(getattr(md, "num_decodes", 0)), n)
+    anchor = plan.is_anchor(layer)
+    if not anchor:
+        want = plan.anchor_of(layer)
         held = _State.indices
-        if _State.indices_layer != anchor or held is None or held.shape[0] != n or held.dim() != (3 if decode else 4):
-            raise PlanError(f"layer {layer} reuses anchor layer {anchor}, whose indices this step does not hold "
+        if _State.indices_layer != want or held is None or held[2] != (nd, n):
+            raise PlanError(f"layer {layer} reuses anchor layer {want}, whose indices this step does not hold "
                             f"(held: layer {_State.indices_layer}); layers must run in order")
         head_map = _State.head_maps[layer]
-        if decode:
-            out = paged.paged_decode_sparse(q, *tables, held, head_map=head_map, scale=scale,
-                                            budget=(plan.topk_fraction, plan.topk_floor))
+    parts = [None, None]
+    if nd:  # decode rows: q rows 0 .. nd - 1, one per sequence
+        q = query[:nd]
+        tables = (k_cache, v_cache, md.block_table[:nd], md.seq_lens[:nd])
+        if anchor:
+            out, parts[0] = paged.paged_decode_anchor(q, *tables, scale=scale, dense_output=layer == 0, **budget)
         else:
-            out = paged.paged_prefill_sparse(q, *tables, held, head_map=head_map, scale=scale, **budget, **sizes)
-    output[:rows].copy_(out.view(output[:rows].shape))
+            out = paged.paged_decode_sparse(q, *tables, held[0], head_map=head_map, scale=scale,
+                                            budget=(plan.topk_fraction, plan.topk_floor))
+        output[:nd].copy_(out.view(output[:nd].shape))
+    if nd < n:  # prefill rows (chunks, or any row when vLLM did not put decodes first)
+        rows = slice(nd, md.num_actual_tokens)
+        q = query[rows]
+        qsl = md.query_start_loc[nd:] - nd if nd else md.query_start_loc
+        tables = (k_cache, v_cache, md.block_table[nd:n], md.seq_lens[nd:n], qsl)
+        sizes = dict(max_query_len=int(md.max_query_len), max_seq_len=int(md.max_seq_len), tile_size=plan.tile_size)
+        if anchor:
+            out, parts[1] = paged.paged_prefill_anchor(q, *tables, scale=scale, dense_output=layer == 0, **budget,
+                                                       **sizes)
+        else:
+            out = paged.paged_prefill_sparse(q, *tables, held[1], head_map=head_map, scale=scale, **budget, **sizes)
+        output[rows].copy_(out.view(output[rows].shape))
+    if anchor:
+        if _State.gather is not None:
+            parts = [None if p is None else _State.gather(p) for p in parts]
+        _State.indices, _State.indices_layer = (parts[0], parts[1], (nd, n)), layer
     return output
 
 
@@ -188,6 +197,7 @@ try:  # the classes exist only where vLLM is installed
         FlashAttentionImpl,
         FlashAttentionMetadataBuilder,
     )
+    from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 except ImportError:  # pragma: no cover - exercised where vLLM is absent (CI)
     FlashAttentionBackend = None
 
@@ -202,6 +212,8 @@ if FlashAttentionBackend is not None:
 
         def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
             super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+            # decodes first in mixed batches: they take the decode kernels, the chunks the prefill kernels
+            self.reorder_batch_threshold = 1
             if _State.plan is None:
                 plan = load_plan()
                 mc, pc = vllm_config.model_config, vllm_config.parallel_config
@@ -217,6 +229,12 @@ if FlashAttentionBackend is not None:
                 maps, gather = tp_head_maps(plan, tp, rank, os.environ.get(TP_MODE_ENV, "auto"))
                 group = get_tp_group() if gather else None
                 _State.setup(plan, maps, (lambda t: group.all_gather(t, dim=1)) if gather else None, device)
+
+        def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
+            md = super().build(common_prefix_len, common_attn_metadata, fast_build)
+            # host-side split of the (reordered) batch; a pure decode batch needs no host read
+            md.num_decodes = split_decodes_and_prefills(common_attn_metadata, decode_threshold=1)[0]
+            return md
 
     class KascadeAttentionImpl(FlashAttentionImpl):
         """Kascade on decode and prefill batches; vLLM's FlashAttention where Kascade cannot serve (see the
