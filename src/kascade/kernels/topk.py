@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 
 NBINS = 256
+B2 = 7  # bits of the level-2 digit
+B3 = 7  # bits of the level-3 digit
 HIST_STRIDE = 3 * NBINS
 PART_STRIDE = NBINS + 1
 
