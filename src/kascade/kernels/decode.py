@@ -17,6 +17,39 @@ import triton
 import triton.language as tl
 
 from .paged import physical_slots
+from .softmax import accumulate_pv, softmax_update
+
+
+@triton.jit
+def _group_rows(Q, K, V, b, h, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+                G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The prologue of the split and sparse passes for row (b, h): the G query heads of KV head h padded
+    to GP rows (offs_g, g_mask), offs_d, offs_n, q [GP, D] (zeros past G), and the row's K/V bases."""
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    g_mask = offs_g < G
+    q = tl.load(Q + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None], other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    return offs_g, offs_d, offs_n, g_mask, q, k_base, v_base
+
+
+@triton.jit
+def _store_split(M_PART, L_PART, O_PART, OUT, COUNTER, row, split, b, h, n_splits, stride_ob, stride_oh, m_i, l_i,
+                 acc, offs_g, offs_d, g_mask, G: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, SP: tl.constexpr,
+                 SB: tl.constexpr, ACC_V: tl.constexpr, FUSE_COMBINE: tl.constexpr):
+    """Store a split's partials (m, l and with ACC_V acc) at [row, split]; with FUSE_COMBINE the last
+    split of the row to finish merges the row's splits into OUT."""
+    part = (row.to(tl.int64) * n_splits + split) * G + offs_g
+    tl.store(M_PART + part, m_i, mask=g_mask)
+    tl.store(L_PART + part, l_i, mask=g_mask)
+    if ACC_V:
+        tl.store(O_PART + part[:, None] * D + offs_d[None, :], acc, mask=g_mask[:, None])
+    if FUSE_COMBINE:
+        _last_split_combines(M_PART, L_PART, O_PART, OUT, COUNTER, row, b, h, n_splits, stride_ob, stride_oh,
+                             G, GQ, D, SP, SB)
 
 
 # Lengths and split sizes are runtime values: Triton would otherwise compile a variant per divisibility
@@ -51,14 +84,8 @@ def decode_split_kernel(
     lo = tl.maximum(split * chunk, start)
     hi = tl.minimum(split * chunk + chunk, end)
 
-    offs_g = tl.arange(0, GP)
-    offs_d = tl.arange(0, D)
-    offs_n = tl.arange(0, BLOCK_N)
-    g_mask = offs_g < G
-    q = tl.load(Q + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
-                mask=g_mask[:, None], other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    offs_g, offs_d, offs_n, g_mask, q, k_base, v_base = _group_rows(
+        Q, K, V, b, h, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, G, GP, D, BLOCK_N)
     s_base = SCORES + row.to(tl.int64) * G * Lk
     bt_row = BT + b * stride_btb
 
@@ -78,28 +105,18 @@ def decode_split_kernel(
         s = tl.where(n_mask[None, :], s, float("-inf"))
         if WRITE_SCORES:
             tl.store(s_base + n[None, :] * G + offs_g[:, None], s, mask=g_mask[:, None] & n_mask[None, :])
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        # scores already scaled (they are stored); a split may start with masked keys only: GUARD
+        p, alpha, m_i, l_i = softmax_update(m_i, l_i, s, qk_scale, True, True)
         if ACC_V:
             if PAGED:
                 v_off = blk * stride_vblk + slot * stride_vn
             else:
                 v_off = n * stride_vn
             v = tl.load(v_base + v_off[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+            acc = accumulate_pv(acc, alpha, p, v, PRECISION)
 
-    part = (row.to(tl.int64) * n_splits + split) * G + offs_g
-    tl.store(M_PART + part, m_i, mask=g_mask)
-    tl.store(L_PART + part, l_i, mask=g_mask)
-    if ACC_V:
-        tl.store(O_PART + part[:, None] * D + offs_d[None, :], acc, mask=g_mask[:, None])
-    if FUSE_COMBINE:
-        _last_split_combines(M_PART, L_PART, O_PART, OUT, COUNTER, row, b, h, n_splits, stride_ob, stride_oh,
-                             G, GQ, D, SP, SB)
+    _store_split(M_PART, L_PART, O_PART, OUT, COUNTER, row, split, b, h, n_splits, stride_ob, stride_oh, m_i, l_i,
+                 acc, offs_g, offs_d, g_mask, G, GQ, D, SP, SB, ACC_V, FUSE_COMBINE)
 
 
 @triton.jit
@@ -124,11 +141,8 @@ def _sparse_block(acc, m_i, l_i, q, slot, hi, i_base, k_base, v_base, s_base, st
         k = tl.load(k_base + k_off[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     s = tl.where(valid[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    # scores scaled (or gathered scaled); a block may hold only skipped slots: GUARD
+    p, alpha, m_new, l_i = softmax_update(m_i, l_i, s, qk_scale, True, True)
     # V is loaded after the score dot: loaded before it, its registers stay live across the softmax
     # (202 instead of 104 registers per thread, Triton 3.9 sm_90 build)
     if PAGED:
@@ -136,7 +150,7 @@ def _sparse_block(acc, m_i, l_i, q, slot, hi, i_base, k_base, v_base, s_base, st
     else:
         v_off = idx * stride_vn
     v = tl.load(v_base + v_off[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    acc = accumulate_pv(acc, alpha, p, v, PRECISION)
     return acc, m_new, l_i
 
 
@@ -181,14 +195,8 @@ def decode_sparse_kernel(
         budget = tl.minimum(tl.maximum((length * ppm + 999_999) // 1_000_000, floor), length)
         hi = tl.minimum(hi, budget.to(tl.int32))
 
-    offs_g = tl.arange(0, GP)
-    offs_d = tl.arange(0, D)
-    offs_n = tl.arange(0, BLOCK_N)
-    g_mask = offs_g < G
-    q = tl.load(Q + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
-                mask=g_mask[:, None], other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    offs_g, offs_d, offs_n, g_mask, q, k_base, v_base = _group_rows(
+        Q, K, V, b, h, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, G, GP, D, BLOCK_N)
     h_sel = h
     if MAPPED:
         h_sel = tl.load(HEAD_MAP + h).to(tl.int64)
@@ -212,13 +220,8 @@ def decode_sparse_kernel(
         tl.store(o_base + offs_g[:, None] * stride_oh + offs_d[None, :], out.to(OUT.dtype.element_ty),
                  mask=g_mask[:, None])
     else:
-        part = (row.to(tl.int64) * n_splits + split) * G + offs_g
-        tl.store(M_PART + part, m_i, mask=g_mask)
-        tl.store(L_PART + part, l_i, mask=g_mask)
-        tl.store(O_PART + part[:, None] * D + offs_d[None, :], acc, mask=g_mask[:, None])
-        if FUSE_COMBINE:
-            _last_split_combines(M_PART, L_PART, O_PART, OUT, COUNTER, row, b, h, n_splits, stride_ob, stride_oh,
-                                 G, GQ, D, SP, SB)
+        _store_split(M_PART, L_PART, O_PART, OUT, COUNTER, row, split, b, h, n_splits, stride_ob, stride_oh, m_i,
+                     l_i, acc, offs_g, offs_d, g_mask, G, GQ, D, SP, SB, True, FUSE_COMBINE)
 
 
 @triton.jit
