@@ -23,6 +23,7 @@ import triton.language as tl
 
 from .paged import physical_slots
 from .softmax import accumulate_pv, softmax_update
+from .topk import load_key_bits, radix_digit
 
 
 @triton.jit
@@ -251,58 +252,19 @@ def _pool_kernel(
             tl.store(out_base + kn, col.to(pooled_ptr.dtype.element_ty), mask=key_ok)
 
 
-@triton.jit
-def _load_bits(ptrs, ok, KEY16: tl.constexpr):
-    """Pooled scores (>= 0, float32 or float16) as int32 bit patterns, which order like the values."""
-    if KEY16:
-        bits = tl.load(ptrs, mask=ok, other=0.0).to(tl.int16, bitcast=True).to(tl.int32)
-    else:
-        bits = tl.load(ptrs, mask=ok, other=0.0).to(tl.int32, bitcast=True)
-    return bits
-
-
-@triton.jit
-def _radix_pass(row_ptr, length, shift: tl.constexpr, prefix_bits, need, check_prefix: tl.constexpr,
-                BITS: tl.constexpr, BLOCK: tl.constexpr, KEY16: tl.constexpr):
-    """One radix digit of the k-th largest value: histogram of bits [shift, shift+BITS) among the
-    elements whose higher bits equal prefix_bits; returns (digit, need left within that digit)."""
-    NB: tl.constexpr = 1 << BITS
-    hist = tl.zeros([NB], tl.int32)
-    others = 0
-    offs = tl.arange(0, BLOCK)
-    for i0 in range(0, length, BLOCK):
-        idx = i0 + offs
-        ok = idx < length
-        x = _load_bits(row_ptr + idx, ok, KEY16)
-        match = ok
-        if check_prefix:
-            match = ok & ((x >> (shift + BITS)) == prefix_bits)
-        digit = tl.where(match, (x >> shift) & (NB - 1), 0)
-        hist += tl.histogram(digit, NB)
-        others += tl.sum((~match).to(tl.int32), 0)
-    bins = tl.arange(0, NB)
-    # Elements that do not take part were counted in bin 0.
-    hist = hist - tl.where(bins == 0, others, 0)
-    at_or_above = tl.cumsum(hist, 0, reverse=True)
-    digit = tl.max(tl.where(at_or_above >= need, bins, 0), 0)
-    above = tl.sum(tl.where(bins > digit, hist, 0), 0)
-    return digit, need - above
-
-
 @triton.jit(do_not_specialize=["Lq", "tile_lo", "n_tiles"])
 def _select_kernel(
     pooled_ptr, idx_ptr, tile_k_ptr, kv_start_ptr, kv_end_ptr, qsl_ptr,
     spb, sph, spt, sib, sih, sit,
     Lq, Hkv, tile_lo, n_tiles, T,
-    BLOCK: tl.constexpr, KEY16: tl.constexpr, KEY_SHIFT: tl.constexpr, PAGED: tl.constexpr = False,
+    BLOCK: tl.constexpr, KEY16: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr, PAGED: tl.constexpr = False,
 ):
-    """Top-k of one (row, KV head, tile) pooled row by a 3-digit radix select on the float bits
-    (pooled scores are >= 0, so their int32 bit patterns order like the values), then one compaction
-    pass writing the selected absolute positions in ascending order: all keys above the k-th key,
-    and the first keys equal to it until the budget is met. Keys are the top 24 bits (30..7) of the
-    float: scores within 2^-16 relative of each other count as ties, which changes the captured mass
-    by at most that much per swapped key. PAGED: tiles (of the launch and of the indices' tile axis)
-    count from each sequence's first query tile, as in _pool_kernel; positions are logical."""
+    """Top-k of one (row, KV head, tile) pooled row by the radix select of kernels/topk.py (its tie
+    rule: 22-bit keys, float32 bits 30..9, digits of 8, B2 and B3 bits = kernels/topk.B2 / B3; a float16
+    pooled row (KEY16) is keyed by its exact 16 bits, the same rule on the stored value), then one compaction pass writing the selected absolute
+    positions in ascending order: all keys above the k-th key, and the first keys equal to it until
+    the budget is met. PAGED: tiles (of the launch and of the indices' tile axis) count from each
+    sequence's first query tile, as in _pool_kernel; positions are logical."""
     b = tl.program_id(1) // Hkv
     hkv = tl.program_id(1) % Hkv
     slot = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -319,19 +281,21 @@ def _select_kernel(
     if k_budget < 0 or prefix + T <= q_pos or prefix >= L or q_pos >= L:
         return
     row_ptr = pooled_ptr + b.to(tl.int64) * spb + hkv * sph + slot * spt
-    # 256 bins per pass: tl.histogram costs about (bins / 32) * log2(bins) instructions per lane for
-    # every 32 elements, so 2048-bin passes were compute-bound (235 ms at 128K); 8-bit digits are ~10x
-    # cheaper. Three digits give a 24-bit key (bits 30..7): values closer than 2^-16 relative tie.
+    # At most 256 bins per pass: tl.histogram costs about (bins / 32) * log2(bins) instructions per
+    # lane for every 32 elements, so 2048-bin passes were compute-bound (235 ms at 128K).
     if KEY16:
         # float16 pooled scores: two 8-bit digits give the exact k-th value.
-        d1, need = _radix_pass(row_ptr, prefix, 8, 0, k_budget, False, 8, BLOCK, KEY16)
-        d2, need = _radix_pass(row_ptr, prefix, 0, d1, need, True, 8, BLOCK, KEY16)
+        KEY_SHIFT: tl.constexpr = 0
+        d1, need = radix_digit(row_ptr, prefix, 8, 0, k_budget, False, 8, BLOCK, KEY16)
+        d2, need = radix_digit(row_ptr, prefix, 0, d1, need, True, 8, BLOCK, KEY16)
         thresh = (d1 << 8) | d2
     else:
-        d1, need = _radix_pass(row_ptr, prefix, 23, 0, k_budget, False, 8, BLOCK, KEY16)
-        d2, need = _radix_pass(row_ptr, prefix, 15, d1, need, True, 8, BLOCK, KEY16)
-        d3, need = _radix_pass(row_ptr, prefix, 7, (d1 << 8) | d2, need, True, 8, BLOCK, KEY16)
-        thresh = (((d1 << 8) | d2) << 8) | d3
+        # float32: the decode digits (exponent, B2, B3 bits): a 22-bit key.
+        KEY_SHIFT: tl.constexpr = 23 - B2 - B3
+        d1, need = radix_digit(row_ptr, prefix, 23, 0, k_budget, False, 8, BLOCK, KEY16)
+        d2, need = radix_digit(row_ptr, prefix, 23 - B2, d1, need, True, B2, BLOCK, KEY16)
+        d3, need = radix_digit(row_ptr, prefix, KEY_SHIFT, (d1 << B2) | d2, need, True, B3, BLOCK, KEY16)
+        thresh = (((d1 << B2) | d2) << B3) | d3
     out_base = idx_ptr + b.to(tl.int64) * sib + hkv.to(tl.int64) * sih + (tile - tile0).to(tl.int64) * sit
     offs = tl.arange(0, BLOCK)
     written = 0
@@ -339,7 +303,7 @@ def _select_kernel(
     for i0 in range(0, prefix, BLOCK):
         idx = i0 + offs
         ok = idx < prefix
-        x = _load_bits(row_ptr + idx, ok, KEY16) >> KEY_SHIFT
+        x = load_key_bits(row_ptr + idx, ok, KEY16) >> KEY_SHIFT
         eq = ok & (x == thresh)
         eq_rank = ties_taken + tl.cumsum(eq.to(tl.int32), 0) - 1
         sel = (ok & (x > thresh)) | (eq & (eq_rank < need))

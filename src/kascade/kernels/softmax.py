@@ -5,8 +5,8 @@ Scores are in base 2 (the softmax scale times log2(e) is the kernels' qk_scale).
 block of rows is (acc, m, l): the row max of the scaled scores seen so far, the sum of exp2(s - m) and
 the unnormalised output sum exp2(s - m) v. Triton inlines @triton.jit helpers, and every variant below
 is a constexpr branch, so each kernel compiles to the instructions it had with the update written in
-place (checked on sm_90 SASS with benchmarks/tune/paged_compile_check.py and
-paged_prefill_compile_check.py).
+place (checked for sm_90 with Triton 3.9: the same PTX instructions, and byte-identical SASS without
+line info; with line info ptxas may number registers differently).
 """
 
 from __future__ import annotations

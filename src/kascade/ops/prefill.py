@@ -25,6 +25,7 @@ import triton
 
 from ..budget import topk_budget
 from ..kernels import prefill as K
+from ..kernels import topk as kt
 from ..validation import KascadeInputError
 from ._launch import (  # noqa: F401 - HEAD_DIMS, MAX_GQA: the engine's kernel limits read them here
     HEAD_DIMS,
@@ -449,8 +450,7 @@ def _select(q, k, lse, indices, budgets, kv_start, kv_end, G, T, tile_lo, n_tile
                 pooled.stride(0), pooled.stride(1), pooled.stride(2),
                 indices.stride(0), indices.stride(1), indices.stride(2),
                 Lq, Hkv, lo, n_tiles, T,
-                BLOCK=c.select_block, KEY16=pooled.dtype == torch.float16,
-                KEY_SHIFT=0 if pooled.dtype == torch.float16 else 7, num_warps=8,
+                BLOCK=c.select_block, KEY16=pooled.dtype == torch.float16, B2=kt.B2, B3=kt.B3, num_warps=8,
                 **({"PAGED": True} if paged is not None else {}),
             )
     return pooled
