@@ -167,6 +167,20 @@ def _threshold(h_base, kk, LEVELS: tl.constexpr, B2: tl.constexpr, B3: tl.conste
 
 
 @triton.jit
+def _row_chunk(row, sp, KV_START, KV_END, HIST, H_KV, chunk, ppm, floor):
+    """Prologue of the refinement and compaction passes: the row's budget kk, the keys [lo, hi) of
+    program sp, and the row's histograms."""
+    b = row // H_KV
+    start = tl.load(KV_START + b).to(tl.int32)
+    end = tl.load(KV_END + b).to(tl.int32)
+    kk = _budget(end - start, ppm, floor)
+    lo = start + sp * chunk
+    hi = tl.minimum(lo + chunk, end)
+    h_base = HIST + row.to(tl.int64) * (3 * 256)
+    return kk, lo, hi, h_base
+
+
+@triton.jit
 def _refine_hist(
     row, sp, POOLED, KV_START, KV_END, HIST, PART,
     H_KV, Lk, chunk, ppm, floor, n_sel,
@@ -181,14 +195,7 @@ def _refine_hist(
     relaxed atomics (into HIST, and at level 3 also into this program's PART histogram, which must then
     be zero: the level-2 launch zeroes its first ZERO_PART bins); fuller blocks use tl.histogram. The
     counts, and so the selection, are the same either way."""
-    b = row // H_KV
-    start = tl.load(KV_START + b).to(tl.int32)
-    end = tl.load(KV_END + b).to(tl.int32)
-    kk = _budget(end - start, ppm, floor)
-    lo = start + sp * chunk
-    hi = tl.minimum(lo + chunk, end)
-
-    h_base = HIST + row.to(tl.int64) * (3 * 256)
+    kk, lo, hi, h_base = _row_chunk(row, sp, KV_START, KV_END, HIST, H_KV, chunk, ppm, floor)
     prefix, _ = _threshold(h_base, kk, LEVEL - 1, B2, B3)
     bins = tl.arange(0, NB)
 
@@ -236,14 +243,7 @@ def _compact(
 ):
     """Write the absolute positions of each row's Top-k keys to IDX [rows, W]; slots >= k get -1. Keys above
     the threshold fill slots [0, n_gt) in key order, ties at the threshold fill [n_gt, k) in key order."""
-    b = row // H_KV
-    start = tl.load(KV_START + b).to(tl.int32)
-    end = tl.load(KV_END + b).to(tl.int32)
-    kk = _budget(end - start, ppm, floor)
-    lo = start + sp * chunk
-    hi = tl.minimum(lo + chunk, end)
-
-    h_base = HIST + row.to(tl.int64) * (3 * 256)
+    kk, lo, hi, h_base = _row_chunk(row, sp, KV_START, KV_END, HIST, H_KV, chunk, ppm, floor)
     thr, n_gt = _threshold(h_base, kk, 3, B2, B3)
     need = kk - n_gt
     b3 = thr & (NB3 - 1)

@@ -30,7 +30,7 @@ import torch
 from ..validation import KascadeInputError, check_budget
 from . import decode as D
 from . import prefill as PF
-from ._launch import DTYPES, HEAD_DIMS, MAX_GQA, check_head_map, pad16
+from ._launch import DTYPES, HEAD_DIMS, MAX_GQA, check_head_map
 
 
 def _check_q(q, layout: str, phase: str, head_dims) -> tuple[int, int, int]:
@@ -263,13 +263,17 @@ def _prepare_prefill(q, k_cache, v_cache, block_table, seq_lens, query_start_loc
     return paged, seq_lens.contiguous(), B, Hkv, G, max_seq_len
 
 
-def _prefill_budgets(max_seq_len, T, topk_fraction, topk_floor, device):
-    """(n_tiles, host budgets per tile (-1: dense), the same on the device, index width W)."""
-    n_tiles = max(1, -(-max_seq_len // T))
-    host = PF._tile_budgets_host(n_tiles, T, topk_fraction, topk_floor)
-    budgets = PF._tile_budgets(n_tiles, T, topk_fraction, topk_floor, device)
-    width = pad16(max([1] + [kb for kb in host if kb >= 0]))
-    return n_tiles, host, budgets, width
+def _prepare_rolling(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, max_query_len, max_seq_len,
+                     topk_fraction, topk_floor, tile_size, validate_values):
+    """_prepare_prefill of an anchor / sparse call, plus its budget: (paged, lens, B, Hkv, G, max_seq_len,
+    n_tiles, host budgets per tile (-1: dense), the same on the device, index width W)."""
+    check_budget(topk_fraction, topk_floor)
+    paged, lens, B, Hkv, G, max_seq_len = _prepare_prefill(
+        q, k_cache, v_cache, block_table, seq_lens, query_start_loc, max_query_len, max_seq_len, tile_size,
+        validate_values)
+    n_tiles = max(1, -(-max_seq_len // tile_size))
+    host, budgets, width = PF.tile_budgets(n_tiles, tile_size, topk_fraction, topk_floor, q.device)
+    return paged, lens, B, Hkv, G, max_seq_len, n_tiles, host, budgets, width
 
 
 def paged_prefill_dense(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, *, max_query_len,
@@ -293,12 +297,10 @@ def paged_prefill_anchor(q, k_cache, v_cache, block_table, seq_lens, query_start
     the near-ties of kascade.ops.prefill.anchor's radix select), then sparse attention over them plus the
     own tile (dense_output=True: the dense output instead, layer 0). Returns (out [total_tokens, Hq, D],
     indices [B, Hkv, n_slots, W] int32 logical positions as described above this function)."""
-    check_budget(topk_fraction, topk_floor)
-    paged, lens, B, Hkv, G, max_seq_len = _prepare_prefill(
-        q, k_cache, v_cache, block_table, seq_lens, query_start_loc, max_query_len, max_seq_len, tile_size,
-        validate_values)
+    paged, lens, B, Hkv, G, max_seq_len, n_tiles, host, budgets, width = _prepare_rolling(
+        q, k_cache, v_cache, block_table, seq_lens, query_start_loc, max_query_len, max_seq_len, topk_fraction,
+        topk_floor, tile_size, validate_values)
     T = tile_size
-    n_tiles, host, budgets, width = _prefill_budgets(max_seq_len, T, topk_fraction, topk_floor, q.device)
     indices = torch.full((B, Hkv, paged.n_slots(T), width), -1, dtype=torch.int32, device=q.device)
     out, lse = PF._flash(q, k_cache, v_cache, lens, lens, scale, with_v=dense_output, store_lse=True,
                          pad_rows=True, paged=paged, config=config)
@@ -321,12 +323,10 @@ def paged_prefill_sparse(q, k_cache, v_cache, block_table, seq_lens, query_start
     head h reads indices[:, head_map[h]] (in the kernel, no copy). A sparse tile's budget slots are read
     without a mask: every one must hold a key of its prefix (validate_values=True checks it).
     Returns out [total_tokens, Hq, D]."""
-    check_budget(topk_fraction, topk_floor)
-    paged, lens, B, Hkv, G, max_seq_len = _prepare_prefill(
-        q, k_cache, v_cache, block_table, seq_lens, query_start_loc, max_query_len, max_seq_len, tile_size,
-        validate_values)
+    paged, lens, B, Hkv, G, max_seq_len, n_tiles, host, budgets, width = _prepare_rolling(
+        q, k_cache, v_cache, block_table, seq_lens, query_start_loc, max_query_len, max_seq_len, topk_fraction,
+        topk_floor, tile_size, validate_values)
     T = tile_size
-    n_tiles, host, budgets, width = _prefill_budgets(max_seq_len, T, topk_fraction, topk_floor, q.device)
     n_slots = paged.n_slots(T)
     if not isinstance(indices, torch.Tensor) or indices.dim() != 4 or indices.shape[:2] != (B, Hkv):
         got = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__

@@ -111,6 +111,22 @@ def _tile_budgets_host(n_tiles: int, T: int, topk_fraction: float, topk_floor: i
     return tuple(out)
 
 
+def tile_budgets(n_tiles: int, T: int, topk_fraction: float, topk_floor: int, device):
+    """(host budgets per tile (-1: dense), the same on the device, index width W): W is the largest
+    budget rounded up to 16 (extra slots stay -1), so one stride class serves every length (no
+    recompile)."""
+    host = _tile_budgets_host(n_tiles, T, topk_fraction, topk_floor)
+    budgets = _tile_budgets(n_tiles, T, topk_fraction, topk_floor, device)
+    return host, budgets, pad16(max([1] + [kb for kb in host if kb >= 0]))
+
+
+def _call_rows(q, k, v, kv_start, kv_end, tile_size, lengths):
+    """The checks and row geometry of a rolling-prefill call: (G, Hkv, lengths, pad_rows, n_tiles)."""
+    G = _check(q, k, v, tile_size)
+    lengths, pad_rows = _rows_info(kv_start, kv_end, q.shape[2], lengths)
+    return G, k.shape[1], lengths, pad_rows, max(1, -(-max(lengths) // tile_size))
+
+
 def _first_sparse_tile(host_budgets) -> int:
     """The first tile that selects (budgets grow with the prefix, so the sparse tiles are a suffix);
     len(host_budgets) when every tile is dense."""
@@ -247,19 +263,14 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, topk_fraction, topk_floor, til
     reuse layer's head map, no copy); None: indices are already this layer's. lengths: host copy of
     kv_end - kv_start when the caller has it (saves a device sync).
     Returns out like q; padding queries are zero."""
-    G = _check(q, k, v, tile_size)
-    B, Hq, Lq, D = q.shape
-    Hkv = k.shape[1]
-    T = tile_size
-    lengths, pad_rows = _rows_info(kv_start, kv_end, Lq, lengths)
-    n_tiles = max(1, -(-max(lengths) // T))
+    G, Hkv, lengths, pad_rows, n_tiles = _call_rows(q, k, v, kv_start, kv_end, tile_size, lengths)
+    B, Lq, T = q.shape[0], q.shape[2], tile_size
     check_head_map(head_map, Hkv, q.device)
     if indices.dim() != 4 or indices.shape[0] != B or indices.shape[1] != Hkv:
         raise KascadeInputError(f"indices must be [B={B}, Hkv={Hkv}, n_tiles, W], got {tuple(indices.shape)}")
     if indices.shape[2] < n_tiles:
         raise KascadeInputError(f"indices have {indices.shape[2]} tiles, the longest row needs {n_tiles}")
-    budgets = _tile_budgets(n_tiles, T, topk_fraction, topk_floor, q.device)
-    host = _tile_budgets_host(n_tiles, T, topk_fraction, topk_floor)
+    host, budgets, _ = tile_budgets(n_tiles, T, topk_fraction, topk_floor, q.device)
     kmax = max(host)
     if indices.shape[3] < kmax:
         raise KascadeInputError(f"indices have width {indices.shape[3]}, the budget needs {kmax}")
@@ -328,16 +339,9 @@ def anchor(q, k, v, kv_start, kv_end, *, topk_fraction, topk_floor, tile_size, s
     of this call holds exactly its budget of distinct prefix positions (ascending), -1 after; dense
     tiles and tiles without queries hold -1. dense_output=True (layer 0): out is dense attention.
     lengths: host copy of kv_end - kv_start when the caller has it (saves a device sync)."""
-    G = _check(q, k, v, tile_size)
-    B, Hq, Lq, D = q.shape
-    Hkv = k.shape[1]
-    T = tile_size
-    lengths, pad_rows = _rows_info(kv_start, kv_end, Lq, lengths)
-    n_tiles = max(1, -(-max(lengths) // T))
-    host_budgets = _tile_budgets_host(n_tiles, T, topk_fraction, topk_floor)
-    budgets = _tile_budgets(n_tiles, T, topk_fraction, topk_floor, q.device)
-    # width rounded up to 16 (extra slots stay -1): one stride class for every length (no recompile)
-    kmax = pad16(max([1] + [kb for kb in host_budgets if kb >= 0]))
+    G, Hkv, lengths, pad_rows, n_tiles = _call_rows(q, k, v, kv_start, kv_end, tile_size, lengths)
+    B, Lq, T = q.shape[0], q.shape[2], tile_size
+    host_budgets, budgets, kmax = tile_budgets(n_tiles, T, topk_fraction, topk_floor, q.device)
     indices = torch.full((B, Hkv, n_tiles, kmax), -1, dtype=torch.int32, device=q.device)
 
     out = lse = None
