@@ -25,6 +25,7 @@ if _ALREADY_COMPILED or os.environ["TRITON_INTERPRET"] != "1":
     pytest.skip("needs TRITON_INTERPRET=1 before the decode kernels load; run this file on its own",
                 allow_module_level=True)
 
+import dataclasses  # noqa: E402
 import math  # noqa: E402
 
 import torch  # noqa: E402
@@ -200,21 +201,18 @@ def test_ties():
 def test_split_combine_many_splits(monkeypatch, fuse):
     """Force many splits (and selection split over several programs per row, with atomics); the splits
     merged by the last split of each row (tickets) or by a separate combine kernel."""
-    monkeypatch.setitem(D.TUNING, "fuse_max_splits", 1000 if fuse else 0)
-    monkeypatch.setitem(D.TUNING, "sparse_min_chunk", 64)
-    monkeypatch.setitem(D.TUNING, "min_chunk", 64)
-    monkeypatch.setitem(D.TUNING, "select_min_chunk", 64)
-    monkeypatch.setitem(D.TUNING, "select_block", 64)
-    monkeypatch.setattr(D, "_sm_count", lambda device: 64)
+    cfg = config(fuse_max_splits=1000 if fuse else 0, sparse_min_chunk=64, min_chunk=64, select_min_chunk=64,
+                 select_block=64)
+    monkeypatch.setattr(D, "sm_count", lambda device: 64)
     q, k, v = make(2, 8, 2, 1000, 64, torch.float32, seed=7, spread=2.0)
     starts, ends = ranges(2, 1000, "varied")
-    out, indices = D.anchor(q, k, v, starts, ends, topk_fraction=0.1, topk_floor=16, dense_output=True)
+    out, indices = D.anchor(q, k, v, starts, ends, topk_fraction=0.1, topk_floor=16, dense_output=True, config=cfg)
     check_selection(indices, q, k, starts, ends, 0.1, 16)
     ref32 = R.dense_attention(q, k, v, starts, ends)
     full = allowed_from(torch.arange(1000, dtype=torch.int32).expand(2, 2, 1000), starts, ends, 2, 1000)
     check_close(out, q, k, v, full, ref32)
     for _ in range(2):  # the tickets must be back at 0 after a launch
-        out = D.sparse(q, k, v, indices, starts, ends)
+        out = D.sparse(q, k, v, indices, starts, ends, config=cfg)
         check_close(out, q, k, v, allowed_from(indices, starts, ends, 2, 1000),
                     R.sparse_attention(q, k, v, indices, starts, ends))
 
@@ -222,7 +220,7 @@ def test_split_combine_many_splits(monkeypatch, fuse):
 @pytest.mark.parametrize(
     "shape_q,shape_kv,match",
     [
-        ((1, 4, 1, 96), (1, 2, 50, 96), "head_dim 64 or 128"),
+        ((1, 4, 1, 96), (1, 2, 50, 96), "head_dim in \\(64, 128\\)"),
         ((1, 32, 1, 64), (1, 1, 50, 64), "GQA group sizes 1..16"),
         ((1, 4, 2, 64), (1, 2, 50, 64), "Lq=1"),
     ],
@@ -243,53 +241,60 @@ def test_launcher_rejects_strided_head_dim():
         D.dense(q, k, k, s, e)
 
 
-# Launch variants the GPU benchmark compares (TUNING overrides); every one must give a correct result.
+# Launch variants: each runs a code path the default launch does not take in the small shapes above
+# (tuning values that only change sizes of the same path are not repeated here); every one must give a
+# correct result against the reference.
 VARIANTS = {
     # one split per row: the program stores its output directly (no partials, no merge)
     "direct": dict(sparse_programs_per_sm=0.01),
-    # several blocks per split and several splits per row
+    # several blocks per split and several splits per row, merged by the last split
     "small-blocks": dict(sparse_block_n=16, sparse_min_chunk=16, sparse_programs_per_sm=64),
-    # hybrid histograms: small blocks so that both the atomic and the tl.histogram path run
+    # hybrid histograms: small blocks so that both the atomic and the tl.histogram branch run
     "atomic-hist": dict(select_atomic_max=(8, 8), select_block=64, select_min_chunk=64),
+    # atomics only, at both levels (level 2 zeroes level 3's per-program histograms)
     "atomic-only": dict(select_atomic_max=(4096, 4096)),
+    # the default hybrid (level 3 only) over several programs per row
     "atomic-l3": dict(select_atomic_max=(0, 256), select_block=128, select_min_chunk=128),
     # the one-launch selection (in the interpreter: one program per row, several blocks per program)
     "fused-select": dict(select_fused="always", select_block=64),
     "fused-select-atomic": dict(select_fused="always", select_atomic_max=(8, 8), select_block=64),
 }
+# The variants whose selection differs in how colliding keys are counted (ties in one level-3 bin).
+SELECT_VARIANTS = ["atomic-hist", "atomic-only", "atomic-l3", "fused-select", "fused-select-atomic"]
 
 
-@pytest.fixture(params=list(VARIANTS), ids=list(VARIANTS))
-def variant(request, monkeypatch):
-    for key, value in VARIANTS[request.param].items():
-        monkeypatch.setitem(D.TUNING, key, value)
-    return request.param
+def config(**knobs):
+    return dataclasses.replace(D.DEFAULT_CONFIG, **knobs)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,Hq,Hkv,Lk,Dh,kind,frac,floor", CASES)
-def test_variants_anchor_and_reuse(B, Hq, Hkv, Lk, Dh, kind, frac, floor, dtype, variant):
-    q, k, v = make(B, Hq, Hkv, Lk, Dh, dtype, seed=12, spread=2.0)
-    starts, ends = ranges(B, Lk, kind)
-    out, indices = D.anchor(q, k, v, starts, ends, topk_fraction=frac, topk_floor=floor)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variants_anchor_and_reuse(variant):
+    """Anchor (selection + sparse over the stored scores) and reuse (another layer's q and K/V over the
+    indices, with holes) under one launch variant, on GQA 4, head_dim 128, rows of varied lengths."""
+    cfg = config(**VARIANTS[variant])
+    B, Hq, Hkv, Lk, Dh, frac, floor = 3, 8, 2, 301, 128, 0.10, 16
+    q, k, v = make(B, Hq, Hkv, Lk, Dh, torch.float32, seed=12, spread=2.0)
+    starts, ends = ranges(B, Lk, "varied")
+    out, indices = D.anchor(q, k, v, starts, ends, topk_fraction=frac, topk_floor=floor, config=cfg)
     check_selection(indices, q, k, starts, ends, frac, floor)
     allowed = allowed_from(indices, starts, ends, Hkv, Lk)
     check_close(out, q, k, v, allowed, R.sparse_attention(q.float(), k.float(), v.float(), indices, starts, ends))
-    # reuse: another layer's q, K/V over these indices, with holes
-    q2, k2, v2 = make(B, Hq, Hkv, Lk, Dh, dtype, seed=13)
+    q2, k2, v2 = make(B, Hq, Hkv, Lk, Dh, torch.float32, seed=13)
     holed = indices.clone()
     holed[..., 2::7] = -1
-    out2 = D.sparse(q2, k2, v2, holed, starts, ends)
+    out2 = D.sparse(q2, k2, v2, holed, starts, ends, config=cfg)
     ref2 = R.sparse_attention(q2.float(), k2.float(), v2.float(), holed, starts, ends)
     check_close(out2, q2, k2, v2, allowed_from(holed, starts, ends, Hkv, Lk), ref2)
 
 
+@pytest.mark.parametrize("variant", SELECT_VARIANTS)
 def test_variants_ties(variant):
     """Identical keys put many keys in one level-3 bin (the atomics of the hybrid histogram collide)."""
+    cfg = config(**VARIANTS[variant])
     q, k, v = make(2, 8, 2, 257, 64, torch.float32, seed=6)
     k[:, :, 100:200] = k[:, :, 100:101]
     starts, ends = ranges(2, 257, "full")
-    out, indices = D.anchor(q, k, v, starts, ends, topk_fraction=0.2, topk_floor=8)
+    out, indices = D.anchor(q, k, v, starts, ends, topk_fraction=0.2, topk_floor=8, config=cfg)
     check_selection(indices, q, k, starts, ends, 0.2, 8)
     ref32 = R.sparse_attention(q, k, v, indices, starts, ends)
     check_close(out, q, k, v, allowed_from(indices, starts, ends, 2, 257), ref32)
@@ -297,26 +302,23 @@ def test_variants_ties(variant):
 
 def test_atomic_hist_same_indices(monkeypatch):
     """The hybrid histograms give exactly the indices of tl.histogram (same counts, same compaction)."""
-    monkeypatch.setitem(D.TUNING, "select_block", 64)
-    monkeypatch.setitem(D.TUNING, "select_min_chunk", 64)
-    monkeypatch.setattr(D, "_sm_count", lambda device: 64)
+    monkeypatch.setattr(D, "sm_count", lambda device: 64)
     q, k, v = make(2, 8, 2, 1000, 64, torch.float32, seed=14, spread=2.0)
     starts, ends = ranges(2, 1000, "varied")
-    _, ref = D.anchor(q, k, v, starts, ends, topk_fraction=0.1, topk_floor=16)
+    base = dict(select_block=64, select_min_chunk=64)
+    _, ref = D.anchor(q, k, v, starts, ends, topk_fraction=0.1, topk_floor=16, config=config(**base))
     for amax in ((8, 8), (0, 64), (4096, 4096)):
-        monkeypatch.setitem(D.TUNING, "select_atomic_max", amax)
-        _, got = D.anchor(q, k, v, starts, ends, topk_fraction=0.1, topk_floor=16)
+        _, got = D.anchor(q, k, v, starts, ends, topk_fraction=0.1, topk_floor=16,
+                          config=config(**base, select_atomic_max=amax))
         assert torch.equal(got, ref), amax
 
 
-def test_fused_select_same_indices(monkeypatch):
+def test_fused_select_same_indices():
     """The one-launch selection gives exactly the indices of the four-launch one."""
-    monkeypatch.setitem(D.TUNING, "select_block", 64)
     q, k, v = make(2, 8, 2, 1000, 64, torch.float32, seed=15, spread=2.0)
     starts, ends = ranges(2, 1000, "varied")
-    _, ref = D.anchor(q, k, v, starts, ends, topk_fraction=0.1, topk_floor=16)
+    _, ref = D.anchor(q, k, v, starts, ends, topk_fraction=0.1, topk_floor=16, config=config(select_block=64))
     for amax in ((0, 64), (8, 8)):
-        monkeypatch.setitem(D.TUNING, "select_atomic_max", amax)
-        monkeypatch.setitem(D.TUNING, "select_fused", "always")
-        _, got = D.anchor(q, k, v, starts, ends, topk_fraction=0.1, topk_floor=16)
+        cfg = config(select_block=64, select_atomic_max=amax, select_fused="always")
+        _, got = D.anchor(q, k, v, starts, ends, topk_fraction=0.1, topk_floor=16, config=cfg)
         assert torch.equal(got, ref), amax

@@ -14,6 +14,7 @@ reference selection's, up to near-ties) plus count / range / uniqueness.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -174,28 +175,27 @@ def test_paged_variants(case, monkeypatch):
     """Cache given as a strided view (HND storage), block size 64, head_dim 128, GQA 16; splits that cut
     through blocks, merged by the last split or by the combine kernel; the one-launch selection."""
     Hq, Hkv, Dh, bs, layout, lens = 8, 2, 64, 16, "nhd", [300, 37, 129, 5]
+    cfg = D.DEFAULT_CONFIG
     if case.startswith("hnd"):
         Hq, Hkv, Dh, bs, layout, lens = 16, 1, 128, 64, "hnd", [200, 64, 7]
     elif case.startswith("many-splits"):
-        monkeypatch.setitem(D.TUNING, "fuse_max_splits", 1000 if case.endswith("fused") else 0)
         # splits of 40 keys / 24 slots (multiples of 8): split boundaries inside blocks of 16
-        for key, value in dict(block_n=32, min_chunk=40, chunk_align=8, sparse_block_n=16, sparse_min_chunk=24,
-                               sparse_chunk_align=8, select_block=32, select_min_chunk=40).items():
-            monkeypatch.setitem(D.TUNING, key, value)
-        monkeypatch.setattr(D, "_sm_count", lambda device: 64)
+        cfg = dataclasses.replace(cfg, fuse_max_splits=1000 if case.endswith("fused") else 0, block_n=32,
+                                  min_chunk=40, chunk_align=8, sparse_block_n=16, sparse_min_chunk=24,
+                                  sparse_chunk_align=8, select_block=32, select_min_chunk=40)
+        monkeypatch.setattr(D, "sm_count", lambda device: 64)
     else:
-        monkeypatch.setitem(D.TUNING, "select_fused", "always")
-        monkeypatch.setitem(D.TUNING, "select_block", 64)
+        cfg = dataclasses.replace(cfg, select_fused="always", select_block=64)
     q, k, v, kc, vc, bt, lens = make_paged(len(lens), Hq, Hkv, lens, Dh, bs, torch.float32, seed=6, spread=2.0,
                                            layout=layout)
     starts, ends = ref_ranges(lens)
     q4 = q[:, :, None]
-    out, indices = P.paged_decode_anchor(q, kc, vc, bt, lens, topk_fraction=FRAC, topk_floor=FLOOR)
+    out, indices = P.paged_decode_anchor(q, kc, vc, bt, lens, topk_fraction=FRAC, topk_floor=FLOOR, config=cfg)
     check_selection(indices, q4, k, starts, ends, FRAC, FLOOR)
     ref32 = R.sparse_attention(q4, k, v, indices, starts, ends)
     check_close(out[:, :, None], q4, k, v, allowed_from(indices, starts, ends, Hkv, k.shape[2]), ref32)
     for _ in range(2):  # the combine tickets must be back at 0 after a launch
-        dense = P.paged_decode_dense(q, kc, vc, bt, lens)
+        dense = P.paged_decode_dense(q, kc, vc, bt, lens, config=cfg)
         ref_d = R.dense_attention(q4, k, v, starts, ends)
         Lk = k.shape[2]
         full = allowed_from(torch.arange(Lk, dtype=torch.int32).expand(len(lens), Hkv, Lk), starts, ends, Hkv, Lk)

@@ -18,6 +18,7 @@ one sequence, and input validation.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -245,24 +246,24 @@ def test_paged_prefill_bounds_from_block_table():
     a_out, a_idx = PG.paged_prefill_anchor(*batch.args(), max_query_len=30, max_seq_len=90, **kw)
     b_out, b_idx = PG.paged_prefill_anchor(*batch.args(), max_query_len=30, **kw)
     lk_max = batch.block_table.shape[1] * 16
-    assert b_idx.shape[3] == P._pad16(R.topk_budget((lk_max - 1) // 16 * 16, 0.2, 8)) > a_idx.shape[3]
+    assert b_idx.shape[3] == P.pad16(R.topk_budget((lk_max - 1) // 16 * 16, 0.2, 8)) > a_idx.shape[3]
     assert torch.equal(b_idx[..., : a_idx.shape[3]], a_idx) and bool((b_idx[..., a_idx.shape[3]:] == -1).all())
     assert torch.equal(a_out, b_out)
 
 
 @pytest.mark.parametrize("atomic", [False, True], ids=["one-head-block", "atomic"])
-def test_paged_prefill_pool_chunks(monkeypatch, atomic):
-    """A pooled buffer of one tile slot per launch (POOL_BUFFER_BYTES tiny): the pooling / select launches
+def test_paged_prefill_pool_chunks(atomic):
+    """A pooled buffer of one tile slot per launch (pool_buffer_bytes tiny): the pooling / select launches
     then start at slot offsets tile_lo > 0 (zeroing the buffer between launches when atomic); the
     selection equals the one-launch selection."""
     Hq, Hkv = (16, 1) if atomic else (8, 2)
     batch = Batch([(131, 50), (200, 40), (77, 1)], Hq, Hkv, 64, 16, torch.float32, seed=21)
     T = 32 if atomic else 16
     kw = dict(max_query_len=50, topk_fraction=0.1, topk_floor=6, tile_size=T)
-    assert (P._group_blocking(Hq // Hkv, T, P.POOL_ROWS_PER_PROGRAM)[1] > 1) == atomic
+    assert (P._group_blocking(Hq // Hkv, T, P.DEFAULT_CONFIG.pool_rows_per_program)[1] > 1) == atomic
     out_a, idx_a = PG.paged_prefill_anchor(*batch.args(), **kw)
-    monkeypatch.setattr(P, "POOL_BUFFER_BYTES", 1)
-    out_b, idx_b = PG.paged_prefill_anchor(*batch.args(), **kw)
+    one_slot = dataclasses.replace(P.DEFAULT_CONFIG, pool_buffer_bytes=1)
+    out_b, idx_b = PG.paged_prefill_anchor(*batch.args(), **kw, config=one_slot)
     assert idx_a.shape[2] > 1 and bool((idx_a[:, :, 1:] >= 0).any())
     assert torch.equal(idx_a, idx_b) and torch.equal(out_a, out_b)
     check_selection(batch, idx_b, {k: kw[k] for k in ("topk_fraction", "topk_floor", "tile_size")})

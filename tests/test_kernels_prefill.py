@@ -8,6 +8,7 @@ low precision: at most twice the error of a plain same-precision PyTorch run.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -157,19 +158,19 @@ def test_anchor_and_reuse_match_reference(dtype, case):
             assert float(out0[b, :, :n_pad].abs().max()) == 0.0
 
 
-@pytest.mark.parametrize("knobs", [dict(SPARSE_ROWS_PER_PROGRAM=32), dict(SPARSE_BLOCK_N=16, SPARSE_WARPS=4)],
+@pytest.mark.parametrize("knobs", [dict(sparse_rows_per_program=32), dict(sparse_block_n=16, sparse_warps=4)],
                          ids=["rows32", "n16-w4"])
-def test_sparse_launch_variants(monkeypatch, knobs):
-    """The reuse kernel's tuning variants (kascade bench prefill --tune) give the reference's output over
-    the reference's indices, padding and chunked rows included."""
-    for name, value in knobs.items():
-        monkeypatch.setattr(P, name, value)
+def test_sparse_launch_variants(knobs):
+    """The reuse kernel's launch variants (kascade bench prefill --tune): several head blocks per group
+    (rows32) and a full-block / tail split at another block size give the reference's output over the
+    reference's indices, padding and chunked rows included."""
+    cfg = dataclasses.replace(P.DEFAULT_CONFIG, **knobs)
     for B, Hq, Hkv, Lq, Lk, D, T, frac, floor, s, e in (CASES[1], CASES[3], CASES[4]):
         q, k, v = make(B, Hq, Hkv, Lq, Lk, D, torch.float32, seed=Lq)
         ks, ke = torch.tensor(s, device=DEV), torch.tensor(e, device=DEV)
         kw = dict(topk_fraction=frac, topk_floor=floor, tile_size=T)
         idx = R.select_prefill(q, k, ks, ke, **kw)
-        got = P.sparse(q, k, v, idx, ks, ke, scale=None, **kw)
+        got = P.sparse(q, k, v, idx, ks, ke, scale=None, config=cfg, **kw)
         want = R.sparse_attention(q, k, v, idx, ks, ke, **kw)
         assert (got.double() - want.double()).abs().max().item() < 1e-4
 
@@ -245,7 +246,7 @@ def test_strided_queries_and_triton_dispatch():
     [
         (dict(D=96), "head_dim in \\(64, 128\\), got 96"),
         (dict(T=8), "tile_size in \\(16, 32, 64\\), got 8"),
-        (dict(Hq=34, Hkv=2), "GQA ratios 1..16 .* got 34/2=17"),
+        (dict(Hq=34, Hkv=2), "GQA group sizes 1..16 .* got 34/2=17"),
         (dict(Lq=1), "Lq > 1 .* got Lq=1"),
         (dict(strided=True), "contiguous in head_dim"),
     ],

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool), from the repo root, one run of about 4 minutes:
-#   1. the decode GPU tests with the default TUNING;
+#   1. the decode GPU tests with the default DecodeConfig;
 #   2. benchmarks/tune/decode_tune2.py: old vs new launch variants (reuse kernel / split count, hybrid selection
 #      histograms) at 128K b64, 32K b64, 128K b1 and 8K b64, each variant checked, then layer 0 /
 #      anchor / reuse and the whole-model speedup with the default ("old") and the point's best ("new")
@@ -16,7 +16,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw,m
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 rc=0
 
-echo "== 1. GPU decode tests (default TUNING)"
+echo "== 1. GPU decode tests (default DecodeConfig)"
 timeout 150 python -m pytest -q -x tests/gpu/test_decode_gpu.py 2>&1 | tail -6
 [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
 echo "   ($((SECONDS - t0)) s)"

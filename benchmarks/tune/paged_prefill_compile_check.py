@@ -69,7 +69,7 @@ def build(fn, consts, paged, nw, ns, maxnreg=None):
 D, T = 128, 32
 attn = dict(D=D, G_BLOCK=4, BLOCK_T=32, DOT_PREC="tf32")
 pool = dict(D=D, G_BLOCK=4, T=T, BLOCK_N=64, ATOMIC=False, DOT_PREC="tf32")
-select = dict(BLOCK=2048, KEY16=True, KEY_SHIFT=0)
+select = dict(BLOCK=2048, KEY16=True, B2=7, B3=7)
 sparse = dict(D=D, G_BLOCK=4, T=T, BLOCK_N=64, DOT_PREC="tf32")
 has_paged = "PAGED" in K._sparse_kernel.arg_names
 res = {}

@@ -22,17 +22,26 @@ if torch.cuda.is_available():
 
 
 @pytest.fixture(autouse=True)
-def _tuning_from_env(monkeypatch):
-    """KASCADE_DECODE_TUNING='{"sparse_num_stages": 5, ...}' runs every test under those TUNING overrides
-    (benchmarks/tune/gpu_decode_tune2.sh checks the new launch variants this way)."""
+def _config_from_env(monkeypatch):
+    """KASCADE_DECODE_TUNING='{"sparse_num_stages": 5, ...}' runs every test with D.dense / anchor / sparse
+    bound to that DecodeConfig (fields over the defaults; benchmarks/tune/gpu_decode_tune2.sh checks the
+    launch variants this way). An unknown field is an error."""
+    import dataclasses
+    import functools
     import json
     import os
 
     overrides = json.loads(os.environ.get("KASCADE_DECODE_TUNING", "{}") or "{}")
-    for key, value in overrides.items():
-        if key not in D.TUNING:
-            raise KeyError(f"KASCADE_DECODE_TUNING: unknown TUNING key {key!r}")
-        monkeypatch.setitem(D.TUNING, key, tuple(value) if isinstance(value, list) else value)
+    if not overrides:
+        return
+    fields = {f.name for f in dataclasses.fields(D.DecodeConfig)}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise KeyError(f"KASCADE_DECODE_TUNING: unknown DecodeConfig fields {sorted(unknown)}")
+    cfg = dataclasses.replace(D.DEFAULT_CONFIG, **{k: tuple(v) if isinstance(v, list) else v
+                                                   for k, v in overrides.items()})
+    for name in ("dense", "anchor", "sparse"):
+        monkeypatch.setattr(D, name, functools.partial(getattr(D, name), config=cfg))
 
 
 def make(B, Hq, Hkv, L, Dh, dtype, seed=0, spread=1.0):

@@ -266,8 +266,8 @@ def _run_point(args, B, L, frac, T, Hq, Hkv, D, dtype_name) -> dict:
         "dense_lse_pass": _bench(lambda: P._flash(q, k, v, ks, ke, None, with_v=True, store_lse=True, pad_rows=False), w, r),
     }
     if lo < n_tiles:
-        sel = lambda st, buf=None: P._select(q, k, lse, idx, budgets, ks, ke, G, T, lo, n_tiles, None,  # noqa: E731
-                                             stages=st, pooled=buf)
+        sel = lambda st, buf=None, cfg=P.DEFAULT_CONFIG: P._select(  # noqa: E731
+            q, k, lse, idx, budgets, ks, ke, G, T, lo, n_tiles, None, stages=st, pooled=buf, config=cfg)
         buf = sel(("pool",))
         ms_parts["pool_select"] = _bench(lambda: sel(("pool", "select"), buf), w, r)
         ms_parts["pool"] = _bench(lambda: sel(("pool",), buf), w, r)
@@ -276,19 +276,14 @@ def _run_point(args, B, L, frac, T, Hq, Hkv, D, dtype_name) -> dict:
             slots = torch.arange(idx.shape[3], device=q.device, dtype=torch.int32)
             idx_c = torch.where(idx >= 0, slots.expand_as(idx), -1).contiguous()
             point["tune_ms"] = _tune({
-                "reuse": lambda: P.sparse(q, k, v, idx, ks, ke, indices_from_anchor=True, **kw),
-                "reuse_contiguous": lambda: P.sparse(q, k, v, idx_c, ks, ke, indices_from_anchor=True, **kw),
-                "lse": lambda: P._flash(q, k, v, ks, ke, None, with_v=False, store_lse=True, pad_rows=False),
-                "pool": lambda: sel(("pool",), buf),
+                "reuse": lambda cfg: P.sparse(q, k, v, idx, ks, ke, indices_from_anchor=True, config=cfg, **kw),
+                "reuse_contiguous": lambda cfg: P.sparse(q, k, v, idx_c, ks, ke, indices_from_anchor=True,
+                                                         config=cfg, **kw),
+                "lse": lambda cfg: P._flash(q, k, v, ks, ke, None, with_v=False, store_lse=True, pad_rows=False,
+                                            config=cfg),
+                "pool": lambda cfg: sel(("pool",), buf, cfg),
             }, w, r)
             del idx_c
-            saved16 = P.POOLED_FP16
-            try:
-                P.POOLED_FP16 = not saved16
-                point["tune_ms"]["pool_select_pooled_fp16" if not saved16 else "pool_select_pooled_fp32"] = \
-                    _bench(lambda: sel(("pool", "select")), w, r)
-            finally:
-                P.POOLED_FP16 = saved16
         del buf
     point["anchor_parts_ms"] = ms_parts
     del idx, lse
@@ -308,58 +303,52 @@ def _run_point(args, B, L, frac, T, Hq, Hkv, D, dtype_name) -> dict:
 
 
 def _v(n, s, w, **extra) -> tuple[str, dict]:
-    """A tuning variant of one kernel: (name, {kascade.ops.prefill attribute suffix: value})."""
-    name = f"n{n}_s{s}_w{w}" + "".join(f"_{k.lower()}{v}" for k, v in extra.items() if v is not None)
-    return name, dict(BLOCK_N=n, STAGES=s, WARPS=w, **extra)
+    """A tuning variant of one kernel: (name, {PrefillConfig field suffix: value})."""
+    name = f"n{n}_s{s}_w{w}" + "".join(f"_{k}{v}" for k, v in extra.items() if v is not None)
+    return name, dict(block_n=n, stages=s, warps=w, **extra)
 
 
-# kascade.ops.prefill attributes <PREFIX>_<suffix> per kernel. ROWS_PER_PROGRAM 64: two programs per
-# tile x group (M = 64 rows).
+# PrefillConfig fields <prefix>_<suffix> per kernel. rows_per_program 64: two programs per tile x group
+# (M = 64 rows).
 TUNE_VARIANTS = {
-    "reuse": ("SPARSE", dict([
-        _v(64, 2, 4, MAXNREG=None), _v(64, 2, 8, MAXNREG=None),
+    "reuse": ("sparse", dict([
+        _v(64, 2, 4, maxnreg=None), _v(64, 2, 8, maxnreg=None),
         # 8 warps capped at 128 registers: two programs (four warpgroups) per SM instead of one; at
         # BLOCK_N 64 ptxas then serialises the wgmma chain, at BLOCK_N 32 it does not
-        _v(64, 2, 8, MAXNREG=128), _v(32, 2, 8, MAXNREG=128), _v(32, 3, 8, MAXNREG=128),
-        _v(64, 1, 8, MAXNREG=128), _v(64, 2, 4, ROWS_PER_PROGRAM=64, MAXNREG=None),
+        _v(64, 2, 8, maxnreg=128), _v(32, 2, 8, maxnreg=128), _v(32, 3, 8, maxnreg=128),
+        _v(64, 1, 8, maxnreg=128), _v(64, 2, 4, rows_per_program=64, maxnreg=None),
     ])),
     # the same kernel over the first k keys of each tile (contiguous, L2-friendly): the gather's cost
-    "reuse_contiguous": ("SPARSE", dict([_v(64, 2, 4, MAXNREG=None), _v(64, 2, 8, MAXNREG=128)])),
-    "lse": ("LSE", dict([_v(128, 2, 8), _v(64, 3, 8), _v(128, 3, 8), _v(64, 2, 4)])),
-    "pool": ("POOL", dict([_v(64, 3, 4), _v(64, 2, 4), _v(64, 3, 8), _v(64, 2, 8), _v(128, 2, 8), _v(32, 3, 4)])),
+    "reuse_contiguous": ("sparse", dict([_v(64, 2, 4, maxnreg=None), _v(64, 2, 8, maxnreg=128)])),
+    "lse": ("lse", dict([_v(128, 2, 8), _v(64, 3, 8), _v(128, 3, 8), _v(64, 2, 4)])),
+    "pool": ("pool", dict([_v(64, 3, 4), _v(64, 2, 4), _v(64, 3, 8), _v(64, 2, 8), _v(128, 2, 8), _v(32, 3, 4)])),
 }
 
 
 def _tune(fns: dict, w, r) -> dict:
-    """Time each kernel with a few launch variants (block size, stages, warps, ...)."""
+    """Time each kernel with a few launch variants (block size, stages, warps, ...): fns[name](config)
+    runs the kernel with a kascade.ops.prefill.PrefillConfig."""
+    import dataclasses
+
     from ..ops import prefill as P
 
     res = {}
     for name, fn in fns.items():
         prefix, variants = TUNE_VARIANTS[name]
-        attrs = sorted({f"{prefix}_{k}" for var in variants.values() for k in var})
-        saved = {a: getattr(P, a) for a in attrs}
         res[name] = {}
-        first = fn()  # defaults: each variant's tensor output must match it
-        try:
-            for key, var in variants.items():
-                for a in attrs:  # unset knobs keep their default
-                    setattr(P, a, saved[a])
-                for k, val in var.items():
-                    setattr(P, f"{prefix}_{k}", val)
-                try:
-                    got = fn()
-                    if isinstance(first, torch.Tensor) and isinstance(got, torch.Tensor):
-                        err = _rel(got, first)
-                        res.setdefault(f"{name}_rel_err_vs_default", {})[key] = err
-                        if not err < 2e-2:
-                            raise RuntimeError(f"output differs from the default's: rel err {err:.3g}")
-                    res[name][key] = _bench(fn, w, r)
-                except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: record and go on
-                    res[name][key] = str(exc)[:120]
-        finally:
-            for a, val in saved.items():
-                setattr(P, a, val)
+        first = fn(P.DEFAULT_CONFIG)  # defaults: each variant's tensor output must match it
+        for key, var in variants.items():
+            try:  # unset knobs keep their default
+                cfg = dataclasses.replace(P.DEFAULT_CONFIG, **{f"{prefix}_{k}": val for k, val in var.items()})
+                got = fn(cfg)
+                if isinstance(first, torch.Tensor) and isinstance(got, torch.Tensor):
+                    err = _rel(got, first)
+                    res.setdefault(f"{name}_rel_err_vs_default", {})[key] = err
+                    if not err < 2e-2:
+                        raise RuntimeError(f"output differs from the default's: rel err {err:.3g}")
+                res[name][key] = _bench(lambda: fn(cfg), w, r)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: record and go on
+                res[name][key] = str(exc)[:120]
     return res
 
 

@@ -17,6 +17,76 @@ import triton
 import triton.language as tl
 
 from .paged import physical_slots
+from .softmax import accumulate_pv, softmax_update
+
+
+@triton.jit
+def _group_rows(Q, K, V, b, h, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+                G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The prologue of the split and sparse passes for row (b, h): the G query heads of KV head h padded
+    to GP rows (offs_g, g_mask), offs_d, offs_n, q [GP, D] (zeros past G), and the row's K/V bases."""
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    g_mask = offs_g < G
+    q = tl.load(Q + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None], other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    return offs_g, offs_d, offs_n, g_mask, q, k_base, v_base
+
+
+@triton.jit
+def _split_state(SCORES, BT, row, b, Lk, stride_btb, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr):
+    """The row's scores base ([rows, Lk, G]) and block-table row, and an empty running state (m = -inf,
+    l = 0, acc = 0) of a split."""
+    s_base = SCORES + row.to(tl.int64) * G * Lk
+    bt_row = BT + b * stride_btb
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    return s_base, bt_row, m_i, l_i, acc
+
+
+@triton.jit
+def _key_slots(n, ok, bt_row, stride_kn, stride_kblk, PAGED: tl.constexpr, PAGE: tl.constexpr):
+    """(block, slot, K offset) of logical keys n of a row. PAGED: through the block table (entries read
+    where ok); contiguous: block and slot are unused placeholders and the offset is n * stride_kn. The
+    V offset is formed later (_attend_v), after the softmax, so that it is not live across it."""
+    if PAGED:
+        blk, slot = physical_slots(n, ok, bt_row, PAGE)
+        return blk, slot, blk * stride_kblk + slot * stride_kn
+    else:
+        return n, n, n * stride_kn
+
+
+@triton.jit
+def _attend_v(acc, alpha, p, v_base, n, blk, slot, mask, stride_vn, stride_vblk, offs_d, PRECISION: tl.constexpr,
+              PAGED: tl.constexpr):
+    """Load the V rows of keys n (PAGED: their (block, slot) from physical_slots) where mask, and add
+    p @ V into the rescaled accumulator."""
+    if PAGED:
+        v_off = blk * stride_vblk + slot * stride_vn
+    else:
+        v_off = n * stride_vn
+    v = tl.load(v_base + v_off[:, None] + offs_d[None, :], mask=mask[:, None], other=0.0)
+    return accumulate_pv(acc, alpha, p, v, PRECISION)
+
+
+@triton.jit
+def _store_split(M_PART, L_PART, O_PART, OUT, COUNTER, row, split, b, h, n_splits, stride_ob, stride_oh, m_i, l_i,
+                 acc, offs_g, offs_d, g_mask, G: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, SP: tl.constexpr,
+                 SB: tl.constexpr, ACC_V: tl.constexpr, FUSE_COMBINE: tl.constexpr):
+    """Store a split's partials (m, l and with ACC_V acc) at [row, split]; with FUSE_COMBINE the last
+    split of the row to finish merges the row's splits into OUT."""
+    part = (row.to(tl.int64) * n_splits + split) * G + offs_g
+    tl.store(M_PART + part, m_i, mask=g_mask)
+    tl.store(L_PART + part, l_i, mask=g_mask)
+    if ACC_V:
+        tl.store(O_PART + part[:, None] * D + offs_d[None, :], acc, mask=g_mask[:, None])
+    if FUSE_COMBINE:
+        _last_split_combines(M_PART, L_PART, O_PART, OUT, COUNTER, row, b, h, n_splits, stride_ob, stride_oh,
+                             G, GQ, D, SP, SB)
 
 
 # Lengths and split sizes are runtime values: Triton would otherwise compile a variant per divisibility
@@ -51,55 +121,26 @@ def decode_split_kernel(
     lo = tl.maximum(split * chunk, start)
     hi = tl.minimum(split * chunk + chunk, end)
 
-    offs_g = tl.arange(0, GP)
-    offs_d = tl.arange(0, D)
-    offs_n = tl.arange(0, BLOCK_N)
-    g_mask = offs_g < G
-    q = tl.load(Q + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
-                mask=g_mask[:, None], other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    s_base = SCORES + row.to(tl.int64) * G * Lk
-    bt_row = BT + b * stride_btb
-
-    m_i = tl.full([GP], float("-inf"), tl.float32)
-    l_i = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, D], tl.float32)
+    offs_g, offs_d, offs_n, g_mask, q, k_base, v_base = _group_rows(
+        Q, K, V, b, h, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, G, GP, D, BLOCK_N)
+    s_base, bt_row, m_i, l_i, acc = _split_state(SCORES, BT, row, b, Lk, stride_btb, G, GP, D)
     for n0 in range(lo, hi, BLOCK_N):
         n = n0 + offs_n
         n_mask = n < hi
-        if PAGED:
-            blk, slot = physical_slots(n, n_mask, bt_row, PAGE)
-            k_off = blk * stride_kblk + slot * stride_kn
-        else:
-            k_off = n * stride_kn
+        blk, slot, k_off = _key_slots(n, n_mask, bt_row, stride_kn, stride_kblk, PAGED, PAGE)
         k = tl.load(k_base + k_off[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(n_mask[None, :], s, float("-inf"))
         if WRITE_SCORES:
             tl.store(s_base + n[None, :] * G + offs_g[:, None], s, mask=g_mask[:, None] & n_mask[None, :])
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        # scores already scaled (they are stored); a split may start with masked keys only: GUARD
+        p, alpha, m_i, l_i = softmax_update(m_i, l_i, s, qk_scale, True, True)
         if ACC_V:
-            if PAGED:
-                v_off = blk * stride_vblk + slot * stride_vn
-            else:
-                v_off = n * stride_vn
-            v = tl.load(v_base + v_off[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+            acc = _attend_v(acc, alpha, p, v_base, n, blk, slot, n_mask, stride_vn, stride_vblk, offs_d, PRECISION,
+                            PAGED)
 
-    part = (row.to(tl.int64) * n_splits + split) * G + offs_g
-    tl.store(M_PART + part, m_i, mask=g_mask)
-    tl.store(L_PART + part, l_i, mask=g_mask)
-    if ACC_V:
-        tl.store(O_PART + part[:, None] * D + offs_d[None, :], acc, mask=g_mask[:, None])
-    if FUSE_COMBINE:
-        _last_split_combines(M_PART, L_PART, O_PART, OUT, COUNTER, row, b, h, n_splits, stride_ob, stride_oh,
-                             G, GQ, D, SP, SB)
+    _store_split(M_PART, L_PART, O_PART, OUT, COUNTER, row, split, b, h, n_splits, stride_ob, stride_oh, m_i, l_i,
+                 acc, offs_g, offs_d, g_mask, G, GQ, D, SP, SB, ACC_V, FUSE_COMBINE)
 
 
 @triton.jit
@@ -112,11 +153,7 @@ def _sparse_block(acc, m_i, l_i, q, slot, hi, i_base, k_base, v_base, s_base, st
     idx = tl.load(i_base + slot, mask=slot < hi, other=-1).to(tl.int64)
     valid = (idx >= start) & (idx < end)
     idx = tl.where(valid, idx, 0)
-    if PAGED:
-        blk, pslot = physical_slots(idx, valid, bt_row, PAGE)
-        k_off = blk * stride_kblk + pslot * stride_kn
-    else:
-        k_off = idx * stride_kn
+    blk, pslot, k_off = _key_slots(idx, valid, bt_row, stride_kn, stride_kblk, PAGED, PAGE)
     if FROM_SCORES:
         s = tl.load(s_base + idx[None, :] * G + offs_g[:, None], mask=g_mask[:, None] & valid[None, :],
                     other=float("-inf"))
@@ -124,19 +161,11 @@ def _sparse_block(acc, m_i, l_i, q, slot, hi, i_base, k_base, v_base, s_base, st
         k = tl.load(k_base + k_off[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     s = tl.where(valid[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    # scores scaled (or gathered scaled); a block may hold only skipped slots: GUARD
+    p, alpha, m_new, l_i = softmax_update(m_i, l_i, s, qk_scale, True, True)
     # V is loaded after the score dot: loaded before it, its registers stay live across the softmax
     # (202 instead of 104 registers per thread, Triton 3.9 sm_90 build)
-    if PAGED:
-        v_off = blk * stride_vblk + pslot * stride_vn
-    else:
-        v_off = idx * stride_vn
-    v = tl.load(v_base + v_off[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    acc = _attend_v(acc, alpha, p, v_base, idx, blk, pslot, valid, stride_vn, stride_vblk, offs_d, PRECISION, PAGED)
     return acc, m_new, l_i
 
 
@@ -181,24 +210,13 @@ def decode_sparse_kernel(
         budget = tl.minimum(tl.maximum((length * ppm + 999_999) // 1_000_000, floor), length)
         hi = tl.minimum(hi, budget.to(tl.int32))
 
-    offs_g = tl.arange(0, GP)
-    offs_d = tl.arange(0, D)
-    offs_n = tl.arange(0, BLOCK_N)
-    g_mask = offs_g < G
-    q = tl.load(Q + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
-                mask=g_mask[:, None], other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    offs_g, offs_d, offs_n, g_mask, q, k_base, v_base = _group_rows(
+        Q, K, V, b, h, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, G, GP, D, BLOCK_N)
     h_sel = h
     if MAPPED:
         h_sel = tl.load(HEAD_MAP + h).to(tl.int64)
     i_base = IDX + b * stride_ib + h_sel * stride_ih
-    s_base = SCORES + row.to(tl.int64) * G * Lk
-    bt_row = BT + b * stride_btb
-
-    m_i = tl.full([GP], float("-inf"), tl.float32)
-    l_i = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, D], tl.float32)
+    s_base, bt_row, m_i, l_i, acc = _split_state(SCORES, BT, row, b, Lk, stride_btb, G, GP, D)
     # (A tl.range loop that also pipelines the index load measured no faster: notes_decode.md, session 4.)
     for n0 in range(lo, hi, BLOCK_N):
         acc, m_i, l_i = _sparse_block(acc, m_i, l_i, q, n0 + offs_n, hi, i_base, k_base, v_base, s_base,
@@ -212,13 +230,8 @@ def decode_sparse_kernel(
         tl.store(o_base + offs_g[:, None] * stride_oh + offs_d[None, :], out.to(OUT.dtype.element_ty),
                  mask=g_mask[:, None])
     else:
-        part = (row.to(tl.int64) * n_splits + split) * G + offs_g
-        tl.store(M_PART + part, m_i, mask=g_mask)
-        tl.store(L_PART + part, l_i, mask=g_mask)
-        tl.store(O_PART + part[:, None] * D + offs_d[None, :], acc, mask=g_mask[:, None])
-        if FUSE_COMBINE:
-            _last_split_combines(M_PART, L_PART, O_PART, OUT, COUNTER, row, b, h, n_splits, stride_ob, stride_oh,
-                                 G, GQ, D, SP, SB)
+        _store_split(M_PART, L_PART, O_PART, OUT, COUNTER, row, split, b, h, n_splits, stride_ob, stride_oh, m_i,
+                     l_i, acc, offs_g, offs_d, g_mask, G, GQ, D, SP, SB, True, FUSE_COMBINE)
 
 
 @triton.jit

@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 
 from .paged import physical_slots
+from .softmax import accumulate_pv, softmax_update
+from .topk import load_key_bits, radix_digit
 
 
 @triton.jit
@@ -53,6 +55,39 @@ def _geometry(kv_start_ptr, kv_end_ptr, qsl_ptr, b, Lq, PAGED: tl.constexpr):
 
 
 @triton.jit
+def _program_block(n_gblocks, Hkv):
+    """The program's (slot, head block, batch row, KV head) in the grid (slots x head blocks, batch x KV
+    heads) of the attention, pooling and sparse kernels: programs running together share one KV head
+    (its K/V stay in L2) and the head blocks of one slot sit next to each other. Slots are counted from
+    the last (the largest blocks, with the most keys, go first): slot = n_slots - 1 - program_id(0) //
+    n_gblocks, which the caller computes where it needs it (returned here: n_slots)."""
+    n_slots = tl.num_programs(0) // n_gblocks
+    gb = tl.program_id(0) % n_gblocks
+    b = tl.program_id(1) // Hkv
+    hkv = tl.program_id(1) % Hkv
+    return n_slots, gb, b, hkv
+
+
+@triton.jit
+def _query_rows(q_ptr, b, hkv, gb, r0, q_pos, q_row0, L, G, sqb, sqh, sqt,
+                M: tl.constexpr, ROWS: tl.constexpr, G_BLOCK: tl.constexpr, D: tl.constexpr):
+    """The program's M = G_BLOCK * ROWS query rows: row m is query head hkv * G + gb * G_BLOCK + m // ROWS
+    at row-relative position r0 + m % ROWS. Returns (g, r, row_ok, head, lq_idx, offs_d, q): the group
+    index and position of each row, whether it holds a query of this call, its head and q index
+    (lq_idx), and q [M, D] (zeros where not row_ok)."""
+    offs_m = tl.arange(0, M)
+    g = gb * G_BLOCK + offs_m // ROWS
+    r = r0 + offs_m % ROWS
+    row_ok = (g < G) & (r >= q_pos) & (r < L)
+    head = hkv * G + g
+    lq_idx = q_row0 + r - q_pos
+    offs_d = tl.arange(0, D)
+    q = tl.load(q_ptr + b * sqb + head[:, None] * sqh + lq_idx[:, None] * sqt + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    return g, r, row_ok, head, lq_idx, offs_d, q
+
+
+@triton.jit
 def _kv_offsets(kn, ok, bt_row, skt, svt, skblk, svblk, PAGED: tl.constexpr, PAGE: tl.constexpr):
     """Offsets of the K and V rows of row-relative keys kn from the row's K/V base. Contiguous:
     kn * stride. PAGED: through the row's block table bt_row (entries loaded where ok, so the caller
@@ -72,15 +107,11 @@ def _online_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, key_ok, row_key_ok, qk_scale
     k = tl.load(k_ptrs, mask=key_ok[:, None], other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     s = tl.where(row_key_ok, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    # Rows that have seen no key yet keep m = -inf; subtract 0 there so exp2 gives 0, not NaN.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s * qk_scale - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    # Rows that have seen no key yet (causal diagonal, padding) keep m = -inf: GUARD.
+    p, alpha, m_new, l_i = softmax_update(m_i, l_i, s, qk_scale, False, True)
     if WITH_V:
         v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        acc = accumulate_pv(acc, alpha, p, v, DOT_PREC)
     return acc, m_new, l_i
 
 
@@ -97,14 +128,10 @@ def _online_block_fast(acc, m_i, l_i, q, k_ptrs, v_ptrs, key_bias, qk_scale,
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     if HAS_BIAS:
         s = s + key_bias[None, :]
-    # qk_scale > 0, so the max of the scaled scores is the scaled max.
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    p = tl.math.exp2(s * qk_scale - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, m_new, l_i = softmax_update(m_i, l_i, s, qk_scale, False, False)
     if WITH_V:
         v = tl.load(v_ptrs)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        acc = accumulate_pv(acc, alpha, p, v, DOT_PREC)
     return acc, m_new, l_i
 
 
@@ -125,25 +152,14 @@ def _attn_fwd_kernel(
     PAGED: vLLM layout (module docstring): qsl_ptr = query_start_loc, kv_end_ptr = seq_lens, bt_ptr the
     block table (row stride sbt), skblk / svblk the cache block strides; batch strides are 0."""
     M: tl.constexpr = G_BLOCK * BLOCK_T
-    # Grid (query blocks x head blocks, batch x KV heads): programs running together share one KV head,
-    # so its K/V stay in L2; largest blocks first (the last query block of a row has the most keys).
-    n_qblocks = tl.num_programs(0) // n_gblocks
-    gb = tl.program_id(0) % n_gblocks
-    b = tl.program_id(1) // Hkv
-    hkv = tl.program_id(1) % Hkv
+    # Slots are query blocks (the last query block of a row has the most keys: first).
+    n_qblocks, gb, b, hkv = _program_block(n_gblocks, Hkv)
     start, L, q_pos, q_row0 = _geometry(kv_start_ptr, kv_end_ptr, qsl_ptr, b, Lq, PAGED)
     r0 = (q_pos // BLOCK_T) * BLOCK_T + (n_qblocks - 1 - tl.program_id(0) // n_gblocks) * BLOCK_T
     if r0 >= L:
         return
-    offs_m = tl.arange(0, M)
-    g = gb * G_BLOCK + offs_m // BLOCK_T
-    r = r0 + offs_m % BLOCK_T
-    row_ok = (g < G) & (r >= q_pos) & (r < L)
-    head = hkv * G + g
-    lq_idx = q_row0 + r - q_pos
-    offs_d = tl.arange(0, D)
-    q_ptrs = q_ptr + b * sqb + head[:, None] * sqh + lq_idx[:, None] * sqt + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    g, r, row_ok, head, lq_idx, offs_d, q = _query_rows(q_ptr, b, hkv, gb, r0, q_pos, q_row0, L, G, sqb, sqh, sqt,
+                                                        M, BLOCK_T, G_BLOCK, D)
 
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
@@ -198,10 +214,7 @@ def _pool_kernel(
     _attn_fwd_kernel): tiles count from each sequence's first query tile q_pos // T, i.e. slot s of
     the launch is tile q_pos // T + tile_lo + s."""
     M: tl.constexpr = G_BLOCK * T
-    n_slots = tl.num_programs(0) // n_gblocks
-    gb = tl.program_id(0) % n_gblocks
-    b = tl.program_id(1) // Hkv
-    hkv = tl.program_id(1) % Hkv
+    n_slots, gb, b, hkv = _program_block(n_gblocks, Hkv)
     slot = n_slots - 1 - tl.program_id(0) // n_gblocks
     start, L, q_pos, q_row0 = _geometry(kv_start_ptr, kv_end_ptr, qsl_ptr, b, Lq, PAGED)
     tile = tile_lo + slot
@@ -213,15 +226,8 @@ def _pool_kernel(
     # Dense tiles need no selection; tiles without queries of this call have none.
     if tl.load(tile_k_ptr + tile) < 0 or prefix + T <= q_pos or prefix >= L or q_pos >= L:
         return
-    offs_m = tl.arange(0, M)
-    g = gb * G_BLOCK + offs_m // T
-    r = prefix + offs_m % T
-    row_ok = (g < G) & (r >= q_pos) & (r < L)
-    head = hkv * G + g
-    lq_idx = q_row0 + r - q_pos
-    offs_d = tl.arange(0, D)
-    q = tl.load(q_ptr + b * sqb + head[:, None] * sqh + lq_idx[:, None] * sqt + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
+    g, r, row_ok, head, lq_idx, offs_d, q = _query_rows(q_ptr, b, hkv, gb, prefix, q_pos, q_row0, L, G, sqb, sqh,
+                                                        sqt, M, T, G_BLOCK, D)
     # Rows without a query get lse = +inf, so their probabilities are exactly 0.
     lse = tl.load(lse_ptr + b * slb + head * slh + lq_idx, mask=row_ok, other=float("inf"))
     lse = tl.where(row_ok, lse, float("inf"))
@@ -246,58 +252,19 @@ def _pool_kernel(
             tl.store(out_base + kn, col.to(pooled_ptr.dtype.element_ty), mask=key_ok)
 
 
-@triton.jit
-def _load_bits(ptrs, ok, KEY16: tl.constexpr):
-    """Pooled scores (>= 0, float32 or float16) as int32 bit patterns, which order like the values."""
-    if KEY16:
-        bits = tl.load(ptrs, mask=ok, other=0.0).to(tl.int16, bitcast=True).to(tl.int32)
-    else:
-        bits = tl.load(ptrs, mask=ok, other=0.0).to(tl.int32, bitcast=True)
-    return bits
-
-
-@triton.jit
-def _radix_pass(row_ptr, length, shift: tl.constexpr, prefix_bits, need, check_prefix: tl.constexpr,
-                BITS: tl.constexpr, BLOCK: tl.constexpr, KEY16: tl.constexpr):
-    """One radix digit of the k-th largest value: histogram of bits [shift, shift+BITS) among the
-    elements whose higher bits equal prefix_bits; returns (digit, need left within that digit)."""
-    NB: tl.constexpr = 1 << BITS
-    hist = tl.zeros([NB], tl.int32)
-    others = 0
-    offs = tl.arange(0, BLOCK)
-    for i0 in range(0, length, BLOCK):
-        idx = i0 + offs
-        ok = idx < length
-        x = _load_bits(row_ptr + idx, ok, KEY16)
-        match = ok
-        if check_prefix:
-            match = ok & ((x >> (shift + BITS)) == prefix_bits)
-        digit = tl.where(match, (x >> shift) & (NB - 1), 0)
-        hist += tl.histogram(digit, NB)
-        others += tl.sum((~match).to(tl.int32), 0)
-    bins = tl.arange(0, NB)
-    # Elements that do not take part were counted in bin 0.
-    hist = hist - tl.where(bins == 0, others, 0)
-    at_or_above = tl.cumsum(hist, 0, reverse=True)
-    digit = tl.max(tl.where(at_or_above >= need, bins, 0), 0)
-    above = tl.sum(tl.where(bins > digit, hist, 0), 0)
-    return digit, need - above
-
-
 @triton.jit(do_not_specialize=["Lq", "tile_lo", "n_tiles"])
 def _select_kernel(
     pooled_ptr, idx_ptr, tile_k_ptr, kv_start_ptr, kv_end_ptr, qsl_ptr,
     spb, sph, spt, sib, sih, sit,
     Lq, Hkv, tile_lo, n_tiles, T,
-    BLOCK: tl.constexpr, KEY16: tl.constexpr, KEY_SHIFT: tl.constexpr, PAGED: tl.constexpr = False,
+    BLOCK: tl.constexpr, KEY16: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr, PAGED: tl.constexpr = False,
 ):
-    """Top-k of one (row, KV head, tile) pooled row by a 3-digit radix select on the float bits
-    (pooled scores are >= 0, so their int32 bit patterns order like the values), then one compaction
-    pass writing the selected absolute positions in ascending order: all keys above the k-th key,
-    and the first keys equal to it until the budget is met. Keys are the top 24 bits (30..7) of the
-    float: scores within 2^-16 relative of each other count as ties, which changes the captured mass
-    by at most that much per swapped key. PAGED: tiles (of the launch and of the indices' tile axis)
-    count from each sequence's first query tile, as in _pool_kernel; positions are logical."""
+    """Top-k of one (row, KV head, tile) pooled row by the radix select of kernels/topk.py (its tie
+    rule: 22-bit keys, float32 bits 30..9, digits of 8, B2 and B3 bits = kernels/topk.B2 / B3; a float16
+    pooled row (KEY16) is keyed by its exact 16 bits, the same rule on the stored value), then one compaction pass writing the selected absolute
+    positions in ascending order: all keys above the k-th key, and the first keys equal to it until
+    the budget is met. PAGED: tiles (of the launch and of the indices' tile axis) count from each
+    sequence's first query tile, as in _pool_kernel; positions are logical."""
     b = tl.program_id(1) // Hkv
     hkv = tl.program_id(1) % Hkv
     slot = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -314,19 +281,21 @@ def _select_kernel(
     if k_budget < 0 or prefix + T <= q_pos or prefix >= L or q_pos >= L:
         return
     row_ptr = pooled_ptr + b.to(tl.int64) * spb + hkv * sph + slot * spt
-    # 256 bins per pass: tl.histogram costs about (bins / 32) * log2(bins) instructions per lane for
-    # every 32 elements, so 2048-bin passes were compute-bound (235 ms at 128K); 8-bit digits are ~10x
-    # cheaper. Three digits give a 24-bit key (bits 30..7): values closer than 2^-16 relative tie.
+    # At most 256 bins per pass: tl.histogram costs about (bins / 32) * log2(bins) instructions per
+    # lane for every 32 elements, so 2048-bin passes were compute-bound (235 ms at 128K).
     if KEY16:
         # float16 pooled scores: two 8-bit digits give the exact k-th value.
-        d1, need = _radix_pass(row_ptr, prefix, 8, 0, k_budget, False, 8, BLOCK, KEY16)
-        d2, need = _radix_pass(row_ptr, prefix, 0, d1, need, True, 8, BLOCK, KEY16)
+        KEY_SHIFT: tl.constexpr = 0
+        d1, need = radix_digit(row_ptr, prefix, 8, 0, k_budget, False, 8, BLOCK, KEY16)
+        d2, need = radix_digit(row_ptr, prefix, 0, d1, need, True, 8, BLOCK, KEY16)
         thresh = (d1 << 8) | d2
     else:
-        d1, need = _radix_pass(row_ptr, prefix, 23, 0, k_budget, False, 8, BLOCK, KEY16)
-        d2, need = _radix_pass(row_ptr, prefix, 15, d1, need, True, 8, BLOCK, KEY16)
-        d3, need = _radix_pass(row_ptr, prefix, 7, (d1 << 8) | d2, need, True, 8, BLOCK, KEY16)
-        thresh = (((d1 << 8) | d2) << 8) | d3
+        # float32: the decode digits (exponent, B2, B3 bits): a 22-bit key.
+        KEY_SHIFT: tl.constexpr = 23 - B2 - B3
+        d1, need = radix_digit(row_ptr, prefix, 23, 0, k_budget, False, 8, BLOCK, KEY16)
+        d2, need = radix_digit(row_ptr, prefix, 23 - B2, d1, need, True, B2, BLOCK, KEY16)
+        d3, need = radix_digit(row_ptr, prefix, KEY_SHIFT, (d1 << B2) | d2, need, True, B3, BLOCK, KEY16)
+        thresh = (((d1 << B2) | d2) << B3) | d3
     out_base = idx_ptr + b.to(tl.int64) * sib + hkv.to(tl.int64) * sih + (tile - tile0).to(tl.int64) * sit
     offs = tl.arange(0, BLOCK)
     written = 0
@@ -334,7 +303,7 @@ def _select_kernel(
     for i0 in range(0, prefix, BLOCK):
         idx = i0 + offs
         ok = idx < prefix
-        x = _load_bits(row_ptr + idx, ok, KEY16) >> KEY_SHIFT
+        x = load_key_bits(row_ptr + idx, ok, KEY16) >> KEY_SHIFT
         eq = ok & (x == thresh)
         eq_rank = ties_taken + tl.cumsum(eq.to(tl.int32), 0) - 1
         sel = (ok & (x > thresh)) | (eq & (eq_rank < need))
@@ -378,12 +347,8 @@ def _sparse_kernel(
     PAGED: vLLM layout as in _attn_fwd_kernel; the indices' tile axis counts from each sequence's first
     query tile (as _select_kernel writes it)."""
     M: tl.constexpr = G_BLOCK * T
-    # Grid as in _attn_fwd_kernel: one KV head's tiles together (its K/V rows stay in L2), the head
-    # blocks of one tile next to each other (they gather the same keys), largest tiles first.
-    n_slots = tl.num_programs(0) // n_gblocks
-    gb = tl.program_id(0) % n_gblocks
-    b = tl.program_id(1) // Hkv
-    hkv = tl.program_id(1) % Hkv
+    # Grid as in _attn_fwd_kernel (the head blocks of one tile gather the same keys), largest tiles first.
+    n_slots, gb, b, hkv = _program_block(n_gblocks, Hkv)
     start, L, q_pos, q_row0 = _geometry(kv_start_ptr, kv_end_ptr, qsl_ptr, b, Lq, PAGED)
     idx_tile = n_slots - 1 - tl.program_id(0) // n_gblocks
     tile = q_pos // T + idx_tile
@@ -392,15 +357,8 @@ def _sparse_kernel(
     prefix = tile * T
     if prefix >= L:
         return
-    offs_m = tl.arange(0, M)
-    g = gb * G_BLOCK + offs_m // T
-    r = prefix + offs_m % T
-    row_ok = (g < G) & (r >= q_pos) & (r < L)
-    head = hkv * G + g
-    lq_idx = q_row0 + r - q_pos
-    offs_d = tl.arange(0, D)
-    q = tl.load(q_ptr + b * sqb + head[:, None] * sqh + lq_idx[:, None] * sqt + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
+    g, r, row_ok, head, lq_idx, offs_d, q = _query_rows(q_ptr, b, hkv, gb, prefix, q_pos, q_row0, L, G, sqb, sqh,
+                                                        sqt, M, T, G_BLOCK, D)
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, D], tl.float32)

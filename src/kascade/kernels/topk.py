@@ -1,20 +1,35 @@
-"""Triton kernels of Top-k selection over pooled post-softmax scores: a three-level radix select.
+"""The radix Top-k selection of both phases, over pooled post-softmax scores (one tie rule).
 
-Pooled scores are non-negative float32, so their bit patterns (as int32) order like the values. Level 1
-histograms bits 30..23 (the exponent, 256 bins; fused with pooling), level 2 the next B2 bits of the
-keys inside level 1's boundary bin, level 3 the next B3 bits inside level 2's boundary bin. The
-(8 + B2 + B3)-bit key then splits each row's keys into "above the threshold" (all taken) and "at the
-threshold" (taken, in key order, until the budget is filled): keys whose top 8 + B2 + B3 bits agree
-(relative difference under 2^-(B2 + B3)) are treated as ties. No sort.
+Pooled scores are non-negative floats, so their bit patterns (as int32) order like the values: the
+k-th largest is found digit by digit (a histogram of one digit among the keys whose higher digits equal
+the boundary found so far; no sort), then a compaction writes every key above the threshold and the
+first keys at it until the budget is filled.
 
-tl.histogram's cost grows with the bin count (about 100 instructions per 32 keys at 256 bins), so the
-refinement levels use fewer bins (B2 = B3 = 7 by default: ties below 2^-14 relative).
+Tie rule (both phases): keys are the top KEY_BITS = 8 + B2 + B3 = 22 bits of the float32 value (bits
+30..9: the exponent and 14 mantissa bits), so scores within 2^-14 relative of each other tie, and ties
+at the threshold are taken in key order. Why this one: swapping two tied keys changes the captured mass
+by at most 2^-14 of the smaller one, far inside what the tests allow against the exact Top-k of the
+reference (1e-5 x G absolute per row for float32 in decode, 1e-3 mean per tile in prefill), while 7-bit
+refinement digits keep tl.histogram cheap (its cost grows with the bin count: about 100 instructions
+per 32 keys at 256 bins; 8-bit digits, a 24-bit key, made the decode selection slower for nothing the
+tests or the method can see; coarser digits, 6 + 6, were measured no faster at the decode target
+points). Prefill stores its pooled scores as float16 when one program holds a whole tile x group (half
+the bytes the select reads): a float16 value has 5 exponent and 10 mantissa bits, so its exact 16-bit
+pattern is a monotone, one-to-one image of its 22-bit key, and the select takes the 16 bits whole (two
+8-bit digits) -- the same rule on the stored value. The rounding to float16 (2^-11 relative) is the
+pooling's storage precision, before the selection, not a second tie rule.
 
-A row may be split over several programs (fills the GPU at batch 1): level histograms are summed with
-atomics into a zero-initialised [rows, 3 * 256] int32 buffer. The level-3 pass also stores each
-program's own level-3 histogram and count of keys above the level-2 prefix, from which the compaction
-pass derives where each program writes: indices come out in key order, deterministically, with no
-atomics.
+Two drivers share the digits, the boundary search and the key rule:
+
+* decode (this module's kernels, launched by kascade.ops.decode): rows are long and few, so a row is
+  split over several programs; level 1 histograms bits 30..23 (the exponent, 256 bins; fused with
+  pooling), level 2 the next B2 bits of the keys inside level 1's boundary bin, level 3 the next B3
+  bits. Level histograms are summed with atomics into a zero-initialised [rows, 3 * 256] int32 buffer.
+  The level-3 pass also stores each program's own level-3 histogram and count of keys above the level-2
+  prefix, from which the compaction pass derives where each program writes: indices come out in key
+  order (keys above the threshold first, then ties), deterministically, with no atomics.
+* prefill (kascade.kernels.prefill._select_kernel): one program per (row, KV head, tile) reads its
+  pooled row once per digit (radix_digit) and compacts the selected positions in ascending order.
 """
 
 from __future__ import annotations
@@ -22,11 +37,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-NBINS = 256
-HIST_STRIDE = 3 * NBINS
-PART_STRIDE = NBINS + 1
-
-
+NBINS = 256  # level 1: the 8 exponent bits
+B2 = 7  # bits of the level-2 digit
+B3 = 7  # bits of the level-3 digit
+KEY_SHIFT = 23 - B2 - B3  # a float32 key is bits >> KEY_SHIFT: 8 + B2 + B3 = 22 bits
+HIST_STRIDE = 3 * NBINS  # the three level histograms of a row
+PART_STRIDE = NBINS + 1  # a program's level-3 histogram and its count above the level-2 prefix
 @triton.jit
 def _budget(length, ppm, floor):
     """reference.topk_budget on the device: min(max(ceil(length * ppm / 1e6), floor), length)."""
@@ -46,6 +62,49 @@ def _boundary(hist, kk, NB: tl.constexpr):
     bsel = tl.max(tl.where(ge >= kk, offs, -1), 0)
     greater = tl.sum(tl.where(offs > bsel, hist, 0), 0)
     return bsel, greater
+
+
+@triton.jit
+def load_key_bits(ptrs, ok, KEY16: tl.constexpr):
+    """Pooled scores (>= 0, float32 or float16) as int32 bit patterns, which order like the values (0
+    where not ok)."""
+    if KEY16:
+        bits = tl.load(ptrs, mask=ok, other=0.0).to(tl.int16, bitcast=True).to(tl.int32)
+    else:
+        bits = tl.load(ptrs, mask=ok, other=0.0).to(tl.int32, bitcast=True)
+    return bits
+
+
+@triton.jit
+def radix_digit(row_ptr, length, shift: tl.constexpr, prefix_bits, need, check_prefix: tl.constexpr,
+                BITS: tl.constexpr, BLOCK: tl.constexpr, KEY16: tl.constexpr):
+    """One radix digit of the need-th largest of row_ptr[0:length], read by one program: histogram of
+    bits [shift, shift+BITS) among the elements whose higher bits equal prefix_bits (check_prefix; the
+    first digit takes all); returns (digit, need left within that digit)."""
+    NB: tl.constexpr = 1 << BITS
+    hist = tl.zeros([NB], tl.int32)
+    others = 0
+    offs = tl.arange(0, BLOCK)
+    for i0 in range(0, length, BLOCK):
+        idx = i0 + offs
+        ok = idx < length
+        x = load_key_bits(row_ptr + idx, ok, KEY16)
+        match = ok
+        if check_prefix:
+            match = ok & ((x >> (shift + BITS)) == prefix_bits)
+        digit = tl.where(match, (x >> shift) & (NB - 1), 0)
+        hist += tl.histogram(digit, NB)
+        others += tl.sum((~match).to(tl.int32), 0)
+    bins = tl.arange(0, NB)
+    # Elements that do not take part were counted in bin 0.
+    hist = hist - tl.where(bins == 0, others, 0)
+    # _boundary's search, written with a reverse scan: need >= 1 keys always remain, so no bin -1 case
+    # and no total (sharing _boundary added two block reductions and four barriers per digit to the
+    # prefill select, compiled for sm_90).
+    at_or_above = tl.cumsum(hist, 0, reverse=True)
+    digit = tl.max(tl.where(at_or_above >= need, bins, 0), 0)
+    above = tl.sum(tl.where(bins > digit, hist, 0), 0)
+    return digit, need - above
 
 
 @triton.jit
@@ -108,6 +167,20 @@ def _threshold(h_base, kk, LEVELS: tl.constexpr, B2: tl.constexpr, B3: tl.conste
 
 
 @triton.jit
+def _row_chunk(row, sp, KV_START, KV_END, HIST, H_KV, chunk, ppm, floor):
+    """Prologue of the refinement and compaction passes: the row's budget kk, the keys [lo, hi) of
+    program sp, and the row's histograms."""
+    b = row // H_KV
+    start = tl.load(KV_START + b).to(tl.int32)
+    end = tl.load(KV_END + b).to(tl.int32)
+    kk = _budget(end - start, ppm, floor)
+    lo = start + sp * chunk
+    hi = tl.minimum(lo + chunk, end)
+    h_base = HIST + row.to(tl.int64) * (3 * 256)
+    return kk, lo, hi, h_base
+
+
+@triton.jit
 def _refine_hist(
     row, sp, POOLED, KV_START, KV_END, HIST, PART,
     H_KV, Lk, chunk, ppm, floor, n_sel,
@@ -122,14 +195,7 @@ def _refine_hist(
     relaxed atomics (into HIST, and at level 3 also into this program's PART histogram, which must then
     be zero: the level-2 launch zeroes its first ZERO_PART bins); fuller blocks use tl.histogram. The
     counts, and so the selection, are the same either way."""
-    b = row // H_KV
-    start = tl.load(KV_START + b).to(tl.int32)
-    end = tl.load(KV_END + b).to(tl.int32)
-    kk = _budget(end - start, ppm, floor)
-    lo = start + sp * chunk
-    hi = tl.minimum(lo + chunk, end)
-
-    h_base = HIST + row.to(tl.int64) * (3 * 256)
+    kk, lo, hi, h_base = _row_chunk(row, sp, KV_START, KV_END, HIST, H_KV, chunk, ppm, floor)
     prefix, _ = _threshold(h_base, kk, LEVEL - 1, B2, B3)
     bins = tl.arange(0, NB)
 
@@ -177,14 +243,7 @@ def _compact(
 ):
     """Write the absolute positions of each row's Top-k keys to IDX [rows, W]; slots >= k get -1. Keys above
     the threshold fill slots [0, n_gt) in key order, ties at the threshold fill [n_gt, k) in key order."""
-    b = row // H_KV
-    start = tl.load(KV_START + b).to(tl.int32)
-    end = tl.load(KV_END + b).to(tl.int32)
-    kk = _budget(end - start, ppm, floor)
-    lo = start + sp * chunk
-    hi = tl.minimum(lo + chunk, end)
-
-    h_base = HIST + row.to(tl.int64) * (3 * 256)
+    kk, lo, hi, h_base = _row_chunk(row, sp, KV_START, KV_END, HIST, H_KV, chunk, ppm, floor)
     thr, n_gt = _threshold(h_base, kk, 3, B2, B3)
     need = kk - n_gt
     b3 = thr & (NB3 - 1)

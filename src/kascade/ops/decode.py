@@ -30,91 +30,74 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from ..budget import topk_budget
 from ..kernels import decode as kd
 from ..kernels import topk as kt
-from ..budget import topk_budget
 from ..validation import KascadeInputError
+from ._launch import check_head_map, check_kernel_inputs, dot_precision, pad16, qk_scale, sm_count
 
-LOG2E = 1.4426950408889634
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Block sizes and launch settings of the decode launchers, passed explicitly (``config=``; default
+    :data:`DEFAULT_CONFIG`, the fastest measured on the H100, benchmarks/notes_decode.md). Benchmarks and
+    tests build variants with ``dataclasses.replace``. Only knobs that some caller sets to another value
+    are here; the radix digits of the selection are not a knob but its tie rule (kernels/topk.py)."""
 
-# Block sizes and launch settings. Module-level so a benchmark can try others without editing code.
-TUNING = {
-    "block_n": 128,  # keys per iteration of the split (dense / score) pass
-    "num_warps": 4,
-    "num_stages": 3,
-    "programs_per_sm": 4,  # programs per SM the split counts aim for
-    "min_chunk": 512,  # fewest keys per split of the split pass
-    "max_splits": 128,
-    "chunk_align": None,  # split lengths of the split pass are multiples of this (None: block_n)
-    "sparse_block_n": 64,  # index slots per iteration of the sparse pass
-    "sparse_num_warps": 4,
-    "sparse_num_stages": 3,
-    "sparse_min_chunk": 128,  # fewest index slots per split of the sparse pass
-    # Split lengths of the sparse pass are multiples of this many slots (None: sparse_block_n). A finer
-    # grain lets rows * splits match the SM count exactly at batch 1 (the last block of a split is masked).
-    "sparse_chunk_align": None,
-    # Programs per SM the sparse split count aims for (None: programs_per_sm). 3, measured on the H100
+    block_n: int = 128  # keys per iteration of the split (dense / score) pass
+    num_warps: int = 4
+    num_stages: int = 3
+    programs_per_sm: int = 4  # programs per SM the split counts aim for
+    min_chunk: int = 512  # fewest keys per split of the split pass
+    max_splits: int = 128  # most splits per row (split pass and sparse pass)
+    # Split lengths of the split pass are multiples of this (None: block_n). Tests cut splits through
+    # paged-cache blocks with a finer grain.
+    chunk_align: int | None = None
+    sparse_block_n: int = 64  # index slots per iteration of the sparse pass
+    sparse_num_warps: int = 4
+    sparse_num_stages: int = 3
+    sparse_min_chunk: int = 128  # fewest index slots per split of the sparse pass
+    # Split lengths of the sparse pass are multiples of this many slots (None: sparse_block_n).
+    sparse_chunk_align: int | None = None
+    # Programs per SM the sparse split count aims for. 3, measured on the H100
     # (benchmarks/results/decode_tune2.json): one split per row at batch 64 (direct store, no merge;
     # reuse -2 % at 32K, -7 % at 8K) and one wave of 41 splits x 8 rows at batch 1 (-2 %).
-    "sparse_programs_per_sm": 3,
-    "sparse_max_splits": None,  # most splits per row of the sparse pass (None: max_splits)
-    "sparse_direct": True,  # one split per row: its program stores the output itself (no partials, no merge)
+    sparse_programs_per_sm: float = 3
     # With at most this many splits per row, the last split of a row merges them (no combine launch);
     # with more, one combine program per query head does (one program merging 256 splits was slow).
-    "fuse_max_splits": 16,
-    "select_block": 2048,  # keys per iteration of the selection passes
-    "select_num_warps": 8,
-    "select_programs_per_sm": 8,  # programs per SM the selection passes aim for
-    "select_min_chunk": 4096,  # fewest keys per selection program
-    "select_bits": (7, 7),  # bits resolved by the 2nd and 3rd radix levels (the 1st: the 8 exponent bits)
+    fuse_max_splits: int = 16
+    select_block: int = 2048  # keys per iteration of the selection passes
+    select_num_warps: int = 8
+    select_programs_per_sm: int = 8  # programs per SM the selection passes aim for
+    select_min_chunk: int = 4096  # fewest keys per selection program
     # Hybrid histograms of the 2nd / 3rd radix level: a block of select_block keys with at most this many
     # keys inside the boundary prefix adds them with relaxed atomics (one per key) instead of tl.histogram,
     # whose cost does not depend on how many keys the mask keeps; 0: tl.histogram always. Level 3 keeps
     # only the keys of one level-2 bin (a few per block), so its pass becomes a plain read of the pooled
-    # scores.
-    "select_atomic_max": (0, 64),  # level 3 hybrid: selection -8 % at 128K b64, -6 % at 32K (tune2)
+    # scores. (0, 64): selection -8 % at 128K b64, -6 % at 32K (tune2).
+    select_atomic_max: tuple[int, int] = (0, 64)
     # One launch for the whole selection where few rows leave the GPU mostly idle (batch 1): the passes
     # meet at per-row barriers instead of kernel boundaries. "auto": on CUDA for at most
     # select_fused_max_rows rows; "always": on CUDA whenever the grid fits, and in the interpreter (one
     # program per row there); False: never. Measured at 128K batch 1 (decode_tune5_loop.json): 40.6 ->
-    # 37.8 us per selection with 2 programs / SM (1 program / SM: 42.6 us).
-    "select_fused": "auto",
-    "select_fused_programs_per_sm": 2,  # resident programs per SM the fused grid may use
-    "select_fused_min_chunk": 2048,  # fewest keys per fused program
-    "select_fused_max_rows": 32,  # "auto" fuses up to this many rows (batch x KV heads)
-    # Launch the fused selection as a cooperative grid: the driver then refuses a grid that cannot be
-    # resident at once (an error) instead of letting its barriers wait forever.
-    "select_fused_cooperative": True,
-}
-
-_SM_COUNT: dict[int, int] = {}
+    # 37.8 us per selection with 2 programs / SM (1 program / SM: 42.6 us). On CUDA the fused grid is
+    # always a cooperative launch: the driver then refuses a grid that cannot be resident at once (an
+    # error, caught below) instead of letting its barriers wait forever (no measurable cost).
+    select_fused: str | bool = "auto"
+    select_fused_programs_per_sm: int = 2  # resident programs per SM the fused grid may use
+    select_fused_min_chunk: int = 2048  # fewest keys per fused program
+    select_fused_max_rows: int = 32  # "auto" fuses up to this many rows (batch x KV heads)
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter: a few splits so that the split/combine code runs
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
+DEFAULT_CONFIG = DecodeConfig()
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int]:
-    """Check what the kernels need beyond kascade.validation; returns (B, Hq, Hkv, Lk, D)."""
+    """Check what the decode kernels need beyond kascade.validation; returns (B, Hq, Hkv, Lk, D)."""
     if q.shape[2] != 1:
         raise KascadeInputError(f"decode kernels take one query per row (Lq=1), got Lq={q.shape[2]}")
+    check_kernel_inputs(q, k, v, "decode")
     B, Hq, _, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    if D not in (64, 128):
-        raise KascadeInputError(f"decode kernels support head_dim 64 or 128, got {D}")
-    G = Hq // Hkv
-    if not 1 <= G <= 16:
-        raise KascadeInputError(f"decode kernels support GQA group sizes 1..16, got {Hq} // {Hkv} = {G}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise KascadeInputError(f"decode kernels support float16, bfloat16, float32, got {q.dtype}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(-1) != 1:
-            raise KascadeInputError(f"{name} must be contiguous in head_dim (stride 1), got strides {t.stride()}")
     if Lk >= 2**31 - 2**16:
         raise KascadeInputError(f"key length {Lk} is too long for int32 indices")
     return B, Hq, Hkv, Lk, D
@@ -174,23 +157,11 @@ def _combine_meta(G: int, D: int, n_splits: int) -> dict:
     return dict(GQ=gq, SP=sp, SB=max(1, min(sp, 4096 // (gq * D))))
 
 
-def _precision(q: torch.Tensor) -> str:
-    return "ieee" if q.dtype == torch.float32 else "tf32"
-
-
-def _scale2(scale: float | None, D: int) -> float:
-    return (1.0 / math.sqrt(D) if scale is None else float(scale)) * LOG2E
-
-
-def _splits(rows: int, length: int, device: torch.device, block: int, min_chunk: int | None = None,
-            programs_per_sm: float | None = None, max_splits: int | None = None,
-            align: int | None = None) -> tuple[int, int]:
+def _splits(rows: int, length: int, device: torch.device, block: int, min_chunk: int, programs_per_sm: float,
+            max_splits: int, align: int | None) -> tuple[int, int]:
     """(n_splits, chunk): cut an axis of `length` into chunks (multiples of align, default block) so that
     rows * n_splits is about programs_per_sm * SMs."""
-    pps = TUNING["programs_per_sm"] if programs_per_sm is None else programs_per_sm
-    want = max(1, math.ceil(pps * _sm_count(device) / max(rows, 1)))
-    min_chunk = TUNING["min_chunk"] if min_chunk is None else min_chunk
-    max_splits = TUNING["max_splits"] if max_splits is None else max_splits
+    want = max(1, math.ceil(programs_per_sm * sm_count(device) / max(rows, 1)))
     n = max(1, min(want, triton.cdiv(length, min_chunk), max_splits))
     align = block if align is None else align
     chunk = triton.cdiv(triton.cdiv(length, n), align) * align
@@ -201,34 +172,37 @@ def _gp(G: int) -> int:
     return max(16, triton.next_power_of_2(G))
 
 
-def _split_pass(q, k, v, kv_start, kv_end, scale, write_scores: bool, acc_v: bool, paged: PagedKV | None = None):
+def _split_pass(q, k, v, kv_start, kv_end, scale, write_scores: bool, acc_v: bool, paged: PagedKV | None = None,
+                config: DecodeConfig = DEFAULT_CONFIG):
     """Launch decode_split_kernel; returns (scores or None, m, l, out or None, n_splits): out is the dense
     output when acc_v. paged: K/V are paged caches (kv_start / kv_end then hold logical positions)."""
     B, Hq, Hkv, Lk, D, kv_strides, bt, pg_strides, pg_meta = _kv_layout(q, k, v, paged)
     G = Hq // Hkv
     rows = B * Hkv
-    block = TUNING["block_n"]
-    n_splits, chunk = _splits(rows, Lk, q.device, block, align=TUNING["chunk_align"])
+    c = config
+    block = c.block_n
+    n_splits, chunk = _splits(rows, Lk, q.device, block, c.min_chunk, c.programs_per_sm, c.max_splits,
+                              c.chunk_align)
     f32 = dict(dtype=torch.float32, device=q.device)
     scores = torch.empty((rows, Lk, G), **f32) if write_scores else q.new_empty((1,), dtype=torch.float32)
     m = torch.empty((rows, n_splits, G), **f32)
     l = torch.empty((rows, n_splits, G), **f32)
     o = torch.empty((rows, n_splits, G, D), **f32) if acc_v else m
-    fuse = acc_v and n_splits <= TUNING["fuse_max_splits"]
+    fuse = acc_v and n_splits <= c.fuse_max_splits
     out = torch.empty_like(q) if fuse else q
     counter = _counter(q.device, rows) if fuse else m
     kv_start, kv_end = kv_start.contiguous(), kv_end.contiguous()
     kd.decode_split_kernel[(rows, n_splits)](
         q, k, v, kv_start, kv_end, scores, m, l, o, out, counter, bt,
-        _scale2(scale, D),
+        qk_scale(scale, D),
         q.stride(0), q.stride(1),
         *kv_strides,
         out.stride(0), out.stride(1),
         *pg_strides,
         Hkv, Lk, n_splits, chunk,
         G=G, GP=_gp(G), D=D, BLOCK_N=block, WRITE_SCORES=write_scores, ACC_V=acc_v,
-        PRECISION=_precision(q), FUSE_COMBINE=fuse, **_combine_meta(G, D, n_splits), **pg_meta,
-        num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
+        PRECISION=dot_precision(q.dtype), FUSE_COMBINE=fuse, **_combine_meta(G, D, n_splits), **pg_meta,
+        num_warps=c.num_warps, num_stages=c.num_stages,
     )
     if acc_v and not fuse:
         out = _combine(q, m, l, o, n_splits, Hkv)
@@ -247,19 +221,21 @@ def _combine(q, m, l, o, n_splits, Hkv):
     return out
 
 
-def dense(q, k, v, kv_start, kv_end, *, scale=None):
+def dense(q, k, v, kv_start, kv_end, *, scale=None, config: DecodeConfig = DEFAULT_CONFIG):
     """Dense decode attention (split-KV). q [B, Hq, 1, D] -> out [B, Hq, 1, D] in q's dtype."""
-    return _split_pass(q, k, v, kv_start, kv_end, scale, write_scores=False, acc_v=True)[3]
+    return _split_pass(q, k, v, kv_start, kv_end, scale, write_scores=False, acc_v=True, config=config)[3]
 
 
-def sparse_splits(rows: int, width: int, device: torch.device) -> tuple[int, int]:
+def sparse_splits(rows: int, width: int, device: torch.device,
+                  config: DecodeConfig = DEFAULT_CONFIG) -> tuple[int, int]:
     """(n_splits, chunk) of the sparse pass over `width` index slots per row."""
-    return _splits(rows, width, device, TUNING["sparse_block_n"], TUNING["sparse_min_chunk"],
-                   TUNING["sparse_programs_per_sm"], TUNING["sparse_max_splits"], TUNING["sparse_chunk_align"])
+    c = config
+    return _splits(rows, width, device, c.sparse_block_n, c.sparse_min_chunk, c.sparse_programs_per_sm,
+                   c.max_splits, c.sparse_chunk_align)
 
 
 def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None, head_map=None, budget=None,
-           paged: PagedKV | None = None):
+           paged: PagedKV | None = None, config: DecodeConfig = DEFAULT_CONFIG):
     """Attention over each (row, KV head)'s selected keys: indices [B, Hkv, W] (absolute positions,
     -1 and positions outside [kv_start, kv_end) ignored). Returns [B, Hq, 1, D] in q's dtype.
     scores: the anchor's score-pass output [B*Hkv, Lk, G] (base-2, scaled); when given, scores are
@@ -273,10 +249,7 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None, head_
     heads_ok = indices.shape[1] >= Hkv if head_map is not None else indices.shape[1] == Hkv
     if indices.dim() != 3 or indices.shape[0] != B or not heads_ok:
         raise KascadeInputError(f"decode indices must be [B={B}, Hkv={Hkv}, W], got {tuple(indices.shape)}")
-    if head_map is not None and (head_map.shape != (Hkv,) or head_map.dtype != torch.int32
-                                 or head_map.device != q.device):
-        raise KascadeInputError(f"head_map must be int32 [{Hkv}] on {q.device}, got {head_map.dtype} "
-                                f"{tuple(head_map.shape)} on {head_map.device}")
+    check_head_map(head_map, Hkv, q.device)
     if indices.dtype not in (torch.int32, torch.int64):
         raise KascadeInputError(f"indices must be int32 or int64, got {indices.dtype}")
     if indices.stride(2) != 1:
@@ -288,9 +261,11 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None, head_
                                 f"pass), got {scores.dtype} {tuple(scores.shape)}")
     rows = B * Hkv
     W = indices.shape[2]
-    block = TUNING["sparse_block_n"]
-    n_splits, chunk = sparse_splits(rows, W, q.device)
-    direct = n_splits == 1 and TUNING["sparse_direct"]
+    c = config
+    block = c.sparse_block_n
+    n_splits, chunk = sparse_splits(rows, W, q.device, c)
+    # one split per row: its program stores the output itself (no partials, no merge)
+    direct = n_splits == 1
     f32 = dict(dtype=torch.float32, device=q.device)
     if direct:
         m = l = o = q.new_empty((1,), dtype=torch.float32)
@@ -298,7 +273,7 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None, head_
         m = torch.empty((rows, n_splits, G), **f32)
         l = torch.empty((rows, n_splits, G), **f32)
         o = torch.empty((rows, n_splits, G, D), **f32)
-    fuse = n_splits <= TUNING["fuse_max_splits"] and not direct
+    fuse = n_splits <= c.fuse_max_splits and not direct
     out = torch.empty_like(q)
     counter = _counter(q.device, rows) if fuse else m
     kv_start, kv_end = kv_start.contiguous(), kv_end.contiguous()
@@ -306,61 +281,63 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None, head_
     kd.decode_sparse_kernel[(rows, n_splits)](
         q, k, v, indices, (head_map if head_map is not None else indices), kv_start, kv_end,
         (scores if scores is not None else m), m, l, o, out, counter, bt,
-        _scale2(scale, D),
+        qk_scale(scale, D),
         q.stride(0), q.stride(1),
         *kv_strides,
         indices.stride(0), indices.stride(1),
         out.stride(0), out.stride(1),
         *pg_strides,
         Hkv, Lk, W, n_splits, chunk, ppm, floor,
-        G=G, GP=_gp(G), D=D, BLOCK_N=block, PRECISION=_precision(q), FROM_SCORES=scores is not None,
+        G=G, GP=_gp(G), D=D, BLOCK_N=block, PRECISION=dot_precision(q.dtype), FROM_SCORES=scores is not None,
         FUSE_COMBINE=fuse, **_combine_meta(G, D, n_splits), DIRECT=direct, MAPPED=head_map is not None,
         BUDGET_BOUND=budget is not None, **pg_meta,
-        num_warps=TUNING["sparse_num_warps"], num_stages=TUNING["sparse_num_stages"],
+        num_warps=c.sparse_num_warps, num_stages=c.sparse_num_stages,
     )
     return out if (fuse or direct) else _combine(q, m, l, o, n_splits, Hkv)
 
 
-def _select_fused(rows: int, device: torch.device) -> bool:
-    """Whether the one-launch selection applies: asked for, few rows (TUNING select_fused_max_rows: with
+def _select_fused(rows: int, device: torch.device, config: DecodeConfig) -> bool:
+    """Whether the one-launch selection applies: asked for, few rows (select_fused_max_rows: with
     many rows the four-launch path already fills the GPU), and at least one program per row fits in the
     programs it may keep resident (select_fused_programs_per_sm x SMs; the interpreter runs one program per
     row, so its barriers never wait on a program that has not started)."""
-    mode = TUNING["select_fused"]
+    mode = config.select_fused
     if not mode:
         return False
     if device.type != "cuda":
         return mode == "always"
-    if mode == "auto" and rows > TUNING["select_fused_max_rows"]:
+    if mode == "auto" and rows > config.select_fused_max_rows:
         return False
-    return rows <= TUNING["select_fused_programs_per_sm"] * _sm_count(device) // 2
+    return rows <= config.select_fused_programs_per_sm * sm_count(device) // 2
 
 
-def select(scores, m, l, n_splits, kv_start, kv_end, *, Hkv, topk_fraction, topk_floor):
+def select(scores, m, l, n_splits, kv_start, kv_end, *, Hkv, topk_fraction, topk_floor,
+           config: DecodeConfig = DEFAULT_CONFIG):
     """Top-k over pooled post-softmax scores from the split pass (scores [B*Hkv, Lk, G], split partials
     m, l [B*Hkv, n_splits, G]): indices [B, Hkv, W] int32, W = topk_budget(Lk) rounded up to 16."""
     rows, Lk, G = scores.shape
     B = rows // Hkv
     # rounded up to 16 (the compaction writes -1 past each row's budget): one stride class per geometry
-    W = -(-max(1, topk_budget(Lk, topk_fraction, topk_floor)) // 16) * 16
+    W = pad16(max(1, topk_budget(Lk, topk_fraction, topk_floor)))
     ppm = round(topk_fraction * 1_000_000)
     device = scores.device
-    block = TUNING["select_block"]
+    c = config
+    block = c.select_block
     if not 1 <= block < 1 << 16:
         raise KascadeInputError(f"select_block must be below 65536 (ranks share an int32), got {block}")
-    fused = _select_fused(rows, device)
+    fused = _select_fused(rows, device, c)
     if fused:  # one launch: every program of the grid must be resident at once (the passes meet at barriers)
-        resident = TUNING["select_fused_programs_per_sm"] * _sm_count(device) if device.type == "cuda" else rows
+        resident = c.select_fused_programs_per_sm * sm_count(device) if device.type == "cuda" else rows
         want = max(1, resident // rows)  # the interpreter: one program per row
-        min_chunk = TUNING["select_fused_min_chunk"]
+        min_chunk = c.select_fused_min_chunk
     else:
-        want = triton.cdiv(TUNING["select_programs_per_sm"] * _sm_count(device), max(rows, 1))
-        min_chunk = TUNING["select_min_chunk"]
-    sel_splits = max(1, min(want, triton.cdiv(Lk, min_chunk), TUNING["max_splits"]))
+        want = triton.cdiv(c.select_programs_per_sm * sm_count(device), max(rows, 1))
+        min_chunk = c.select_min_chunk
+    sel_splits = max(1, min(want, triton.cdiv(Lk, min_chunk), c.max_splits))
     chunk = triton.cdiv(triton.cdiv(Lk, sel_splits), block) * block
     sel_splits = triton.cdiv(Lk, chunk)
     w_chunk = triton.cdiv(W, sel_splits)
-    b2, b3 = TUNING["select_bits"]
+    b2, b3 = kt.B2, kt.B3  # the tie rule's digits (kernels/topk.py), not a tuning knob
     kv_start, kv_end = kv_start.contiguous(), kv_end.contiguous()
     pooled = torch.empty((rows, Lk), dtype=torch.float32, device=device)
     # the histograms and, after them, one barrier counter per row: zeroed by one memset
@@ -369,8 +346,8 @@ def select(scores, m, l, n_splits, kv_start, kv_end, *, Hkv, topk_fraction, topk
     part = torch.empty((rows, sel_splits, kt.PART_STRIDE), dtype=torch.int32, device=device)
     indices = torch.empty((B, Hkv, W), dtype=torch.int32, device=device)
     grid = (rows, sel_splits)
-    nw = TUNING["select_num_warps"]
-    a2, a3 = (max(0, int(a)) for a in TUNING["select_atomic_max"])
+    nw = c.select_num_warps
+    a2, a3 = (max(0, int(a)) for a in c.select_atomic_max)
     if fused and (G, str(device)) in _FUSED_REFUSED:
         fused = False
     if fused:
@@ -414,12 +391,12 @@ def _launch_select_fused(grid, scores, m, l, kv_start, kv_end, pooled, hist, par
         B2=b2, B3=b3, SPP=triton.next_power_of_2(sel_splits), ATOMIC2=a2, ATOMIC3=a3,
         ZERO_PART=(1 << b3) if a3 > 0 else 0, num_warps=nw,
         **({"launch_cooperative_grid": True}
-           if device.type == "cuda" and TUNING["select_fused_cooperative"] else {}),
+           if device.type == "cuda" else {}),
     )
 
 
 def anchor(q, k, v, kv_start, kv_end, *, topk_fraction, topk_floor, scale=None, dense_output=False,
-           paged: PagedKV | None = None):
+           paged: PagedKV | None = None, config: DecodeConfig = DEFAULT_CONFIG):
     """Anchor decode: Top-k of the group-pooled post-softmax scores (exact up to ties: pooled scores
     within 2^-14 relative of the threshold count as equal), then sparse attention over them
     (dense_output=True: the dense output, layer 0). Returns (out [B, Hq, 1, D], indices [B, Hkv, W]
@@ -428,12 +405,12 @@ def anchor(q, k, v, kv_start, kv_end, *, topk_fraction, topk_floor, scale=None, 
     indices logical)."""
     Hkv = k.shape[1] if paged is None else k.shape[2]
     scores, m, l, dense_out, n_splits = _split_pass(q, k, v, kv_start, kv_end, scale, write_scores=True,
-                                                    acc_v=dense_output, paged=paged)
+                                                    acc_v=dense_output, paged=paged, config=config)
     indices = select(scores, m, l, n_splits, kv_start, kv_end, Hkv=Hkv, topk_fraction=topk_fraction,
-                     topk_floor=topk_floor)
+                     topk_floor=topk_floor, config=config)
     if dense_output:
         out = dense_out
     else:
         out = sparse(q, k, v, indices, kv_start, kv_end, scale=scale, scores=scores,
-                     budget=(topk_fraction, topk_floor), paged=paged)
+                     budget=(topk_fraction, topk_floor), paged=paged, config=config)
     return out, indices

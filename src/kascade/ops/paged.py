@@ -30,8 +30,7 @@ import torch
 from ..validation import KascadeInputError, check_budget
 from . import decode as D
 from . import prefill as PF
-
-_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
+from ._launch import DTYPES, HEAD_DIMS, MAX_GQA, check_head_map
 
 
 def _check_q(q, layout: str, phase: str, head_dims) -> tuple[int, int, int]:
@@ -39,7 +38,7 @@ def _check_q(q, layout: str, phase: str, head_dims) -> tuple[int, int, int]:
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         got = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
         raise KascadeInputError(f"q must be {layout}, got {got}")
-    if q.dtype not in _FLOAT:
+    if q.dtype not in DTYPES:
         raise KascadeInputError(f"q has dtype {q.dtype}; expected float16, bfloat16 or float32")
     if q.shape[2] not in head_dims:
         raise KascadeInputError(f"paged {phase} kernels support head_size in {tuple(head_dims)}, got q head_size "
@@ -62,7 +61,7 @@ def _check_int32(name: str, t, layout: str, q, shape_ok) -> None:
 
 def _check_paged(q, k_cache, v_cache, block_table, seq_lens):
     """Shape / dtype / device checks (no value reads). Returns (B, Hq, Hkv, block_size, D)."""
-    B, Hq, Dh = _check_q(q, "[batch, num_q_heads, head_size] (one decode query per sequence)", "decode", (64, 128))
+    B, Hq, Dh = _check_q(q, "[batch, num_q_heads, head_size] (one decode query per sequence)", "decode", HEAD_DIMS)
     Hkv, block_size = _check_cache_tables(q, B, Hq, Dh, k_cache, v_cache, block_table, seq_lens, "decode")
     return B, Hq, Hkv, block_size, Dh
 
@@ -92,8 +91,8 @@ def _check_cache_tables(q, B, Hq, Dh, k_cache, v_cache, block_table, seq_lens, k
         raise KascadeInputError(f"block_size (k_cache.shape[1]) must be a power of two >= 16, got {block_size}")
     if Hkv < 1 or Hq % Hkv:
         raise KascadeInputError(f"num_q_heads ({Hq}) must be a multiple of num_kv_heads ({Hkv}, k_cache.shape[2])")
-    if not 1 <= Hq // Hkv <= 16:
-        raise KascadeInputError(f"paged {kind} kernels support GQA group sizes 1..16, got {Hq} // {Hkv} = "
+    if not 1 <= Hq // Hkv <= MAX_GQA:
+        raise KascadeInputError(f"paged {kind} kernels support GQA group sizes 1..{MAX_GQA}, got {Hq} // {Hkv} = "
                                 f"{Hq // Hkv}")
     _check_int32("block_table", block_table, f"[batch={B}, max_blocks_per_seq]", q,
                  lambda t: t.dim() == 2 and t.shape[0] == B)
@@ -136,16 +135,17 @@ def _prepare(q, k_cache, v_cache, block_table, seq_lens, validate_values):
     return q.unsqueeze(2), paged, kv_start, seq_lens.contiguous(), Hkv
 
 
-def paged_decode_dense(q, k_cache, v_cache, block_table, seq_lens, scale=None, *, validate_values=False):
+def paged_decode_dense(q, k_cache, v_cache, block_table, seq_lens, scale=None, *, validate_values=False,
+                       config: D.DecodeConfig = D.DEFAULT_CONFIG):
     """Dense decode attention over each sequence's seq_len keys: out [B, Hq, D] in q's dtype."""
     q4, paged, kv_start, kv_end, _ = _prepare(q, k_cache, v_cache, block_table, seq_lens, validate_values)
     out = D._split_pass(q4, k_cache, v_cache, kv_start, kv_end, scale, write_scores=False, acc_v=True,
-                        paged=paged)[3]
+                        paged=paged, config=config)[3]
     return out[:, :, 0]
 
 
 def paged_decode_anchor(q, k_cache, v_cache, block_table, seq_lens, *, topk_fraction, topk_floor, scale=None,
-                        dense_output=False, validate_values=False):
+                        dense_output=False, validate_values=False, config: D.DecodeConfig = D.DEFAULT_CONFIG):
     """Anchor decode: the exact Top-k (up to near-ties, as ``kascade.ops.decode.anchor``) of the
     GQA-group-pooled post-softmax scores over each sequence's keys, k = topk_budget(seq_len), then sparse
     attention over them (dense_output=True: the dense output instead, layer 0). Returns (out [B, Hq, D],
@@ -153,7 +153,8 @@ def paged_decode_anchor(q, k_cache, v_cache, block_table, seq_lens, *, topk_frac
     check_budget(topk_fraction, topk_floor)
     q4, paged, kv_start, kv_end, _ = _prepare(q, k_cache, v_cache, block_table, seq_lens, validate_values)
     out, indices = D.anchor(q4, k_cache, v_cache, kv_start, kv_end, topk_fraction=topk_fraction,
-                            topk_floor=topk_floor, scale=scale, dense_output=dense_output, paged=paged)
+                            topk_floor=topk_floor, scale=scale, dense_output=dense_output, paged=paged,
+                            config=config)
     return out[:, :, 0], indices
 
 
@@ -167,7 +168,7 @@ def _reuse_indices_ok(indices, dims: int, B: int, Hkv: int, head_map) -> bool:
 
 
 def paged_decode_sparse(q, k_cache, v_cache, block_table, seq_lens, indices, *, head_map=None, scale=None,
-                        budget=None, validate_values=False):
+                        budget=None, validate_values=False, config: D.DecodeConfig = D.DEFAULT_CONFIG):
     """Attention over given keys (reuse layers): indices [B, Hkv, W] int32/int64 logical positions (-1 and
     positions >= seq_len are skipped); head_map int32 [Hkv]: KV head h attends over indices[:, head_map[h]]
     (then indices may hold more heads than the cache, e.g. all-gathered over TP ranks).
@@ -181,7 +182,7 @@ def paged_decode_sparse(q, k_cache, v_cache, block_table, seq_lens, indices, *, 
         raise KascadeInputError(f"indices are on {indices.device}, q is on {q.device}")
     q4, paged, kv_start, kv_end, _ = _prepare(q, k_cache, v_cache, block_table, seq_lens, validate_values)
     out = D.sparse(q4, k_cache, v_cache, indices, kv_start, kv_end, scale=scale, head_map=head_map, paged=paged,
-                   budget=budget)
+                   budget=budget, config=config)
     return out[:, :, 0]
 
 
@@ -272,67 +273,70 @@ def _prepare_prefill(q, k_cache, v_cache, block_table, seq_lens, query_start_loc
     return paged, seq_lens.contiguous(), B, Hkv, G, max_seq_len
 
 
-def _prefill_budgets(max_seq_len, T, topk_fraction, topk_floor, device):
-    """(n_tiles, host budgets per tile (-1: dense), the same on the device, index width W)."""
-    n_tiles = max(1, -(-max_seq_len // T))
-    host = PF._tile_budgets_host(n_tiles, T, topk_fraction, topk_floor)
-    budgets = PF._tile_budgets(n_tiles, T, topk_fraction, topk_floor, device)
-    width = PF._pad16(max([1] + [kb for kb in host if kb >= 0]))
-    return n_tiles, host, budgets, width
+def _prepare_rolling(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, max_query_len, max_seq_len,
+                     topk_fraction, topk_floor, tile_size, validate_values):
+    """_prepare_prefill of an anchor / sparse call, plus its budget: (paged, lens, B, Hkv, G, max_seq_len,
+    n_tiles, host budgets per tile (-1: dense), the same on the device, index width W)."""
+    check_budget(topk_fraction, topk_floor)
+    paged, lens, B, Hkv, G, max_seq_len = _prepare_prefill(
+        q, k_cache, v_cache, block_table, seq_lens, query_start_loc, max_query_len, max_seq_len, tile_size,
+        validate_values)
+    n_tiles = max(1, -(-max_seq_len // tile_size))
+    host, budgets, width = PF.tile_budgets(n_tiles, tile_size, topk_fraction, topk_floor, q.device)
+    return paged, lens, B, Hkv, G, max_seq_len, n_tiles, host, budgets, width
 
 
 def paged_prefill_dense(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, *, max_query_len,
-                        max_seq_len=None, scale=None, validate_values=False):
+                        max_seq_len=None, scale=None, validate_values=False,
+                        config: PF.PrefillConfig = PF.DEFAULT_CONFIG):
     """Causal GQA attention of packed varlen queries over their sequences' paged keys (each query at
     logical position seq_len - q_len + i sees positions <= its own). Returns out [total_tokens, Hq, D] in
     q's dtype (rows past query_start_loc[B] are zero)."""
     paged, lens, *_ = _prepare_prefill(q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
                                        max_query_len, max_seq_len, None, validate_values)
     out, _ = PF._flash(q, k_cache, v_cache, lens, lens, scale, with_v=True, store_lse=False, pad_rows=True,
-                       paged=paged)
+                       paged=paged, config=config)
     return out
 
 
 def paged_prefill_anchor(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, *, max_query_len,
                          topk_fraction, topk_floor, tile_size, max_seq_len=None, scale=None, dense_output=False,
-                         validate_values=False):
+                         validate_values=False, config: PF.PrefillConfig = PF.DEFAULT_CONFIG):
     """Anchor layer of a rolling prefill: for each tile with queries x GQA group, the Top-k of its prefix
     by post-softmax probabilities summed over the tile's queries (of this call) and the group (exact up to
     the near-ties of kascade.ops.prefill.anchor's radix select), then sparse attention over them plus the
     own tile (dense_output=True: the dense output instead, layer 0). Returns (out [total_tokens, Hq, D],
     indices [B, Hkv, n_slots, W] int32 logical positions as described above this function)."""
-    check_budget(topk_fraction, topk_floor)
-    paged, lens, B, Hkv, G, max_seq_len = _prepare_prefill(
-        q, k_cache, v_cache, block_table, seq_lens, query_start_loc, max_query_len, max_seq_len, tile_size,
-        validate_values)
+    paged, lens, B, Hkv, G, max_seq_len, n_tiles, host, budgets, width = _prepare_rolling(
+        q, k_cache, v_cache, block_table, seq_lens, query_start_loc, max_query_len, max_seq_len, topk_fraction,
+        topk_floor, tile_size, validate_values)
     T = tile_size
-    n_tiles, host, budgets, width = _prefill_budgets(max_seq_len, T, topk_fraction, topk_floor, q.device)
     indices = torch.full((B, Hkv, paged.n_slots(T), width), -1, dtype=torch.int32, device=q.device)
     out, lse = PF._flash(q, k_cache, v_cache, lens, lens, scale, with_v=dense_output, store_lse=True,
-                         pad_rows=True, paged=paged)
+                         pad_rows=True, paged=paged, config=config)
     if PF._first_sparse_tile(host) < n_tiles:
-        PF._select(q, k_cache, lse, indices, budgets, lens, lens, G, T, 0, n_tiles, scale, paged=paged)
+        PF._select(q, k_cache, lse, indices, budgets, lens, lens, G, T, 0, n_tiles, scale, paged=paged,
+                   config=config)
     if not dense_output:
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-        PF._launch_sparse(q, k_cache, v_cache, out, indices, budgets, lens, lens, G, T, scale, paged=paged)
+        PF._launch_sparse(q, k_cache, v_cache, out, indices, budgets, lens, lens, G, T, scale, paged=paged,
+                          config=config)
     return out, indices
 
 
 def paged_prefill_sparse(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, indices, *, max_query_len,
                          topk_fraction, topk_floor, tile_size, max_seq_len=None, head_map=None, scale=None,
-                         validate_values=False):
+                         validate_values=False, config: PF.PrefillConfig = PF.DEFAULT_CONFIG):
     """Reuse layer of a rolling prefill: each tile x GQA group attends to its indices (as
     paged_prefill_anchor returns them, for the same batch, tile size, budget and max_seq_len) plus its
     own tile causally; dense tiles attend to their whole prefix. head_map int32 [Hkv] on q's device: KV
     head h reads indices[:, head_map[h]] (in the kernel, no copy). A sparse tile's budget slots are read
     without a mask: every one must hold a key of its prefix (validate_values=True checks it).
     Returns out [total_tokens, Hq, D]."""
-    check_budget(topk_fraction, topk_floor)
-    paged, lens, B, Hkv, G, max_seq_len = _prepare_prefill(
-        q, k_cache, v_cache, block_table, seq_lens, query_start_loc, max_query_len, max_seq_len, tile_size,
-        validate_values)
+    paged, lens, B, Hkv, G, max_seq_len, n_tiles, host, budgets, width = _prepare_rolling(
+        q, k_cache, v_cache, block_table, seq_lens, query_start_loc, max_query_len, max_seq_len, topk_fraction,
+        topk_floor, tile_size, validate_values)
     T = tile_size
-    n_tiles, host, budgets, width = _prefill_budgets(max_seq_len, T, topk_fraction, topk_floor, q.device)
     n_slots = paged.n_slots(T)
     if not _reuse_indices_ok(indices, 4, B, Hkv, head_map):
         got = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__
@@ -343,17 +347,14 @@ def paged_prefill_sparse(q, k_cache, v_cache, block_table, seq_lens, query_start
     if indices.shape[2] < n_slots or indices.shape[3] < max(host):
         raise KascadeInputError(f"indices {tuple(indices.shape)} are too small: max_query_len {max_query_len} needs "
                                 f"{n_slots} tile slots and max_seq_len {max_seq_len} a width of {max(host)}")
-    if head_map is not None and (not isinstance(head_map, torch.Tensor) or head_map.shape != (Hkv,)
-                                 or head_map.dtype != torch.int32 or head_map.device != q.device):
-        got = (f"{head_map.dtype} {tuple(head_map.shape)} on {head_map.device}" if isinstance(head_map, torch.Tensor)
-               else type(head_map).__name__)
-        raise KascadeInputError(f"head_map must be int32 [{Hkv}] on {q.device}, got {got}")
+    check_head_map(head_map, Hkv, q.device)
     if indices.dtype != torch.int32 or indices.stride(-1) != 1:
         indices = indices.to(torch.int32).contiguous()
     if validate_values:
         _check_prefill_indices(indices, head_map, seq_lens, query_start_loc, T, host)
     out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-    PF._launch_sparse(q, k_cache, v_cache, out, indices, budgets, lens, lens, G, T, scale, head_map, paged=paged)
+    PF._launch_sparse(q, k_cache, v_cache, out, indices, budgets, lens, lens, G, T, scale, head_map, paged=paged,
+                      config=config)
     return out
 
 

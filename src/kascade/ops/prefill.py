@@ -6,7 +6,7 @@ Lq > 1. Shapes and conventions: kascade.reference.
 * ``dense``: causal GQA flash attention (also the baseline of ``kascade bench prefill``).
 * ``anchor``: (1) a flash pass for every query's log-sum-exp (layer 0: the dense output too);
   (2) per chunk of query tiles, the post-softmax probabilities of each tile x GQA group summed over
-  its rows into a [B, Hkv, tiles_in_chunk, prefix] buffer (bounded by POOL_BUFFER_BYTES, never the
+  its rows into a [B, Hkv, tiles_in_chunk, prefix] buffer (bounded by PrefillConfig.pool_buffer_bytes, never the
   whole [B, Hkv, L/T, L]), then (3) a radix select of each row's budget; (4) the sparse pass
   (skipped for layer 0).
 * ``sparse``: each tile x GQA group attends to its gathered selected keys plus its own tile.
@@ -18,81 +18,74 @@ for vLLM's packed varlen queries and paged KV cache (public entry points: kascad
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
 import triton
 
 from ..budget import topk_budget
-from ..validation import KascadeInputError
 from ..kernels import prefill as K
+from ..kernels import topk as kt
+from ..validation import KascadeInputError
+from ._launch import (  # noqa: F401 - HEAD_DIMS, MAX_GQA: the engine's kernel limits read them here
+    HEAD_DIMS,
+    LOG2E,
+    MAX_GQA,
+    check_head_map,
+    check_kernel_inputs,
+    dot_precision,
+    next_pow2,
+    pad16,
+    qk_scale,
+)
 
-LOG2E = 1.4426950408889634
-HEAD_DIMS = (64, 128)
 TILE_SIZES = (16, 32, 64)
-MAX_GQA = 16
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-# Tuning knobs (module attributes so the benchmark can sweep them).
-ROWS_PER_PROGRAM = 128  # M = query rows (tokens x heads of one GQA group) per program
-POOL_ROWS_PER_PROGRAM = 256  # the pooling kernel keeps a whole tile x group up to this size
-POOL_BUFFER_BYTES = 1 << 30  # pooled-score buffer of one chunk of tiles
-SELECT_BLOCK = 2048
-# Layer 0's dense output and log-sum-exp from cuDNN (torch SDPA's cuDNN kernel, K/V expanded to the
-# query heads) where it applies (CUDA, bf16/fp16, no padding, Lq == Lk): it is the fastest dense kernel
-# on the H100 (~250 vs ~280 ms for our Triton flash pass at 128K). Falls back to ours otherwise.
-LAYER0_CUDNN = True
-# Pooled scores stored as float16 (11-bit mantissa; pooled values are <= G*T, far inside its range):
-# scores closer than 2^-11 relative then tie. float32 keeps a 24-bit key (ties closer than 2^-16).
-POOLED_FP16 = True
-# (BLOCK_N, num_stages, num_warps; 0 warps: by block size) per kernel; the defaults are the fastest
-# of `kascade bench prefill --tune` on an H100 (bf16, 32/8/128, T=32, see benchmarks/notes_prefill.md).
-FLASH_BLOCK_N, FLASH_STAGES, FLASH_WARPS = 64, 3, 0
-LSE_BLOCK_N, LSE_STAGES, LSE_WARPS = 128, 2, 8
-POOL_BLOCK_N, POOL_STAGES, POOL_WARPS = 64, 3, 4
-# Sparse: 8 warps capped at 128 registers (two programs, four warpgroups per SM; uncapped they take 191
-# registers and one program per SM, and 4 warps spill): -6 % at 128K, -7 % at 32K vs 4 warps
-# (benchmarks/results/prefill_tune7_maxnreg.json). Blocks of fewer than 128 rows keep 4 warps, no cap.
-SPARSE_BLOCK_N, SPARSE_STAGES, SPARSE_WARPS = 64, 2, 8
-SPARSE_ROWS_PER_PROGRAM = None  # None: ROWS_PER_PROGRAM
-# Register cap per thread of the sparse kernel (None: the compiler's choice).
-SPARSE_MAXNREG = 128
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
+@dataclass(frozen=True)
+class PrefillConfig:
+    """Block sizes and launch settings of the prefill launchers, passed explicitly (``config=``; default
+    :data:`DEFAULT_CONFIG`: the fastest of `kascade bench prefill --tune` on an H100, bf16, 32/8/128,
+    T=32, benchmarks/notes_prefill.md). Benchmarks and tests build variants with
+    ``dataclasses.replace``. Per kernel: keys per block (BLOCK_N), pipeline stages, warps."""
+
+    rows_per_program: int = 128  # M = query rows (tokens x heads of one GQA group) per flash/LSE program
+    pool_rows_per_program: int = 256  # the pooling kernel keeps a whole tile x group up to this size
+    pool_buffer_bytes: int = 1 << 30  # pooled-score buffer of one chunk of tiles
+    select_block: int = 2048
+    # The flash (dense output) pass takes 8 warps when its block has M * D >= 128 * 128, else 4.
+    flash_block_n: int = 64
+    flash_stages: int = 3
+    lse_block_n: int = 128
+    lse_stages: int = 2
+    lse_warps: int = 8
+    pool_block_n: int = 64
+    pool_stages: int = 3
+    pool_warps: int = 4  # blocks of up to 128 rows; larger ones by size, as the flash pass
+    # Sparse: 8 warps capped at 128 registers (two programs, four warpgroups per SM; uncapped they take
+    # 191 registers and one program per SM, and 4 warps spill): -6 % at 128K, -7 % at 32K vs 4 warps
+    # (benchmarks/results/prefill_tune7_maxnreg.json). Blocks of fewer than 128 rows keep 4 warps, no cap.
+    sparse_block_n: int = 64
+    sparse_stages: int = 2
+    sparse_warps: int = 8
+    sparse_rows_per_program: int = 128
+    sparse_maxnreg: int | None = 128  # register cap per thread (None: the compiler's choice)
+
+
+DEFAULT_CONFIG = PrefillConfig()
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile_size: int | None = None) -> int:
     """Kernel-specific limits (the generic shape checks ran in kascade.ops). Returns G."""
-    B, Hq, Lq, D = q.shape
-    Hkv = k.shape[1]
+    Lq = q.shape[2]
     if Lq < 2:
         raise KascadeInputError(f"prefill kernels take Lq > 1 queries per row, got Lq={Lq}")
-    if D not in HEAD_DIMS:
-        raise KascadeInputError(f"prefill kernels support head_dim in {HEAD_DIMS}, got {D}")
-    if q.dtype not in DTYPES:
-        raise KascadeInputError(f"prefill kernels support float16, bfloat16, float32; got {q.dtype}")
-    G = Hq // Hkv
-    if not 1 <= G <= MAX_GQA:
-        raise KascadeInputError(f"prefill kernels support GQA ratios 1..{MAX_GQA} (Hq/Hkv), got {Hq}/{Hkv}={G}")
+    G = check_kernel_inputs(q, k, v, "prefill")
     if tile_size is not None and tile_size not in TILE_SIZES:
         raise KascadeInputError(f"prefill kernels support tile_size in {TILE_SIZES}, got {tile_size}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(-1) != 1:
-            raise KascadeInputError(f"{name} must be contiguous in head_dim (stride 1), got strides {t.stride()}")
     if max(t.numel() for t in (q, k, v)) >= 2**31:
         raise KascadeInputError("prefill kernels index with int32: each of q, k, v must have < 2^31 elements")
     return G
-
-
-def _scale(scale: float | None, D: int) -> float:
-    return (1.0 / math.sqrt(D) if scale is None else float(scale)) * LOG2E
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _warps(M: int, D: int) -> int:
@@ -118,6 +111,22 @@ def _tile_budgets_host(n_tiles: int, T: int, topk_fraction: float, topk_floor: i
     return tuple(out)
 
 
+def tile_budgets(n_tiles: int, T: int, topk_fraction: float, topk_floor: int, device):
+    """(host budgets per tile (-1: dense), the same on the device, index width W): W is the largest
+    budget rounded up to 16 (extra slots stay -1), so one stride class serves every length (no
+    recompile)."""
+    host = _tile_budgets_host(n_tiles, T, topk_fraction, topk_floor)
+    budgets = _tile_budgets(n_tiles, T, topk_fraction, topk_floor, device)
+    return host, budgets, pad16(max([1] + [kb for kb in host if kb >= 0]))
+
+
+def _call_rows(q, k, v, kv_start, kv_end, tile_size, lengths):
+    """The checks and row geometry of a rolling-prefill call: (G, Hkv, lengths, pad_rows, n_tiles)."""
+    G = _check(q, k, v, tile_size)
+    lengths, pad_rows = _rows_info(kv_start, kv_end, q.shape[2], lengths)
+    return G, k.shape[1], lengths, pad_rows, max(1, -(-max(lengths) // tile_size))
+
+
 def _first_sparse_tile(host_budgets) -> int:
     """The first tile that selects (budgets grow with the prefix, so the sparse tiles are a suffix);
     len(host_budgets) when every tile is dense."""
@@ -140,7 +149,7 @@ def _tile_budgets(n_tiles, T, topk_fraction, topk_floor, device):
 
 def _group_blocking(G: int, tokens: int, rows: int) -> tuple[int, int]:
     """(G_BLOCK, n_gblocks): heads of one group per program, so G_BLOCK * tokens <= rows when possible."""
-    g_pad = _next_pow2(G)
+    g_pad = next_pow2(G)
     g_block = max(1, min(g_pad, rows // tokens))
     return g_block, -(-G // g_block)
 
@@ -192,12 +201,13 @@ def _out_strides(out, paged):
 
 # --------------------------------------------------------------------------------------------- dense
 def _flash(q, k, v, kv_start, kv_end, scale, *, with_v: bool, store_lse: bool, pad_rows: bool,
-           paged: PagedPrefill | None = None):
+           paged: PagedPrefill | None = None, config: PrefillConfig = DEFAULT_CONFIG):
     B, Hq, Lq, Hkv, D, strides, ptrs, pg_strides, pg_meta = _layout(q, k, v, kv_start, paged)
     G = Hq // Hkv
-    g_pad = _next_pow2(G)
-    block_t = min(128, max(16, ROWS_PER_PROGRAM // g_pad))
-    g_block, n_gb = _group_blocking(G, block_t, ROWS_PER_PROGRAM)
+    c = config
+    g_pad = next_pow2(G)
+    block_t = min(128, max(16, c.rows_per_program // g_pad))
+    g_block, n_gb = _group_blocking(G, block_t, c.rows_per_program)
     out = None
     if with_v:
         out = (torch.zeros if pad_rows or paged else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
@@ -213,37 +223,34 @@ def _flash(q, k, v, kv_start, kv_end, scale, *, with_v: bool, store_lse: bool, p
     K._attn_fwd_kernel[grid](
         q, k, v, o_arg, l_arg, kv_start, kv_end, *ptrs,
         *strides, *_out_strides(o_arg, paged), *l_strides, *pg_strides,
-        Lq, Hkv, G, n_gb, _scale(scale, D),
-        D=D, G_BLOCK=g_block, BLOCK_T=block_t, BLOCK_N=FLASH_BLOCK_N if with_v else LSE_BLOCK_N,
-        WITH_V=with_v, STORE_LSE=store_lse, DOT_PREC=_dot_precision(q.dtype),
-        num_warps=(FLASH_WARPS if with_v else LSE_WARPS) or _warps(M, D),
-        num_stages=FLASH_STAGES if with_v else LSE_STAGES, **pg_meta,
+        Lq, Hkv, G, n_gb, qk_scale(scale, D),
+        D=D, G_BLOCK=g_block, BLOCK_T=block_t, BLOCK_N=c.flash_block_n if with_v else c.lse_block_n,
+        WITH_V=with_v, STORE_LSE=store_lse, DOT_PREC=dot_precision(q.dtype),
+        num_warps=_warps(M, D) if with_v else c.lse_warps,
+        num_stages=c.flash_stages if with_v else c.lse_stages, **pg_meta,
     )
     return out, lse
-
-
-def _pad16(n: int) -> int:
-    return -(-int(n) // 16) * 16
 
 
 def _lse_buffer(B: int, Hq: int, Lq: int, device) -> torch.Tensor:
     """[B, Hq, Lq] float32 of -inf whose row stride is a multiple of 16: the kernels' stride arguments
     then keep one divisibility class for every Lq (no recompile per prompt length)."""
-    return torch.full((B, Hq, _pad16(Lq)), float("-inf"), dtype=torch.float32, device=device)[:, :, :Lq]
+    return torch.full((B, Hq, pad16(Lq)), float("-inf"), dtype=torch.float32, device=device)[:, :, :Lq]
 
 
-def dense(q, k, v, kv_start, kv_end, *, scale=None, lengths=None):
+def dense(q, k, v, kv_start, kv_end, *, scale=None, lengths=None, config: PrefillConfig = DEFAULT_CONFIG):
     """Causal GQA prefill attention, Triton flash kernel. q [B, Hq, Lq, D] -> out like q.
     lengths: host copy of kv_end - kv_start when the caller has it (saves a device sync)."""
     _check(q, k, v)
     _, pad_rows = _rows_info(kv_start, kv_end, q.shape[2], lengths)
-    out, _ = _flash(q, k, v, kv_start, kv_end, scale, with_v=True, store_lse=False, pad_rows=pad_rows)
+    out, _ = _flash(q, k, v, kv_start, kv_end, scale, with_v=True, store_lse=False, pad_rows=pad_rows,
+                    config=config)
     return out
 
 
 # --------------------------------------------------------------------------------------------- sparse
 def sparse(q, k, v, indices, kv_start, kv_end, *, topk_fraction, topk_floor, tile_size, scale=None,
-           indices_from_anchor=False, head_map=None, lengths=None):
+           indices_from_anchor=False, head_map=None, lengths=None, config: PrefillConfig = DEFAULT_CONFIG):
     """Rolling sparse prefill (reuse layers).
 
     q [B, Hq, Lq, D] (Lq > 1, queries aligned to each row's end), k/v [B, Hkv, Lk, D], one of float16,
@@ -256,22 +263,14 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, topk_fraction, topk_floor, til
     reuse layer's head map, no copy); None: indices are already this layer's. lengths: host copy of
     kv_end - kv_start when the caller has it (saves a device sync).
     Returns out like q; padding queries are zero."""
-    G = _check(q, k, v, tile_size)
-    B, Hq, Lq, D = q.shape
-    Hkv = k.shape[1]
-    T = tile_size
-    lengths, pad_rows = _rows_info(kv_start, kv_end, Lq, lengths)
-    n_tiles = max(1, -(-max(lengths) // T))
-    if head_map is not None and (head_map.shape != (Hkv,) or head_map.dtype != torch.int32
-                                 or head_map.device != q.device):
-        raise KascadeInputError(f"head_map must be int32 [{Hkv}] on {q.device}, got {head_map.dtype} "
-                                f"{tuple(head_map.shape)} on {head_map.device}")
+    G, Hkv, lengths, pad_rows, n_tiles = _call_rows(q, k, v, kv_start, kv_end, tile_size, lengths)
+    B, Lq, T = q.shape[0], q.shape[2], tile_size
+    check_head_map(head_map, Hkv, q.device)
     if indices.dim() != 4 or indices.shape[0] != B or indices.shape[1] != Hkv:
         raise KascadeInputError(f"indices must be [B={B}, Hkv={Hkv}, n_tiles, W], got {tuple(indices.shape)}")
     if indices.shape[2] < n_tiles:
         raise KascadeInputError(f"indices have {indices.shape[2]} tiles, the longest row needs {n_tiles}")
-    budgets = _tile_budgets(n_tiles, T, topk_fraction, topk_floor, q.device)
-    host = _tile_budgets_host(n_tiles, T, topk_fraction, topk_floor)
+    host, budgets, _ = tile_budgets(n_tiles, T, topk_fraction, topk_floor, q.device)
     kmax = max(host)
     if indices.shape[3] < kmax:
         raise KascadeInputError(f"indices have width {indices.shape[3]}, the budget needs {kmax}")
@@ -280,7 +279,7 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, topk_fraction, topk_floor, til
     if indices.dtype != torch.int32 or indices.stride(-1) != 1:
         indices = indices.to(torch.int32).contiguous()
     out = (torch.zeros if pad_rows else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
-    _launch_sparse(q, k, v, out, indices, budgets, kv_start, kv_end, G, T, scale, head_map)
+    _launch_sparse(q, k, v, out, indices, budgets, kv_start, kv_end, G, T, scale, head_map, config=config)
     return out
 
 
@@ -311,27 +310,28 @@ def _check_budget_slots(indices, budgets, host, lengths, Lq, T, max_elems=1 << 2
 
 
 def _launch_sparse(q, k, v, out, indices, budgets, kv_start, kv_end, G, T, scale, head_map=None,
-                   paged: PagedPrefill | None = None):
+                   paged: PagedPrefill | None = None, config: PrefillConfig = DEFAULT_CONFIG):
     B, Hq, Lq, Hkv, D, strides, ptrs, pg_strides, pg_meta = _layout(q, k, v, kv_start, paged)
-    g_block, n_gb = _group_blocking(G, T, SPARSE_ROWS_PER_PROGRAM or ROWS_PER_PROGRAM)
+    c = config
+    g_block, n_gb = _group_blocking(G, T, c.sparse_rows_per_program)
     M = g_block * T
-    warps, maxnreg = (SPARSE_WARPS or _warps(M, D), SPARSE_MAXNREG) if M >= 128 else (4, None)
+    warps, maxnreg = (c.sparse_warps, c.sparse_maxnreg) if M >= 128 else (4, None)
     n_slots = triton.cdiv(Lq, T) + 1 if paged is None else paged.n_slots(T)
     grid = (n_slots * n_gb, B * Hkv)
     K._sparse_kernel[grid](
         q, k, v, out, indices, (head_map if head_map is not None else budgets), budgets, kv_start, kv_end, *ptrs,
         *strides, *_out_strides(out, paged),
         indices.stride(0), indices.stride(1), indices.stride(2), *pg_strides,
-        Lq, Hkv, G, n_gb, budgets.numel(), _scale(scale, D),
-        D=D, G_BLOCK=g_block, T=T, BLOCK_N=SPARSE_BLOCK_N,
-        DOT_PREC=_dot_precision(q.dtype), MAPPED=head_map is not None, **pg_meta,
-        num_warps=warps, num_stages=SPARSE_STAGES, **({"maxnreg": maxnreg} if maxnreg and q.is_cuda else {}),
+        Lq, Hkv, G, n_gb, budgets.numel(), qk_scale(scale, D),
+        D=D, G_BLOCK=g_block, T=T, BLOCK_N=c.sparse_block_n,
+        DOT_PREC=dot_precision(q.dtype), MAPPED=head_map is not None, **pg_meta,
+        num_warps=warps, num_stages=c.sparse_stages, **({"maxnreg": maxnreg} if maxnreg and q.is_cuda else {}),
     )
 
 
 # --------------------------------------------------------------------------------------------- anchor
 def anchor(q, k, v, kv_start, kv_end, *, topk_fraction, topk_floor, tile_size, scale=None, dense_output=False,
-           lengths=None):
+           lengths=None, config: PrefillConfig = DEFAULT_CONFIG):
     """Exact rolling Top-k selection (pooled post-softmax over tile x GQA group) and attention.
 
     Inputs as in ``sparse``. Returns (out like q, indices int32 [B, Hkv, n_tiles, kmax]) with
@@ -339,31 +339,28 @@ def anchor(q, k, v, kv_start, kv_end, *, topk_fraction, topk_floor, tile_size, s
     of this call holds exactly its budget of distinct prefix positions (ascending), -1 after; dense
     tiles and tiles without queries hold -1. dense_output=True (layer 0): out is dense attention.
     lengths: host copy of kv_end - kv_start when the caller has it (saves a device sync)."""
-    G = _check(q, k, v, tile_size)
-    B, Hq, Lq, D = q.shape
-    Hkv = k.shape[1]
-    T = tile_size
-    lengths, pad_rows = _rows_info(kv_start, kv_end, Lq, lengths)
-    n_tiles = max(1, -(-max(lengths) // T))
-    host_budgets = _tile_budgets_host(n_tiles, T, topk_fraction, topk_floor)
-    budgets = _tile_budgets(n_tiles, T, topk_fraction, topk_floor, q.device)
-    # width rounded up to 16 (extra slots stay -1): one stride class for every length (no recompile)
-    kmax = _pad16(max([1] + [kb for kb in host_budgets if kb >= 0]))
+    G, Hkv, lengths, pad_rows, n_tiles = _call_rows(q, k, v, kv_start, kv_end, tile_size, lengths)
+    B, Lq, T = q.shape[0], q.shape[2], tile_size
+    host_budgets, budgets, kmax = tile_budgets(n_tiles, T, topk_fraction, topk_floor, q.device)
     indices = torch.full((B, Hkv, n_tiles, kmax), -1, dtype=torch.int32, device=q.device)
 
     out = lse = None
-    if dense_output and LAYER0_CUDNN and not pad_rows:
+    # Layer 0's dense output and log-sum-exp from cuDNN (torch SDPA's cuDNN kernel, K/V expanded to the
+    # query heads) where it applies (CUDA, bf16/fp16, no padding, Lq == Lk): it is the fastest dense
+    # kernel on the H100 (~250 vs ~280 ms for our Triton flash pass at 128K). Ours otherwise.
+    if dense_output and not pad_rows:
         out, lse = _dense_lse_cudnn(q, k, v, lengths, scale)
     if lse is None:
-        out, lse = _flash(q, k, v, kv_start, kv_end, scale, with_v=dense_output, store_lse=True, pad_rows=pad_rows)
+        out, lse = _flash(q, k, v, kv_start, kv_end, scale, with_v=dense_output, store_lse=True, pad_rows=pad_rows,
+                          config=config)
     first_sparse = _first_sparse_tile(host_budgets)
     first_query_tile = min((L - min(L, Lq)) // T for L in lengths)
     tile_lo = max(first_sparse, first_query_tile)
     if tile_lo < n_tiles:
-        _select(q, k, lse, indices, budgets, kv_start, kv_end, G, T, tile_lo, n_tiles, scale)
+        _select(q, k, lse, indices, budgets, kv_start, kv_end, G, T, tile_lo, n_tiles, scale, config=config)
     if not dense_output:
         out = (torch.zeros if pad_rows else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
-        _launch_sparse(q, k, v, out, indices, budgets, kv_start, kv_end, G, T, scale)
+        _launch_sparse(q, k, v, out, indices, budgets, kv_start, kv_end, G, T, scale, config=config)
     return out, indices
 
 
@@ -379,7 +376,7 @@ def _cudnn_applies(q, k, lengths) -> bool:
             and all(L == Lk for L in lengths))
 
 
-def dense_fastest(q, k, v, kv_start, kv_end, lengths, *, scale=None):
+def dense_fastest(q, k, v, kv_start, kv_end, lengths, *, scale=None, config: PrefillConfig = DEFAULT_CONFIG):
     """Dense causal prefill by the fastest kernel that applies: torch SDPA's cuDNN kernel (measured fastest
     on the H100) for one unpadded chunk, else the Triton flash kernel (later chunks, left padding).
     lengths: host copy of kv_end - kv_start (the plan/run path has it)."""
@@ -389,7 +386,7 @@ def dense_fastest(q, k, v, kv_start, kv_end, lengths, *, scale=None):
         kx, vx = _expand_kv(k, v, q.shape[1] // k.shape[1])
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
             return torch.nn.functional.scaled_dot_product_attention(q, kx, vx, is_causal=True, scale=scale)
-    return dense(q, k, v, kv_start, kv_end, scale=scale, lengths=lengths)
+    return dense(q, k, v, kv_start, kv_end, scale=scale, lengths=lengths, config=config)
 
 
 def _dense_lse_cudnn(q, k, v, lengths, scale):
@@ -400,7 +397,7 @@ def _dense_lse_cudnn(q, k, v, lengths, scale):
     kx, vx = (t.contiguous() for t in _expand_kv(k, v, Hq // k.shape[1]))
     try:
         res = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            q.contiguous(), kx, vx, None, True, 0.0, True, False, scale=_scale(scale, D) / LOG2E)
+            q.contiguous(), kx, vx, None, True, 0.0, True, False, scale=qk_scale(scale, D) / LOG2E)
     except (RuntimeError, AttributeError):
         return None, None
     out, lse = res[0], res[1]
@@ -412,8 +409,9 @@ def _dense_lse_cudnn(q, k, v, lengths, scale):
 
 
 def _select(q, k, lse, indices, budgets, kv_start, kv_end, G, T, tile_lo, n_tiles, scale,
-            stages=("pool", "select"), pooled=None, paged: PagedPrefill | None = None):
-    """Pool and select tiles tile_lo..n_tiles-1, in chunks whose pooled buffer fits POOL_BUFFER_BYTES.
+            stages=("pool", "select"), pooled=None, paged: PagedPrefill | None = None,
+            config: PrefillConfig = DEFAULT_CONFIG):
+    """Pool and select tiles tile_lo..n_tiles-1, in chunks whose pooled buffer fits config.pool_buffer_bytes.
     (stages and pooled let the benchmark time the two kernels apart.) Returns the pooled buffer.
     paged: tiles are counted from each sequence's first query tile instead, tile_lo..paged.n_slots(T)-1
     (n_tiles still bounds the absolute tile: it is the length of budgets)."""
@@ -423,16 +421,20 @@ def _select(q, k, lse, indices, budgets, kv_start, kv_end, G, T, tile_lo, n_tile
     l_strides = (lse.stride(0), lse.stride(1)) if paged is None else (0, lse.stride(0))
     width = n_tiles * T
     per_tile = B * Hkv * width * 4  # sized for float32 either way
-    chunk = max(1, min(tile_hi - tile_lo, POOL_BUFFER_BYTES // per_tile))
-    g_block, n_gb = _group_blocking(G, T, POOL_ROWS_PER_PROGRAM)
+    c = config
+    chunk = max(1, min(tile_hi - tile_lo, c.pool_buffer_bytes // per_tile))
+    g_block, n_gb = _group_blocking(G, T, c.pool_rows_per_program)
     atomic = n_gb > 1
     alloc = torch.zeros if atomic else torch.empty
-    # float16 pooled scores halve the bytes the select reads; atomics (several head blocks) add in fp32.
-    pooled_dtype = torch.float16 if POOLED_FP16 and not atomic else torch.float32
+    # float16 pooled scores halve the bytes the select reads (measured faster than float32: bench prefill
+    # --tune); atomics (several head blocks) add in fp32. The rounding to float16 (2^-11 relative) comes
+    # before the selection and its tie rule (kernels/topk.py), and is within the captured-mass tolerance:
+    # pooled values are <= G*T, far inside float16's range.
+    pooled_dtype = torch.float32 if atomic else torch.float16
     if pooled is None:
         pooled = alloc((B, Hkv, chunk, width), dtype=pooled_dtype, device=q.device)
     M = g_block * T
-    qk_scale = _scale(scale, D)
+    scale2 = qk_scale(scale, D)
     for lo in range(tile_lo, tile_hi, chunk):
         if "pool" in stages:
             if atomic and lo != tile_lo:
@@ -441,10 +443,10 @@ def _select(q, k, lse, indices, budgets, kv_start, kv_end, G, T, tile_lo, n_tile
                 q, k, lse, pooled, budgets, kv_start, kv_end, *ptrs,
                 *q_strides, *k_strides, *l_strides, pooled.stride(0), pooled.stride(1), pooled.stride(2),
                 *pg_strides[:2],
-                Lq, Hkv, G, n_gb, lo, n_tiles, qk_scale,
-                D=D, G_BLOCK=g_block, T=T, BLOCK_N=POOL_BLOCK_N, ATOMIC=atomic,
-                DOT_PREC=_dot_precision(q.dtype), num_warps=(POOL_WARPS if M <= 128 else 0) or _warps(M, D),
-                num_stages=POOL_STAGES, **pg_meta,
+                Lq, Hkv, G, n_gb, lo, n_tiles, scale2,
+                D=D, G_BLOCK=g_block, T=T, BLOCK_N=c.pool_block_n, ATOMIC=atomic,
+                DOT_PREC=dot_precision(q.dtype), num_warps=c.pool_warps if M <= 128 else _warps(M, D),
+                num_stages=c.pool_stages, **pg_meta,
             )
         if "select" in stages:
             K._select_kernel[(chunk, B * Hkv)](
@@ -452,8 +454,7 @@ def _select(q, k, lse, indices, budgets, kv_start, kv_end, G, T, tile_lo, n_tile
                 pooled.stride(0), pooled.stride(1), pooled.stride(2),
                 indices.stride(0), indices.stride(1), indices.stride(2),
                 Lq, Hkv, lo, n_tiles, T,
-                BLOCK=SELECT_BLOCK, KEY16=pooled.dtype == torch.float16,
-                KEY_SHIFT=0 if pooled.dtype == torch.float16 else 7, num_warps=8,
+                BLOCK=c.select_block, KEY16=pooled.dtype == torch.float16, B2=kt.B2, B3=kt.B3, num_warps=8,
                 **({"PAGED": True} if paged is not None else {}),
             )
     return pooled
