@@ -104,6 +104,11 @@ def run_decode_heavy(runner, methods: list[str], fraction: float, *, context_tok
             row.update(mass)
             row["mean_captured_mass"] = round(sum(mass["captured_mass"]) / len(mass["captured_mass"]), 4)
             row["mean_oracle_mass"] = round(sum(mass["oracle_mass"]) / len(mass["oracle_mass"]), 4)
+            att = mass["attended_fraction"]
+            # keys attended / keys visible, averaged over decode steps and heads: over all layers, and over
+            # layers 1..L-1 (layer 0 is dense in every Kascade variant and the oracle)
+            row["mean_attended_fraction"] = round(sum(att) / len(att), 5)
+            row["mean_attended_fraction_layers_1_on"] = round(sum(att[1:]) / max(1, len(att) - 1), 5)
         rows.append(row)
     return {"decode_heavy": {"context_tokens": context_tokens, "continuation_tokens": continuation_tokens,
                              "scored_steps_per_sample": continuation_tokens - 1, "num_samples": num_samples,
@@ -116,9 +121,11 @@ def format_decode_heavy(doc: dict) -> str:
     d = doc["decode_heavy"]
     lines = [f"decode-heavy: {d['num_samples']} x ({d['context_tokens']} context + {d['scored_steps_per_sample']} "
              f"scored decode steps) of {d['source']}, Top-k {100 * d['topk_fraction']:g}% floor {d['topk_floor']}",
-             f"{'method':<26}{'ppl':>10}{'ppl vs dense':>14}{'KL to dense':>13}{'top-1 agree':>13}{'mass':>8}"]
+             f"{'method':<40}{'attended':>9}{'ppl':>10}{'ppl vs dense':>14}{'KL to dense':>13}{'top-1 agree':>13}"
+             f"{'mass':>8}"]
     for r in d["rows"]:
         mass = f"{r['mean_captured_mass']:.3f}" if "mean_captured_mass" in r else "-"
-        lines.append(f"{r['method']:<26}{r['perplexity']:>10.3f}{r['perplexity_vs_dense_pct']:>13.2f}%"
+        att = f"{r['mean_attended_fraction_layers_1_on']:.4f}" if "mean_attended_fraction_layers_1_on" in r else "-"
+        lines.append(f"{r['method']:<40}{att:>9}{r['perplexity']:>10.3f}{r['perplexity_vs_dense_pct']:>13.2f}%"
                      f"{r['kl_to_dense']:>13.5f}{r['top1_agreement']:>12.1f}%{mass:>8}")
     return "\n".join(lines)
