@@ -109,10 +109,10 @@ def top_p_counts(pooled: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Ten
         s, e = int(kv_start[b]), int(kv_end[b])
         L = e - s
         x = pooled[b, :, s:e].double()
-        total = x.sum(-1, keepdim=True)
         c = torch.sort(x, dim=-1, descending=True).values.cumsum(-1)
+        total = c[:, -1:] if L else c.new_zeros(H, 1)  # same summation order as the prefixes
         # n = 1 + number of prefixes still short of the target (smallest prefix reaching it)
-        need = (c < top_p * total * (1 - 1e-12)).sum(-1) + 1
+        need = (c < top_p * total).sum(-1) + 1
         lo, hi = min(int(k_min[b]), L), min(int(k_max[b]), L)
         counts[b] = need.clamp(min=lo, max=max(lo, hi)).clamp(max=L).cpu()
     return counts
