@@ -303,3 +303,23 @@ def test_make_plan_layer_budgets():
         want = sum(float(sim[a, j, h, plan.head_map[j][h]]) for h in range(H)) / H
         assert abs(reuse[j] - want) < 1e-6
     assert make_plan(stats, 3)[0].layer_budget_scale == ()
+
+
+def test_all_anchors_selects_per_layer():
+    """Every layer attends the Top-k of its own pooled scores (here: different q per layer)."""
+    g = torch.Generator().manual_seed(4)
+    k = torch.randn(1, 2, 300, 16, generator=g) * 2
+    v = torch.randn(1, 2, 300, 16, generator=g)
+    m = make_method("kascade_all_anchors", PLAN, SPEC, 0.1, 16, record_selection=True)
+    kb = topk_budget(300, 0.1, 16)
+    for layer in range(8):
+        q = torch.randn(1, 6, 1, 16, generator=g) * 2
+        out = m(layer, q, k, v)
+        if layer == 0:
+            torch.testing.assert_close(out, reference.dense_attention(q, k, v))
+            continue
+        pooled = decode_probs(q, k, torch.zeros(1, dtype=torch.long), torch.full((1,), 300), 0.25)
+        pooled = pooled.reshape(1, 2, 3, 300).sum(2)
+        for h in range(2):
+            got = set(torch.nonzero(m.last_selection[layer][0, h * 3]).flatten().tolist())
+            assert got == set(torch.topk(pooled[0, h], kb).indices.tolist())

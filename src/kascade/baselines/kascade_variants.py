@@ -17,6 +17,8 @@ the paper's method. Options can be given in the method name, ``name:key=value,ke
   (default 0.9) of the anchor's pooled mass, at least topk_budget(L, ``min``) and at most
   topk_budget(L, ``max``) keys (defaults 0.02 and 0.3 of L, both with the plan's floor); reuse layers
   attend their mapped anchor head's set. Its attended fraction varies: read it beside its accuracy.
+* ``kascade_all_anchors`` (:class:`KascadeAllAnchors`): diagnostic, every layer selects its own pooled
+  Top-k (no reuse): separates the cost of reuse from the cost of GQA pooling.
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ class KascadeVariant(KascadeMethod):
     def _limit(self, layer, indices, kv_start, kv_end) -> torch.Tensor:
         return indices
 
+    def _is_anchor(self, layer: int) -> bool:
+        return self.plan.is_anchor(layer)
+
     # ------------------------------------------------------------------ the call
     def __call__(self, layer, q, k, v, kv_start=None, kv_end=None, *, scale=None):
         self._check_layer_input(layer, q, k)
@@ -75,7 +80,7 @@ class KascadeVariant(KascadeMethod):
         kv_start, kv_end = check_attention_inputs(q, k, v, kv_start, kv_end)
         key = (q.shape[0], k.shape[2], tuple(kv_start.tolist()), tuple(kv_end.tolist()))
         plan = self.plan
-        if plan.is_anchor(layer):
+        if self._is_anchor(layer):
             pooled = V.pooled_decode_probs(q, k, kv_start, kv_end, scale_of(scale, q.shape[-1]))
             self._sel = self._select(layer, pooled, kv_start, kv_end)
             self._sel_layer, self._sel_key = layer, key
@@ -173,10 +178,24 @@ class KascadeTopP(KascadeVariant):
         return indices
 
 
+class KascadeAllAnchors(KascadeVariant):
+    """Diagnostic, not a practical method: every layer selects its own Top-k (the paper's GQA-pooled
+    post-softmax scores, budget k) and attends it, i.e. Kascade with no reuse. Between it and ``kascade``
+    lies the cost of reuse across layers; between it and ``oracle`` (each query head its own Top-k) the
+    cost of sharing one set per KV head."""
+
+    def _is_anchor(self, layer: int) -> bool:
+        return True
+
+    def _select(self, layer, pooled, kv_start, kv_end):
+        return V.topk_ordered(pooled, kv_start, kv_end, self._row_budgets(kv_start, kv_end))
+
+
 VARIANTS = {
     "kascade_sinks_window": KascadeSinksWindow,
     "kascade_layer_budget": KascadeLayerBudget,
     "kascade_top_p": KascadeTopP,
+    "kascade_all_anchors": KascadeAllAnchors,
 }
 
 
