@@ -112,6 +112,12 @@ def main(args: argparse.Namespace) -> int:
                                   source=args.dh_source)
             print(format_decode_heavy(dh))
             extra.setdefault("decode_heavy", []).append(dh["decode_heavy"])
+        from .decode_heavy import format_decode_heavy_markdown
+
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stem}_decode_heavy.md").write_text(
+            "\n\n".join(format_decode_heavy_markdown(d) for d in extra["decode_heavy"])
+            + (f"\n\nCommand: `{command}`" if command else "") + "\n")
     path = out / f"{stem}.json"
     report.write_json(path, summary, runner.metadata(), cells, extra)
     if summary["rows"]:

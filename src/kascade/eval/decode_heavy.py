@@ -129,3 +129,28 @@ def format_decode_heavy(doc: dict) -> str:
         lines.append(f"{r['method']:<40}{att:>9}{r['perplexity']:>10.3f}{r['perplexity_vs_dense_pct']:>13.2f}%"
                      f"{r['kl_to_dense']:>13.5f}{r['top1_agreement']:>12.1f}%{mass:>8}")
     return "\n".join(lines)
+
+
+def format_decode_heavy_markdown(d: dict) -> str:
+    """One decode-heavy block (``doc["decode_heavy"]`` or an entry of a result JSON's ``decode_heavy`` list) as
+    a Markdown table: attended-key fraction (layers 1..L-1 and all layers), perplexity, KL, top-1, mass."""
+    lines = [f"Decode-heavy: {d['num_samples']} x ({d['context_tokens']} context + {d['scored_steps_per_sample']} "
+             f"scored teacher-forced decode steps) of {d['source']}, Top-k {100 * d['topk_fraction']:g}% floor "
+             f"{d['topk_floor']}, shared dense prefill, {d['seconds']:.0f} s.",
+             "",
+             "| method | attended keys, layers 1+ | attended keys, all layers | perplexity | vs dense | "
+             "KL(dense ‖ method) | top-1 agreement | captured mass |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.2f} %"
+
+    for r in d["rows"]:
+        dense = r["method"] == "dense"
+        a1 = 1.0 if dense else r.get("mean_attended_fraction_layers_1_on")
+        a0 = 1.0 if dense else r.get("mean_attended_fraction")
+        mass = r.get("mean_captured_mass")
+        lines.append(f"| {r['method']} | {pct(a1)} | {pct(a0)} | {r['perplexity']:.3f} | "
+                     f"{r['perplexity_vs_dense_pct']:+.2f} % | {r['kl_to_dense']:.4f} | {r['top1_agreement']:.2f} % | "
+                     f"{'-' if mass is None else f'{mass:.4f}'} |")
+    return "\n".join(lines)
