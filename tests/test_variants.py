@@ -323,3 +323,36 @@ def test_all_anchors_selects_per_layer():
         for h in range(2):
             got = set(torch.nonzero(m.last_selection[layer][0, h * 3]).flatten().tolist())
             assert got == set(torch.topk(pooled[0, h], kb).indices.tolist())
+
+
+def test_rerank_keeps_reuse_layers_best_candidates():
+    """Anchors attend their Top-k; a reuse layer attends the k of its anchor head's Top-2k candidates that its
+    own queries weigh most (softmax over the candidates, pooled over the group), checked by brute force."""
+    g = torch.Generator().manual_seed(6)
+    L = 300
+    k = torch.randn(1, 2, L, 16, generator=g) * 2
+    v = torch.randn(1, 2, L, 16, generator=g)
+    m = make_method("kascade_rerank:candidates=2", PLAN, SPEC, 0.1, 16, record_selection=True)
+    kb = topk_budget(L, 0.1, 16)
+    anchor_pooled = {}
+    for layer in range(8):
+        q = torch.randn(1, 6, 1, 16, generator=g) * 2
+        out = m(layer, q, k, v)
+        pooled = decode_probs(q, k, torch.zeros(1, dtype=torch.long), torch.full((1,), L), 0.25)
+        pooled = pooled.reshape(1, 2, 3, L).sum(2)[0]
+        if PLAN.is_anchor(layer):
+            anchor_pooled = pooled
+        keep = m.last_selection[layer]
+        if layer == 0:
+            continue
+        torch.testing.assert_close(out, masked_decode_attention(q, k, v, keep, 0.25), rtol=1e-4, atol=1e-5)
+        for h in range(2):
+            got = set(torch.nonzero(keep[0, h * 3]).flatten().tolist())
+            assert len(got) == kb
+            if PLAN.is_anchor(layer):
+                assert got == set(torch.topk(pooled[h], kb).indices.tolist())
+                continue
+            cand = torch.topk(anchor_pooled[PLAN.head_map[layer][h]], 2 * kb).indices
+            s = (q[0, h * 3:(h + 1) * 3, 0] @ k[0, h, cand].T) * 0.25
+            score = torch.softmax(s, -1).sum(0)
+            assert got == set(cand[torch.topk(score, kb).indices].tolist())

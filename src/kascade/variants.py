@@ -10,6 +10,8 @@ attends:
   slots, so the row attends exactly the paper's k keys.
 * per-layer budgets (:func:`layer_budgets`): a plan's ``layer_budget_scale`` turns the row budget k into
   one integer budget per layer whose mean over layers 1..L-1 is exactly k.
+* re-ranking (:func:`rerank`): an anchor's Top-C candidates (C = a multiple of k), of which each reuse
+  layer attends the k its own queries weigh most (it reads C keys, attends k).
 * adaptive top-p (:func:`select_top_p`): the smallest set of keys holding a share p of the pooled mass,
   clamped between a floor and a cap (Twilight's top-p idea applied to Kascade's pooled scores).
 
@@ -130,6 +132,32 @@ def select_top_p(pooled: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Ten
         order = torch.topk(pooled[b, :, s:e], int(counts[b].max()) if H else 0, dim=-1, sorted=True).indices + s
         rows.append([order[h, : int(counts[b, h])] for h in range(H)])
     return _pack(rows, B, H, pooled.device), counts
+
+
+def rerank(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor, budgets, scale: float | None = None
+           ) -> torch.Tensor:
+    """Keep the ``budgets[b]`` candidates of each (row, KV head) that this layer's own queries weigh most.
+
+    candidates: int32 [B, Hkv, C] absolute key positions, -1 padded (e.g. an anchor's mapped Top-C). Each
+    query head's softmax is taken over its KV head's candidates only (the only keys the layer reads), summed
+    over the GQA group, and the Top-k of that pooled score is kept. Returns int32 [B, Hkv, max k], -1 padded,
+    in decreasing pooled score."""
+    B, Hq, _, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    rows = []
+    for b in range(B):
+        row = []
+        for h in range(Hkv):
+            cand = candidates[b, h]
+            cand = cand[cand >= 0].long()
+            qh = q[b, h * G:(h + 1) * G, 0].float()  # [G, D]
+            p = torch.softmax(qh @ k[b, h, cand].float().T * scale, dim=-1).sum(0)  # [C]
+            n = min(int(budgets[b]), cand.numel())
+            row.append(cand[torch.topk(p, n, sorted=True).indices])
+        rows.append(row)
+    return _pack(rows, B, Hkv, q.device)
 
 
 def layer_budgets(k: int, length: int, scales: Sequence[float]) -> list[int]:

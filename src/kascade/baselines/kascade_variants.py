@@ -17,6 +17,8 @@ the paper's method. Options can be given in the method name, ``name:key=value,ke
   (default 0.9) of the anchor's pooled mass, at least topk_budget(L, ``min``) and at most
   topk_budget(L, ``max``) keys (defaults 0.02 and 0.3 of L, both with the plan's floor); reuse layers
   attend their mapped anchor head's set. Its attended fraction varies: read it beside its accuracy.
+* ``kascade_rerank`` (:class:`KascadeRerank`): anchors select ``candidates`` (default 2) x k keys; each
+  reuse layer keeps the k of them its own queries weigh most (reads 2k keys, attends k).
 * ``kascade_all_anchors`` (:class:`KascadeAllAnchors`): diagnostic, every layer selects its own pooled
   Top-k (no reuse): separates the cost of reuse from the cost of GQA pooling.
 """
@@ -66,7 +68,7 @@ class KascadeVariant(KascadeMethod):
     def _select(self, layer, pooled, kv_start, kv_end) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _limit(self, layer, indices, kv_start, kv_end) -> torch.Tensor:
+    def _limit(self, layer, indices, kv_start, kv_end, **_) -> torch.Tensor:
         return indices
 
     def _is_anchor(self, layer: int) -> bool:
@@ -93,7 +95,7 @@ class KascadeVariant(KascadeMethod):
                                         "of a pass in order")
             head_map = torch.tensor(plan.head_map[layer], device=self._sel.device)
             indices = self._sel.index_select(1, head_map)
-        indices = self._limit(layer, indices, kv_start, kv_end)
+        indices = self._limit(layer, indices, kv_start, kv_end, q=q, k=k, scale=scale_of(scale, q.shape[-1]))
         if layer == 0:
             out = ops.dense_attention(q, k, v, kv_start, kv_end, scale=scale, backend=self.backend)
         else:
@@ -146,7 +148,7 @@ class KascadeLayerBudget(KascadeVariant):
         need = table[seg].amax(dim=0)
         return V.topk_ordered(pooled, kv_start, kv_end, need)
 
-    def _limit(self, layer, indices, kv_start, kv_end):
+    def _limit(self, layer, indices, kv_start, kv_end, **_):
         if layer == 0:
             return indices
         kj = self._table[layer].to(indices.device)  # [B]
@@ -191,11 +193,40 @@ class KascadeAllAnchors(KascadeVariant):
         return V.topk_ordered(pooled, kv_start, kv_end, self._row_budgets(kv_start, kv_end))
 
 
+class KascadeRerank(KascadeVariant):
+    """Kascade with re-ranking: each anchor selects ``candidates`` x k keys (its pooled Top-C, C capped at L);
+    the anchor attends its Top-k of them, and each reuse layer scores its mapped anchor head's C candidates
+    with its own queries (softmax over the candidates, summed over the GQA group) and attends the best k.
+    Attended keys equal the paper's k; a reuse layer also reads the C candidate keys (not their values)."""
+
+    options = {"candidates": 2.0}
+
+    def __init__(self, plan, **kw) -> None:
+        super().__init__(plan, **kw)
+        if self.opts["candidates"] < 1.0:
+            raise KascadeInputError(f"{self.name}: candidates must be >= 1 (a multiple of k), got "
+                                    f"{self.opts['candidates']}")
+
+    def _select(self, layer, pooled, kv_start, kv_end):
+        kb = self._row_budgets(kv_start, kv_end)
+        c = torch.minimum(torch.ceil(kb.double() * self.opts["candidates"]).long(), (kv_end - kv_start).cpu())
+        return V.topk_ordered(pooled, kv_start, kv_end, c)
+
+    def _limit(self, layer, indices, kv_start, kv_end, *, q, k, scale, **_):
+        kb = self._row_budgets(kv_start, kv_end)
+        if self._is_anchor(layer):  # the anchor's own Top-k is the prefix of its ordered candidates
+            slot = torch.arange(indices.shape[-1], device=indices.device)
+            keep = slot[None, None, :] < kb.to(indices.device)[:, None, None]
+            return torch.where(keep, indices, torch.full_like(indices, -1))[..., : int(kb.max())]
+        return V.rerank(q, k, indices, kb, scale)
+
+
 VARIANTS = {
     "kascade_sinks_window": KascadeSinksWindow,
     "kascade_layer_budget": KascadeLayerBudget,
     "kascade_top_p": KascadeTopP,
     "kascade_all_anchors": KascadeAllAnchors,
+    "kascade_rerank": KascadeRerank,
 }
 
 
