@@ -71,7 +71,7 @@ def test_decode_heavy_smoke(tmp_path, plan_args):
     out = tmp_path / "dh"
     argv = ["eval", "--model", "smollm2-135m", "--tasks", "none", "--decode-heavy", "--dh-context", "512",
             "--dh-tokens", "9", "--dh-samples", "1", "--methods", "dense", "quest", "kascade", "kascade_decode_only",
-            "--out", str(out), *plan_args]
+            "kascade_sinks_window:sinks=4,window=16", "--out", str(out), *plan_args]
     assert _run(argv) == 0
     doc = json.loads((out / "eval_smollm2-135m.json").read_text())
     rows = {r["method"]: r for r in doc["decode_heavy"][0]["rows"]}
@@ -86,3 +86,10 @@ def test_decode_heavy_smoke(tmp_path, plan_args):
     # every method decodes from the one dense prefill, so Kascade and decode-only Kascade coincide exactly
     without_name = [{k: v for k, v in rows[n].items() if k != "method"} for n in ("kascade", "kascade_decode_only")]
     assert without_name[0] == without_name[1]
+    # attended-key fraction per method: layer 0 dense, the others at the budget (equal keys for the variant)
+    sw = rows["kascade_sinks_window:sinks=4,window=16"]
+    assert sw["attended_fraction"][0] == 1.0
+    assert sw["mean_attended_fraction_layers_1_on"] == rows["kascade"]["mean_attended_fraction_layers_1_on"]
+    assert 0.0 < rows["kascade"]["mean_attended_fraction_layers_1_on"] < 0.5
+    md = (out / "eval_smollm2-135m_decode_heavy.md").read_text()
+    assert "| kascade_sinks_window:sinks=4,window=16 |" in md and md.startswith("Decode-heavy: 1 x (512 context")

@@ -57,6 +57,12 @@ class Plan:
     () when none was recorded. Under TP size t, KV head h lives on shard h // (Hkv / t); the head map is
     valid for t when every reuse head maps to an anchor head of its own shard (:meth:`valid_for_tp`, computed
     from the head map, so any plan can be checked). :meth:`shard` gives one rank's plan.
+
+    layer_budget_scale: optional per-layer budget multipliers (``kascade calibrate --layer-budgets``), () when
+    absent. Entry j scales layer j's Top-k budget for the methods that read it (``kascade_layer_budget``;
+    the paper's ``kascade`` ignores it). Layer 0 attends densely, so entry 0 must be 1.0; the mean over layers
+    1..L-1 must be 1.0, so the average number of attended keys stays the plan's budget
+    (:func:`kascade.variants.layer_budgets` turns the scales into integer budgets with exactly that mean).
     """
 
     model: ModelSpec
@@ -67,10 +73,12 @@ class Plan:
     tile_size: int = 32
     provenance: dict[str, Any] = field(default_factory=dict, compare=False)
     tp_sizes: tuple[int, ...] = ()
+    layer_budget_scale: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "anchor_layers", tuple(int(a) for a in self.anchor_layers))
         object.__setattr__(self, "tp_sizes", tuple(self.tp_sizes))
+        object.__setattr__(self, "layer_budget_scale", tuple(self.layer_budget_scale))
         object.__setattr__(self, "head_map", tuple(tuple(int(g) for g in row) for row in self.head_map))
         self.validate()
 
@@ -150,7 +158,8 @@ class Plan:
         rows = tuple(tuple(g - lo for g in row[lo:lo + per]) for row in self.head_map)
         prov = dict(self.provenance, tp_shard={"rank": rank, "tp_size": tp_size})
         return Plan(model=spec, anchor_layers=self.anchor_layers, head_map=rows, topk_fraction=self.topk_fraction,
-                    topk_floor=self.topk_floor, tile_size=self.tile_size, provenance=prov)
+                    topk_floor=self.topk_floor, tile_size=self.tile_size, provenance=prov,
+                    layer_budget_scale=self.layer_budget_scale)
 
     def _check_tp_size(self, tp_size: int) -> None:
         m = self.model
@@ -195,6 +204,28 @@ class Plan:
                 what = (f"does not divide the {n_kv} KV heads" if n_kv % t
                         else f"is crossed by the head map ({len(self.tp_crossings(t))} reuse heads map to another shard)")
                 raise PlanError(f"tp_sizes lists {t}, but TP size {t} {what}")
+        if self.layer_budget_scale:
+            self._check_layer_budget_scale()
+
+    # Tolerance of the mean of layer_budget_scale over layers 1..L-1 (JSON keeps 6 decimals per entry).
+    LAYER_BUDGET_MEAN_TOL = 1e-4
+
+    def _check_layer_budget_scale(self) -> None:
+        import math
+
+        scales, n_layers = self.layer_budget_scale, self.model.num_layers
+        if len(scales) != n_layers:
+            raise PlanError(f"layer_budget_scale has {len(scales)} entries, expected one per layer ({n_layers})")
+        for j, x in enumerate(scales):
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0:
+                raise PlanError(f"layer_budget_scale[{j}] must be a positive finite number, got {x!r}")
+        if scales[0] != 1.0:
+            raise PlanError(f"layer_budget_scale[0] must be 1.0 (layer 0 attends densely), got {scales[0]!r}")
+        if n_layers > 1:
+            mean = sum(scales[1:]) / (n_layers - 1)
+            if abs(mean - 1.0) > self.LAYER_BUDGET_MEAN_TOL:
+                raise PlanError(f"layer_budget_scale must average 1.0 over layers 1..{n_layers - 1} (the plan's "
+                                f"budget on average), got mean {mean:.6f}")
 
     def check_model(self, spec: ModelSpec) -> None:
         """Raise if this plan was made for a model of another shape than ``spec``."""
@@ -225,6 +256,8 @@ class Plan:
         }
         if self.tp_sizes:  # written only when recorded: plans without it keep their JSON (and hashes) unchanged
             data["tp_sizes"] = list(self.tp_sizes)
+        if self.layer_budget_scale:  # likewise optional
+            data["layer_budget_scale"] = list(self.layer_budget_scale)
         data["provenance"] = self.provenance
         return data
 
@@ -234,7 +267,7 @@ class Plan:
         if version != SCHEMA_VERSION:
             raise PlanError(f"plan schema_version is {version!r}, this kascade reads version {SCHEMA_VERSION}")
         known = {"schema_version", "model", "anchor_layers", "head_map", "topk_fraction", "topk_floor",
-                 "tile_size", "provenance", "tp_sizes"}
+                 "tile_size", "provenance", "tp_sizes", "layer_budget_scale"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise PlanError(f"plan has unknown fields {unknown}; expected only {sorted(known)}")
@@ -254,6 +287,7 @@ class Plan:
             tile_size=int(data.get("tile_size", 32)),
             provenance=dict(data.get("provenance", {})),
             tp_sizes=tuple(data.get("tp_sizes", ())),
+            layer_budget_scale=tuple(data.get("layer_budget_scale", ())),
         )
 
     def save(self, path: str | Path) -> None:

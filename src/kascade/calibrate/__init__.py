@@ -130,6 +130,10 @@ def make_plan(
     stats_budget: bool = False,
     weighting: str = "importance",
     tp_sizes: tuple[int, ...] = (),
+    layer_budgets: bool = False,
+    layer_budget_power: float = 0.5,
+    layer_budget_miss_floor: float = 0.05,
+    layer_budget_range: tuple[float, float] = (0.5, 2.0),
 ) -> tuple[Plan, list[AnchorChoice]]:
     """The plan with ``num_anchors`` anchors, and the DP table (best sets for M = 3..8).
 
@@ -140,10 +144,19 @@ def make_plan(
     ``tp_sizes`` (e.g. (2, 4)): a shard-constrained plan, valid under each of these tensor-parallel sizes:
     every reuse head maps only to anchor heads of its own shard for the least common multiple t of the sizes
     (the largest, when the others divide it), the anchor objective scores what that constrained map can reach,
-    and the plan records ``tp_sizes`` (1 included)."""
+    and the plan records ``tp_sizes`` (1 included).
+
+    ``layer_budgets=True`` also writes ``layer_budget_scale`` (for ``kascade_layer_budget``): from each layer's
+    reuse similarity under the chosen anchors and head map, r_j = mean over its KV heads h of
+    similarity[anchor(j), j, h, head_map[j][h]] (1 at anchors), taken from the tile-mean statistics at the
+    plan's budget when collected ("budget_mean"; else "mean", else the plan's own variant), the scales of
+    :func:`kascade.variants.scales_from_reuse` (``layer_budget_power``, ``layer_budget_miss_floor``,
+    ``layer_budget_range``): layers whose reused selection captures less get more keys, mean 1 over layers
+    1..L-1."""
     if aggregate not in ("min", "mean"):
         raise ValueError(f"aggregate={aggregate!r}; expected 'min' or 'mean'")
     variant = ("budget_" if stats_budget else "") + aggregate
+    all_stats = stats
     stats = stats.variant(variant)
     tp = shard_tp_size(stats.spec.num_kv_heads, tp_sizes) if tp_sizes else 1
     if tp > 1:  # cross-shard anchor heads can not serve a reuse head: out of the objective (similarity >= 0)
@@ -176,10 +189,28 @@ def make_plan(
     if tp > 1:
         prov["method"] += f" [head map constrained to TP shards of size {stats.spec.num_kv_heads // tp} KV heads]"
     prov.update({k: v for k, v in stats.info.items() if k not in prov})
+    hmap = head_map(stats.similarity, choice.anchor_layers, tp)
+    scales: tuple[float, ...] = ()
+    if layer_budgets:
+        from ..variants import scales_from_reuse
+
+        src = next((n for n in ("budget_mean", "mean") if n in all_stats.variants), None)
+        sim = all_stats.variants[src] if src else stats.similarity
+        reuse = [float(sum(sim[stats_anchor(choice.anchor_layers, j), j, h, g] for h, g in enumerate(hmap[j]))
+                       / len(hmap[j])) for j in range(stats.spec.num_layers)]
+        lo, hi = layer_budget_range
+        scales = tuple(scales_from_reuse(reuse, power=layer_budget_power, miss_floor=layer_budget_miss_floor,
+                                         lo=lo, hi=hi))
+        prov["layer_budget"] = {"statistic": src or variant, "reuse_similarity": [round(r, 6) for r in reuse],
+                                "power": layer_budget_power, "miss_floor": layer_budget_miss_floor,
+                                "range": [lo, hi],
+                                "rule": "scale_j ~ ((1 - r_j) + miss_floor) ** power, mean 1 over layers 1..L-1, "
+                                        "clipped to range"}
     plan = Plan(model=stats.spec, anchor_layers=choice.anchor_layers,
-                head_map=head_map(stats.similarity, choice.anchor_layers, tp), topk_fraction=topk_fraction,
+                head_map=hmap, topk_fraction=topk_fraction,
                 topk_floor=topk_floor, tile_size=tile_size, provenance=prov,
-                tp_sizes=tuple(sorted({1, *(int(t) for t in tp_sizes)})) if tp_sizes else ())
+                tp_sizes=tuple(sorted({1, *(int(t) for t in tp_sizes)})) if tp_sizes else (),
+                layer_budget_scale=scales)
     return plan, table
 
 

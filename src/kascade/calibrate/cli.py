@@ -41,6 +41,16 @@ def register(subparsers) -> None:
                    help="tensor-parallel sizes the plan must be valid for (e.g. 2,4): each reuse head maps only to "
                         "anchor heads of its own shard (for the least common multiple of the sizes, which must divide "
                         "the KV heads); the plan records them. Works with --from-stats (no model run)")
+    p.add_argument("--layer-budgets", action="store_true",
+                   help="also write per-layer budget scales (layer_budget_scale, read by the kascade_layer_budget "
+                        "eval method): layers whose reused selection captures less mass get more keys, the mean "
+                        "over layers 1..L-1 stays the plan's budget")
+    p.add_argument("--layer-budget-power", type=float, default=0.5,
+                   help="scale ~ ((1 - reuse similarity) + miss floor) ** power (default 0.5)")
+    p.add_argument("--layer-budget-miss-floor", type=float, default=0.05,
+                   help="the miss assumed even for a layer's own Top-k (default 0.05)")
+    p.add_argument("--layer-budget-range", type=float, nargs=2, default=(0.5, 2.0), metavar=("LO", "HI"),
+                   help="bounds of the per-layer scales (default 0.5 2.0)")
     p.add_argument("--out", default=None, help="plan path (default: <model>.plan.json)")
     p.add_argument("--save-stats", default=None, metavar="PATH", help="also save the raw statistics (.pt)")
     p.add_argument("--from-stats", default=None, metavar="PATH",
@@ -81,6 +91,10 @@ def _canonical_command(args) -> str:
         parts.append("--no-chat-template")
     if getattr(args, "tp", ()):
         parts += ["--tp", ",".join(str(t) for t in args.tp)]
+    if getattr(args, "layer_budgets", False):
+        parts += ["--layer-budgets", "--layer-budget-power", str(args.layer_budget_power),
+                  "--layer-budget-miss-floor", str(args.layer_budget_miss_floor),
+                  "--layer-budget-range", *(str(x) for x in args.layer_budget_range)]
     if args.out:
         parts += ["--out", args.out]
     return shlex.join(parts)
@@ -172,12 +186,17 @@ def main(args: argparse.Namespace) -> int:
     plan, table = make_plan(stats, args.anchors, topk_fraction=args.topk_fraction, topk_floor=args.topk_floor,
                             tile_size=args.tile_size, provenance={"command": command, **provenance},
                             aggregate=args.aggregate,
-                            stats_budget=args.stats_budget, weighting=args.weighting, tp_sizes=args.tp)
+                            stats_budget=args.stats_budget, weighting=args.weighting, tp_sizes=args.tp,
+                            layer_budgets=args.layer_budgets, layer_budget_power=args.layer_budget_power,
+                            layer_budget_miss_floor=args.layer_budget_miss_floor,
+                            layer_budget_range=tuple(args.layer_budget_range))
     print(f"best anchor sets ({'importance-weighted' if args.weighting == 'importance' else 'unweighted'} similarity; "
           "relative = score / score with every layer an anchor):")
     print(format_table(table))
     print("layer importance w_j: " + " ".join(f"{w:.3f}" for w in stats.importance))
     print(f"chosen: {len(plan.anchor_layers)} anchors {list(plan.anchor_layers)}")
+    if plan.layer_budget_scale:
+        print("per-layer budget scales: " + " ".join(f"{x:.2f}" for x in plan.layer_budget_scale))
     if plan.tp_sizes:
         print(f"head map constrained to tensor-parallel shards: valid for TP sizes {list(plan.tp_sizes)}")
     out = args.out or f"{args.model.replace('/', '_')}.plan.json"

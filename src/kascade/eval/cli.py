@@ -17,7 +17,7 @@ from ..cli import DeprecatedFlag
 
 
 def register(subparsers) -> None:
-    from ..baselines import METHODS
+    from ..baselines import DEFAULT_METHODS, METHODS
     from .tasks import DEFAULT_TASKS, TASKS
 
     p = subparsers.add_parser(
@@ -33,7 +33,9 @@ def register(subparsers) -> None:
     p.add_argument("--lengths", nargs="+", type=int, default=[4096], metavar="TOKENS",
                    help="context lengths in tokens of the model's input (default 4096)")
     p.add_argument("--samples", type=int, default=10, help="samples per task and length (default 10)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD", help="default: all")
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
+                   help="default: all but the reuse-gap variants (kascade_sinks_window, kascade_layer_budget, "
+                        "kascade_top_p; these take options as name:key=value,...)")
     p.add_argument("--topk-fractions", dest="budgets", nargs="+", type=float, default=[0.10], metavar="FRACTION",
                    help="Top-k fractions to evaluate, one run each (default 0.10; the sweep is 0.025 0.05 0.1 0.2); "
                         "stored as 'budgets' in the run's metadata and 'topk_fraction' in each cell")
@@ -110,6 +112,12 @@ def main(args: argparse.Namespace) -> int:
                                   source=args.dh_source)
             print(format_decode_heavy(dh))
             extra.setdefault("decode_heavy", []).append(dh["decode_heavy"])
+        from .decode_heavy import format_decode_heavy_markdown
+
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stem}_decode_heavy.md").write_text(
+            "\n\n".join(format_decode_heavy_markdown(d) for d in extra["decode_heavy"])
+            + (f"\n\nCommand: `{command}`" if command else "") + "\n")
     path = out / f"{stem}.json"
     report.write_json(path, summary, runner.metadata(), cells, extra)
     if summary["rows"]:

@@ -104,6 +104,11 @@ def run_decode_heavy(runner, methods: list[str], fraction: float, *, context_tok
             row.update(mass)
             row["mean_captured_mass"] = round(sum(mass["captured_mass"]) / len(mass["captured_mass"]), 4)
             row["mean_oracle_mass"] = round(sum(mass["oracle_mass"]) / len(mass["oracle_mass"]), 4)
+            att = mass["attended_fraction"]
+            # keys attended / keys visible, averaged over decode steps and heads: over all layers, and over
+            # layers 1..L-1 (layer 0 is dense in every Kascade variant and the oracle)
+            row["mean_attended_fraction"] = round(sum(att) / len(att), 5)
+            row["mean_attended_fraction_layers_1_on"] = round(sum(att[1:]) / max(1, len(att) - 1), 5)
         rows.append(row)
     return {"decode_heavy": {"context_tokens": context_tokens, "continuation_tokens": continuation_tokens,
                              "scored_steps_per_sample": continuation_tokens - 1, "num_samples": num_samples,
@@ -116,9 +121,36 @@ def format_decode_heavy(doc: dict) -> str:
     d = doc["decode_heavy"]
     lines = [f"decode-heavy: {d['num_samples']} x ({d['context_tokens']} context + {d['scored_steps_per_sample']} "
              f"scored decode steps) of {d['source']}, Top-k {100 * d['topk_fraction']:g}% floor {d['topk_floor']}",
-             f"{'method':<26}{'ppl':>10}{'ppl vs dense':>14}{'KL to dense':>13}{'top-1 agree':>13}{'mass':>8}"]
+             f"{'method':<40}{'attended':>9}{'ppl':>10}{'ppl vs dense':>14}{'KL to dense':>13}{'top-1 agree':>13}"
+             f"{'mass':>8}"]
     for r in d["rows"]:
         mass = f"{r['mean_captured_mass']:.3f}" if "mean_captured_mass" in r else "-"
-        lines.append(f"{r['method']:<26}{r['perplexity']:>10.3f}{r['perplexity_vs_dense_pct']:>13.2f}%"
+        att = f"{r['mean_attended_fraction_layers_1_on']:.4f}" if "mean_attended_fraction_layers_1_on" in r else "-"
+        lines.append(f"{r['method']:<40}{att:>9}{r['perplexity']:>10.3f}{r['perplexity_vs_dense_pct']:>13.2f}%"
                      f"{r['kl_to_dense']:>13.5f}{r['top1_agreement']:>12.1f}%{mass:>8}")
+    return "\n".join(lines)
+
+
+def format_decode_heavy_markdown(d: dict) -> str:
+    """One decode-heavy block (``doc["decode_heavy"]`` or an entry of a result JSON's ``decode_heavy`` list) as
+    a Markdown table: attended-key fraction (layers 1..L-1 and all layers), perplexity, KL, top-1, mass."""
+    lines = [f"Decode-heavy: {d['num_samples']} x ({d['context_tokens']} context + {d['scored_steps_per_sample']} "
+             f"scored teacher-forced decode steps) of {d['source']}, Top-k {100 * d['topk_fraction']:g}% floor "
+             f"{d['topk_floor']}, shared dense prefill, {d['seconds']:.0f} s.",
+             "",
+             "| method | attended keys, layers 1+ | attended keys, all layers | perplexity | vs dense | "
+             "KL(dense ‖ method) | top-1 agreement | captured mass |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.2f} %"
+
+    for r in d["rows"]:
+        dense = r["method"] == "dense"
+        a1 = 1.0 if dense else r.get("mean_attended_fraction_layers_1_on")
+        a0 = 1.0 if dense else r.get("mean_attended_fraction")
+        mass = r.get("mean_captured_mass")
+        lines.append(f"| {r['method']} | {pct(a1)} | {pct(a0)} | {r['perplexity']:.3f} | "
+                     f"{r['perplexity_vs_dense_pct']:+.2f} % | {r['kl_to_dense']:.4f} | {r['top1_agreement']:.2f} % | "
+                     f"{'-' if mass is None else f'{mass:.4f}'} |")
     return "\n".join(lines)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..baselines import METHODS, NEEDS_PLAN, make_method
+from ..baselines import DEFAULT_METHODS, METHODS, is_method, make_method, needs_plan
 from ..baselines._common import decode_probs, expand_keep, scale_of
 from ..plan import Plan
 from ..budget import topk_budget
@@ -55,9 +55,13 @@ class Dispatch:
         if fresh:
             if hasattr(method, "reset"):
                 method.reset()
-            self._acc[name] = [[0.0] * self.num_layers, [0.0] * self.num_layers, [0] * self.num_layers]
+            self._acc[name] = self._empty()
         else:
-            self._acc.setdefault(name, [[0.0] * self.num_layers, [0.0] * self.num_layers, [0] * self.num_layers])
+            self._acc.setdefault(name, self._empty())
+
+    def _empty(self) -> list[list]:
+        # per layer: captured mass, oracle mass, decode calls, attended fraction (keys attended / valid keys)
+        return [[0.0] * self.num_layers, [0.0] * self.num_layers, [0] * self.num_layers, [0.0] * self.num_layers]
 
     def __call__(self, layer, q, k, v, kv_start=None, kv_end=None, *, scale=None):
         out = self.method(layer, q, k, v, kv_start, kv_end, scale=scale)
@@ -75,7 +79,12 @@ class Dispatch:
         p = decode_probs(q, k, kv_start, kv_end, scale_of(scale, q.shape[-1]))  # [B, Hq, Lk]
         keep = m.last_selection.get(layer)
         # Accumulated as tensors: no host sync per layer and step (they are read once, in mass_report).
-        mass = p.new_ones(()) if keep is None else (p * expand_keep(keep, q.shape[1], k.shape[1])).sum(-1).mean()
+        if keep is None:
+            mass, attended = p.new_ones(()), p.new_ones(())
+        else:
+            keep = expand_keep(keep, q.shape[1], k.shape[1])
+            mass = (p * keep).sum(-1).mean()
+            attended = (keep.sum(-1).float() / (kv_end - kv_start).clamp_min(1).to(p.device)[:, None]).mean()
         budgets = topk_budget(kv_end - kv_start, m.topk_fraction, m.topk_floor)
         # The oracle's mass: each head's own top-k of its probabilities, k = the row's budget.
         top = p.sort(dim=-1, descending=True).values.cumsum(-1)
@@ -85,16 +94,19 @@ class Dispatch:
         acc[0][layer] += mass
         acc[1][layer] += oracle
         acc[2][layer] += 1
+        acc[3][layer] += attended
 
     def mass_report(self, name: str | None = None) -> dict | None:
-        """Mean captured and oracle mass per layer of method ``name`` (default: the current one)."""
+        """Mean captured and oracle mass and attended-key fraction per layer of method ``name`` (default: the
+        current one), over the decode steps measured."""
         name = name or getattr(self.method, "name", "method")
         acc = self._acc.get(name)
         if acc is None or not any(acc[2]):
             return None
         n = [max(1, c) for c in acc[2]]
         return {"captured_mass": [round(float(a) / c, 5) for a, c in zip(acc[0], n)],
-                "oracle_mass": [round(float(a) / c, 5) for a, c in zip(acc[1], n)]}
+                "oracle_mass": [round(float(a) / c, 5) for a, c in zip(acc[1], n)],
+                "attended_fraction": [round(float(a) / c, 5) for a, c in zip(acc[3], n)]}
 
 
 @dataclass
@@ -103,7 +115,7 @@ class EvalConfig:
     tasks: Sequence[str] = tasks_mod.DEFAULT_TASKS
     lengths: Sequence[int] = (4096,)
     num_samples: int = 10
-    methods: Sequence[str] = METHODS
+    methods: Sequence[str] = DEFAULT_METHODS
     budgets: Sequence[float] = (0.10,)
     topk_floor: int = 128
     seed: int = 0
@@ -220,15 +232,15 @@ class Runner:
         self.spec = model_spec(model)
         self.device = next(model.parameters()).device
         self.plan, self.plan_path = config_plan(config, self.spec)
-        self.methods = [m for m in config.methods if m in METHODS]
-        unknown = [m for m in config.methods if m not in METHODS]
+        self.methods = [m for m in config.methods if is_method(m)]
+        unknown = [m for m in config.methods if not is_method(m)]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; expected some of {', '.join(METHODS)}")
         if self.plan is None:
-            skipped = [m for m in self.methods if m in NEEDS_PLAN]
+            skipped = [m for m in self.methods if needs_plan(m)]
             if skipped:
                 self.log(f"no plan for {config.model}: skipping {', '.join(skipped)} (pass --plan)")
-            self.methods = [m for m in self.methods if m not in NEEDS_PLAN]
+            self.methods = [m for m in self.methods if not needs_plan(m)]
         self.dispatch = Dispatch(self.spec.num_layers)
         import kascade
 
@@ -252,7 +264,7 @@ class Runner:
         return {"model": self.cfg.model, "task": sample.task, "context_length": sample.context_length,
                 "index": sample.index, "seed": sample.seed, "method": method,
                 "topk_fraction": fraction, "topk_floor": None if fraction is None else self.cfg.topk_floor,
-                "plan_id": plan_id(self.plan) if method in NEEDS_PLAN else None,
+                "plan_id": plan_id(self.plan) if needs_plan(method) else None,
                 "max_new_tokens": self._max_new(sample)}
 
     def _max_new(self, sample) -> int:
@@ -383,7 +395,7 @@ def select_cells(cells: Iterable[dict], cfg: EvalConfig, methods: Sequence[str] 
                         want.add((task, length, i, name, fraction))
     return [c for c in cells if c["model"] == cfg.model and c["seed"] == cfg.seed
             and (c["task"], c["context_length"], c["index"], c["method"], c["topk_fraction"]) in want
-            and c.get("plan_id") == (plan if c["method"] in NEEDS_PLAN else None)
+            and c.get("plan_id") == (plan if needs_plan(c["method"]) else None)
             and (c["topk_fraction"] is None or c.get("topk_floor") == cfg.topk_floor)
             and (cfg.max_new_tokens is None or c.get("max_new_tokens", 0) <= cfg.max_new_tokens)]
 
