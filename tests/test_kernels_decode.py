@@ -322,3 +322,30 @@ def test_fused_select_same_indices():
         cfg = config(select_block=64, select_atomic_max=amax, select_fused="always")
         _, got = D.anchor(q, k, v, starts, ends, topk_fraction=0.1, topk_floor=16, config=cfg)
         assert torch.equal(got, ref), amax
+
+
+def test_short_rows_fill_every_split(monkeypatch):
+    """A row much shorter than the cache (an engine sized for 128K serving 32K) cuts its own length over
+    every split of the grid, which is sized from the cache capacity: every split of the split pass sees
+    keys (finite partial max), and anchor + reuse stay exact."""
+    monkeypatch.setattr(D, "sm_count", lambda device: 64)
+    cfg = config(min_chunk=64, max_splits=8, chunk_align=16, sparse_min_chunk=16, sparse_block_n=16, select_block=64,
+                 select_min_chunk=64, fuse_max_splits=1000)
+    B, Hq, Hkv, Lk, Dh = 2, 8, 2, 2048, 64
+    q, k, v = make(B, Hq, Hkv, Lk, Dh, torch.float32, seed=21, spread=2.0)
+    starts = torch.tensor([0, 100], dtype=torch.int64)
+    ends = torch.tensor([600, 1100], dtype=torch.int64)  # rows of 600 and 1000 keys in a 2048-key cache
+    _, m, _, _, n_splits = D._split_pass(q, k, v, starts, ends, None, write_scores=True, acc_v=False, config=cfg)
+    assert n_splits == 8
+    assert torch.isfinite(m).all(), "a split of a short row saw no key: the row was cut by the capacity"
+    out, indices = D.anchor(q, k, v, starts, ends, topk_fraction=0.1, topk_floor=16, config=cfg)
+    check_selection(indices, q, k, starts, ends, 0.1, 16)
+    check_close(out, q, k, v, allowed_from(indices, starts, ends, Hkv, Lk),
+                R.sparse_attention(q, k, v, indices, starts, ends))
+    q2, _, _ = make(B, Hq, Hkv, Lk, Dh, torch.float32, seed=22)
+    out2 = D.sparse(q2, k, v, indices, starts, ends, budget=(0.1, 16), config=cfg)
+    check_close(out2, q2, k, v, allowed_from(indices, starts, ends, Hkv, Lk),
+                R.sparse_attention(q2, k, v, indices, starts, ends))
+    dense = D.dense(q, k, v, starts, ends, config=cfg)
+    full = allowed_from(torch.arange(Lk, dtype=torch.int32).expand(B, Hkv, Lk), starts, ends, Hkv, Lk)
+    check_close(dense, q, k, v, full, R.dense_attention(q, k, v, starts, ends))

@@ -57,8 +57,8 @@ def build(fn, consts, paged, nw):
 
 G, D = 4, 128
 base = dict(G=G, GP=16, D=D, BLOCK_N=128, WRITE_SCORES=True, ACC_V=False, PRECISION="tf32", FUSE_COMBINE=False,
-            GQ=4, SP=4, SB=2)
-sp = dict(G=G, GP=16, D=D, BLOCK_N=64, PRECISION="tf32", FROM_SCORES=False, FUSE_COMBINE=True, GQ=4, SP=4, SB=2,
+            GQ=4, SP=4, SB=2, ALIGN=128)
+sp = dict(G=G, GP=16, D=D, BLOCK_N=64, PRECISION="tf32", FROM_SCORES=False, FUSE_COMBINE=True, GQ=4, SP=4, SB=2, ALIGN=64,
           DIRECT=False, MAPPED=True, BUDGET_BOUND=True)
 has_paged = "PAGED" in kd.decode_split_kernel.arg_names
 res = {}

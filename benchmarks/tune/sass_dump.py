@@ -74,8 +74,8 @@ def build(tag, fn, consts, nw, ns, maxnreg=None, paged=False, pooled="*fp16", co
     print(tag, reg[0].split()[0] if reg else "?", len(lines), flush=True)
 
 G, D = 4, 128
-split = dict(G=G, GP=16, D=D, BLOCK_N=128, WRITE_SCORES=True, ACC_V=False, PRECISION="tf32", FUSE_COMBINE=False, GQ=4, SP=4, SB=2)
-sp = dict(G=G, GP=16, D=D, BLOCK_N=64, PRECISION="tf32", FROM_SCORES=False, FUSE_COMBINE=True, GQ=4, SP=4, SB=2,
+split = dict(G=G, GP=16, D=D, BLOCK_N=128, WRITE_SCORES=True, ACC_V=False, PRECISION="tf32", FUSE_COMBINE=False, GQ=4, SP=4, SB=2, ALIGN=128)
+sp = dict(G=G, GP=16, D=D, BLOCK_N=64, PRECISION="tf32", FROM_SCORES=False, FUSE_COMBINE=True, GQ=4, SP=4, SB=2, ALIGN=64,
           DIRECT=False, MAPPED=True, BUDGET_BOUND=True)
 for paged in (False, True):
     pg = dict(PAGED=paged, PAGE=16); s = "-paged" if paged else ""

@@ -89,9 +89,18 @@ def _store_split(M_PART, L_PART, O_PART, OUT, COUNTER, row, split, b, h, n_split
                              G, GQ, D, SP, SB)
 
 
-# Lengths and split sizes are runtime values: Triton would otherwise compile a variant per divisibility
+@triton.jit
+def row_chunk(length, n_splits, ALIGN: tl.constexpr):
+    """Length of each of a row's n_splits splits (a multiple of ALIGN): the row's own length, not the
+    cache's, is cut over the whole grid. The grid is sized from the cache capacity (fixed when a CUDA
+    graph is captured), so a row shorter than the capacity still spreads over every program instead of
+    leaving most of them empty (a 32K row in a cache sized for 128K used a quarter of the splits)."""
+    return tl.cdiv(tl.cdiv(length, n_splits), ALIGN) * ALIGN
+
+
+# Lengths and split counts are runtime values: Triton would otherwise compile a variant per divisibility
 # class of each (a new prompt length = a new compile); they only bound loops and masks.
-@triton.jit(do_not_specialize=["Lk", "n_splits", "chunk"])
+@triton.jit(do_not_specialize=["Lk", "n_splits"])
 def decode_split_kernel(
     Q, K, V, KV_START, KV_END, SCORES, M_PART, L_PART, O_PART, OUT, COUNTER, BT,
     qk_scale,
@@ -100,13 +109,14 @@ def decode_split_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh,
     stride_btb, stride_kblk, stride_vblk,
-    H_KV, Lk, n_splits, chunk,
+    H_KV, Lk, n_splits,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     WRITE_SCORES: tl.constexpr, ACC_V: tl.constexpr, PRECISION: tl.constexpr,
     FUSE_COMBINE: tl.constexpr, GQ: tl.constexpr, SP: tl.constexpr, SB: tl.constexpr,
-    PAGED: tl.constexpr = False, PAGE: tl.constexpr = 16,
+    ALIGN: tl.constexpr, PAGED: tl.constexpr = False, PAGE: tl.constexpr = 16,
 ):
-    """One split of one row's valid keys: scores of the G heads (written to SCORES [rows, Lk, G] when
+    """One split of one row's valid keys (split s of n_splits takes keys [start + s * chunk, + chunk),
+    chunk from the row's own length: row_chunk): scores of the G heads (written to SCORES [rows, Lk, G] when
     WRITE_SCORES), their split max/sum, and with ACC_V the unnormalised split output. With
     FUSE_COMBINE (needs ACC_V) the last split of a row to finish merges the row's splits into OUT.
     PAGED: K/V are vLLM paged caches (kernels/paged.py): positions are logical, a key's address goes
@@ -118,8 +128,9 @@ def decode_split_kernel(
     h = (row % H_KV).to(tl.int64)
     start = tl.load(KV_START + b).to(tl.int32)
     end = tl.load(KV_END + b).to(tl.int32)
-    lo = tl.maximum(split * chunk, start)
-    hi = tl.minimum(split * chunk + chunk, end)
+    chunk = row_chunk(end - start, n_splits, ALIGN)
+    lo = start + split * chunk
+    hi = tl.minimum(lo + chunk, end)
 
     offs_g, offs_d, offs_n, g_mask, q, k_base, v_base = _group_rows(
         Q, K, V, b, h, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, G, GP, D, BLOCK_N)
@@ -169,7 +180,7 @@ def _sparse_block(acc, m_i, l_i, q, slot, hi, i_base, k_base, v_base, s_base, st
     return acc, m_new, l_i
 
 
-@triton.jit(do_not_specialize=["Lk", "W", "n_splits", "chunk", "ppm", "floor"])
+@triton.jit(do_not_specialize=["Lk", "W", "n_splits", "ppm", "floor"])
 def decode_sparse_kernel(
     Q, K, V, IDX, HEAD_MAP, KV_START, KV_END, SCORES, M_PART, L_PART, O_PART, OUT, COUNTER, BT,
     qk_scale,
@@ -179,10 +190,10 @@ def decode_sparse_kernel(
     stride_ib, stride_ih,
     stride_ob, stride_oh,
     stride_btb, stride_kblk, stride_vblk,
-    H_KV, Lk, W, n_splits, chunk, ppm, floor,
+    H_KV, Lk, W, n_splits, ppm, floor,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     FROM_SCORES: tl.constexpr, FUSE_COMBINE: tl.constexpr, GQ: tl.constexpr, SP: tl.constexpr,
-    SB: tl.constexpr, DIRECT: tl.constexpr = False, MAPPED: tl.constexpr = False,
+    SB: tl.constexpr, ALIGN: tl.constexpr, DIRECT: tl.constexpr = False, MAPPED: tl.constexpr = False,
     BUDGET_BOUND: tl.constexpr = False, PAGED: tl.constexpr = False, PAGE: tl.constexpr = 16,
 ):
     """One split of one row's index slots: gather K/V at the indices (absolute positions; -1 or
@@ -203,12 +214,14 @@ def decode_sparse_kernel(
     h = (row % H_KV).to(tl.int64)
     start = tl.load(KV_START + b)
     end = tl.load(KV_END + b)
-    lo = split * chunk
-    hi = tl.minimum(lo + chunk, W)
+    slots = W
     if BUDGET_BOUND:
         length = (end - start).to(tl.int64)
-        budget = tl.minimum(tl.maximum((length * ppm + 999_999) // 1_000_000, floor), length)
-        hi = tl.minimum(hi, budget.to(tl.int32))
+        slots = tl.minimum(tl.maximum((length * ppm + 999_999) // 1_000_000, floor), length).to(tl.int32)
+    # the row's own slots cut over every split (row_chunk): a short row still fills the grid
+    chunk = row_chunk(slots, n_splits, ALIGN)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, slots)
 
     offs_g, offs_d, offs_n, g_mask, q, k_base, v_base = _group_rows(
         Q, K, V, b, h, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, G, GP, D, BLOCK_N)

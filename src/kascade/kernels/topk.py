@@ -37,6 +37,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .decode import row_chunk
+
 NBINS = 256  # level 1: the 8 exponent bits
 B2 = 7  # bits of the level-2 digit
 B3 = 7  # bits of the level-3 digit
@@ -110,7 +112,7 @@ def radix_digit(row_ptr, length, shift: tl.constexpr, prefix_bits, need, check_p
 @triton.jit
 def _pool_hist(
     row, sp, SCORES, M_PART, L_PART, KV_START, KV_END, POOLED, HIST,
-    H_KV, Lk, n_splits, chunk,
+    H_KV, Lk, n_splits, n_sel,
     G: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr,
 ):
     """Pooled post-softmax score of each key (sum over the G heads of exp2(s - lse)), written to
@@ -119,6 +121,7 @@ def _pool_hist(
     b = row // H_KV
     start = tl.load(KV_START + b).to(tl.int32)
     end = tl.load(KV_END + b).to(tl.int32)
+    chunk = row_chunk(end - start, n_sel, BLOCK)
     lo = start + sp * chunk
     hi = tl.minimum(lo + chunk, end)
 
@@ -167,13 +170,15 @@ def _threshold(h_base, kk, LEVELS: tl.constexpr, B2: tl.constexpr, B3: tl.conste
 
 
 @triton.jit
-def _row_chunk(row, sp, KV_START, KV_END, HIST, H_KV, chunk, ppm, floor):
+def _row_keys(row, sp, KV_START, KV_END, HIST, H_KV, n_sel, ppm, floor, BLOCK: tl.constexpr):
     """Prologue of the refinement and compaction passes: the row's budget kk, the keys [lo, hi) of
-    program sp, and the row's histograms."""
+    program sp of n_sel (the row's own length cut over the row's programs, as in the pooling pass), and
+    the row's histograms."""
     b = row // H_KV
     start = tl.load(KV_START + b).to(tl.int32)
     end = tl.load(KV_END + b).to(tl.int32)
     kk = _budget(end - start, ppm, floor)
+    chunk = row_chunk(end - start, n_sel, BLOCK)
     lo = start + sp * chunk
     hi = tl.minimum(lo + chunk, end)
     h_base = HIST + row.to(tl.int64) * (3 * 256)
@@ -183,7 +188,7 @@ def _row_chunk(row, sp, KV_START, KV_END, HIST, H_KV, chunk, ppm, floor):
 @triton.jit
 def _refine_hist(
     row, sp, POOLED, KV_START, KV_END, HIST, PART,
-    H_KV, Lk, chunk, ppm, floor, n_sel,
+    H_KV, Lk, ppm, floor, n_sel,
     LEVEL: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr, NB: tl.constexpr, B: tl.constexpr,
     SHIFT: tl.constexpr, BLOCK: tl.constexpr, ATOMIC_MAX: tl.constexpr, ZERO_PART: tl.constexpr,
 ):
@@ -195,7 +200,7 @@ def _refine_hist(
     relaxed atomics (into HIST, and at level 3 also into this program's PART histogram, which must then
     be zero: the level-2 launch zeroes its first ZERO_PART bins); fuller blocks use tl.histogram. The
     counts, and so the selection, are the same either way."""
-    kk, lo, hi, h_base = _row_chunk(row, sp, KV_START, KV_END, HIST, H_KV, chunk, ppm, floor)
+    kk, lo, hi, h_base = _row_keys(row, sp, KV_START, KV_END, HIST, H_KV, n_sel, ppm, floor, BLOCK)
     prefix, _ = _threshold(h_base, kk, LEVEL - 1, B2, B3)
     bins = tl.arange(0, NB)
 
@@ -238,12 +243,12 @@ def _refine_hist(
 @triton.jit
 def _compact(
     row, sp, POOLED, KV_START, KV_END, HIST, PART, IDX,
-    H_KV, Lk, W, chunk, w_chunk, ppm, floor, n_sel,
+    H_KV, Lk, W, w_chunk, ppm, floor, n_sel,
     B2: tl.constexpr, B3: tl.constexpr, NB3: tl.constexpr, SPP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Write the absolute positions of each row's Top-k keys to IDX [rows, W]; slots >= k get -1. Keys above
     the threshold fill slots [0, n_gt) in key order, ties at the threshold fill [n_gt, k) in key order."""
-    kk, lo, hi, h_base = _row_chunk(row, sp, KV_START, KV_END, HIST, H_KV, chunk, ppm, floor)
+    kk, lo, hi, h_base = _row_keys(row, sp, KV_START, KV_END, HIST, H_KV, n_sel, ppm, floor, BLOCK)
     thr, n_gt = _threshold(h_base, kk, 3, B2, B3)
     need = kk - n_gt
     b3 = thr & (NB3 - 1)
@@ -286,35 +291,35 @@ def _compact(
 
 
 # Lengths, split sizes and budgets are runtime values (see kernels/decode.py): no variant per length.
-@triton.jit(do_not_specialize=["Lk", "n_splits", "chunk"])
+@triton.jit(do_not_specialize=["Lk", "n_splits", "n_sel"])
 def pool_hist_kernel(
     SCORES, M_PART, L_PART, KV_START, KV_END, POOLED, HIST,
-    H_KV, Lk, n_splits, chunk,
+    H_KV, Lk, n_splits, n_sel,
     G: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr,
 ):
     _pool_hist(tl.program_id(0), tl.program_id(1), SCORES, M_PART, L_PART, KV_START, KV_END, POOLED, HIST,
-               H_KV, Lk, n_splits, chunk, G, GP, SP, BLOCK, NB)
+               H_KV, Lk, n_splits, n_sel, G, GP, SP, BLOCK, NB)
 
 
-@triton.jit(do_not_specialize=["Lk", "chunk", "ppm", "floor", "n_sel"])
+@triton.jit(do_not_specialize=["Lk", "ppm", "floor", "n_sel"])
 def refine_hist_kernel(
     POOLED, KV_START, KV_END, HIST, PART,
-    H_KV, Lk, chunk, ppm, floor, n_sel,
+    H_KV, Lk, ppm, floor, n_sel,
     LEVEL: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr, NB: tl.constexpr, B: tl.constexpr,
     SHIFT: tl.constexpr, BLOCK: tl.constexpr, ATOMIC_MAX: tl.constexpr = 0, ZERO_PART: tl.constexpr = 0,
 ):
     _refine_hist(tl.program_id(0), tl.program_id(1), POOLED, KV_START, KV_END, HIST, PART,
-                 H_KV, Lk, chunk, ppm, floor, n_sel, LEVEL, B2, B3, NB, B, SHIFT, BLOCK, ATOMIC_MAX, ZERO_PART)
+                 H_KV, Lk, ppm, floor, n_sel, LEVEL, B2, B3, NB, B, SHIFT, BLOCK, ATOMIC_MAX, ZERO_PART)
 
 
-@triton.jit(do_not_specialize=["Lk", "W", "chunk", "w_chunk", "ppm", "floor", "n_sel"])
+@triton.jit(do_not_specialize=["Lk", "W", "w_chunk", "ppm", "floor", "n_sel"])
 def compact_kernel(
     POOLED, KV_START, KV_END, HIST, PART, IDX,
-    H_KV, Lk, W, chunk, w_chunk, ppm, floor, n_sel,
+    H_KV, Lk, W, w_chunk, ppm, floor, n_sel,
     B2: tl.constexpr, B3: tl.constexpr, NB3: tl.constexpr, SPP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     _compact(tl.program_id(0), tl.program_id(1), POOLED, KV_START, KV_END, HIST, PART, IDX,
-             H_KV, Lk, W, chunk, w_chunk, ppm, floor, n_sel, B2, B3, NB3, SPP, BLOCK)
+             H_KV, Lk, W, w_chunk, ppm, floor, n_sel, B2, B3, NB3, SPP, BLOCK)
 
 
 @triton.jit
@@ -331,10 +336,10 @@ def _row_barrier(BAR, target):
     tl.debug_barrier()
 
 
-@triton.jit(do_not_specialize=["Lk", "W", "n_splits", "chunk", "w_chunk", "ppm", "floor", "n_sel"])
+@triton.jit(do_not_specialize=["Lk", "W", "n_splits", "w_chunk", "ppm", "floor", "n_sel"])
 def select_fused_kernel(
     SCORES, M_PART, L_PART, KV_START, KV_END, POOLED, HIST, PART, IDX, BAR,
-    H_KV, Lk, W, n_splits, chunk, w_chunk, ppm, floor, n_sel,
+    H_KV, Lk, W, n_splits, w_chunk, ppm, floor, n_sel,
     G: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr,
     B2: tl.constexpr, B3: tl.constexpr, SPP: tl.constexpr, ATOMIC2: tl.constexpr, ATOMIC3: tl.constexpr,
     ZERO_PART: tl.constexpr,
@@ -345,14 +350,14 @@ def select_fused_kernel(
     row = tl.program_id(0)
     sp = tl.program_id(1)
     bar = BAR + row
-    _pool_hist(row, sp, SCORES, M_PART, L_PART, KV_START, KV_END, POOLED, HIST, H_KV, Lk, n_splits, chunk,
+    _pool_hist(row, sp, SCORES, M_PART, L_PART, KV_START, KV_END, POOLED, HIST, H_KV, Lk, n_splits, n_sel,
                G, GP, SP, BLOCK, NB)
     _row_barrier(bar, n_sel)
-    _refine_hist(row, sp, POOLED, KV_START, KV_END, HIST, PART, H_KV, Lk, chunk, ppm, floor, n_sel,
+    _refine_hist(row, sp, POOLED, KV_START, KV_END, HIST, PART, H_KV, Lk, ppm, floor, n_sel,
                  2, B2, B3, 1 << B2, B2, 23, BLOCK, ATOMIC2, ZERO_PART)
     _row_barrier(bar, 2 * n_sel)
-    _refine_hist(row, sp, POOLED, KV_START, KV_END, HIST, PART, H_KV, Lk, chunk, ppm, floor, n_sel,
+    _refine_hist(row, sp, POOLED, KV_START, KV_END, HIST, PART, H_KV, Lk, ppm, floor, n_sel,
                  3, B2, B3, 1 << B3, B3, 23 - B2, BLOCK, ATOMIC3, 0)
     _row_barrier(bar, 3 * n_sel)
-    _compact(row, sp, POOLED, KV_START, KV_END, HIST, PART, IDX, H_KV, Lk, W, chunk, w_chunk, ppm, floor, n_sel,
+    _compact(row, sp, POOLED, KV_START, KV_END, HIST, PART, IDX, H_KV, Lk, W, w_chunk, ppm, floor, n_sel,
              B2, B3, 1 << B3, SPP, BLOCK)

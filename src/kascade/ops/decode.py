@@ -181,8 +181,8 @@ def _split_pass(q, k, v, kv_start, kv_end, scale, write_scores: bool, acc_v: boo
     rows = B * Hkv
     c = config
     block = c.block_n
-    n_splits, chunk = _splits(rows, Lk, q.device, block, c.min_chunk, c.programs_per_sm, c.max_splits,
-                              c.chunk_align)
+    # the grid comes from the capacity Lk (fixed for a CUDA graph); each row cuts its own length over it
+    n_splits, _ = _splits(rows, Lk, q.device, block, c.min_chunk, c.programs_per_sm, c.max_splits, c.chunk_align)
     f32 = dict(dtype=torch.float32, device=q.device)
     scores = torch.empty((rows, Lk, G), **f32) if write_scores else q.new_empty((1,), dtype=torch.float32)
     m = torch.empty((rows, n_splits, G), **f32)
@@ -199,9 +199,10 @@ def _split_pass(q, k, v, kv_start, kv_end, scale, write_scores: bool, acc_v: boo
         *kv_strides,
         out.stride(0), out.stride(1),
         *pg_strides,
-        Hkv, Lk, n_splits, chunk,
+        Hkv, Lk, n_splits,
         G=G, GP=_gp(G), D=D, BLOCK_N=block, WRITE_SCORES=write_scores, ACC_V=acc_v,
-        PRECISION=dot_precision(q.dtype), FUSE_COMBINE=fuse, **_combine_meta(G, D, n_splits), **pg_meta,
+        PRECISION=dot_precision(q.dtype), FUSE_COMBINE=fuse, **_combine_meta(G, D, n_splits),
+        ALIGN=c.chunk_align or block, **pg_meta,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )
     if acc_v and not fuse:
@@ -263,7 +264,7 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None, head_
     W = indices.shape[2]
     c = config
     block = c.sparse_block_n
-    n_splits, chunk = sparse_splits(rows, W, q.device, c)
+    n_splits, _ = sparse_splits(rows, W, q.device, c)
     # one split per row: its program stores the output itself (no partials, no merge)
     direct = n_splits == 1
     f32 = dict(dtype=torch.float32, device=q.device)
@@ -287,9 +288,10 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None, head_
         indices.stride(0), indices.stride(1),
         out.stride(0), out.stride(1),
         *pg_strides,
-        Hkv, Lk, W, n_splits, chunk, ppm, floor,
+        Hkv, Lk, W, n_splits, ppm, floor,
         G=G, GP=_gp(G), D=D, BLOCK_N=block, PRECISION=dot_precision(q.dtype), FROM_SCORES=scores is not None,
-        FUSE_COMBINE=fuse, **_combine_meta(G, D, n_splits), DIRECT=direct, MAPPED=head_map is not None,
+        FUSE_COMBINE=fuse, **_combine_meta(G, D, n_splits), ALIGN=c.sparse_chunk_align or block,
+        DIRECT=direct, MAPPED=head_map is not None,
         BUDGET_BOUND=budget is not None, **pg_meta,
         num_warps=c.sparse_num_warps, num_stages=c.sparse_num_stages,
     )
@@ -335,7 +337,7 @@ def select(scores, m, l, n_splits, kv_start, kv_end, *, Hkv, topk_fraction, topk
         min_chunk = c.select_min_chunk
     sel_splits = max(1, min(want, triton.cdiv(Lk, min_chunk), c.max_splits))
     chunk = triton.cdiv(triton.cdiv(Lk, sel_splits), block) * block
-    sel_splits = triton.cdiv(Lk, chunk)
+    sel_splits = triton.cdiv(Lk, chunk)  # the grid; each row cuts its own length over it (row_chunk)
     w_chunk = triton.cdiv(W, sel_splits)
     b2, b3 = kt.B2, kt.B3  # the tie rule's digits (kernels/topk.py), not a tuning knob
     kv_start, kv_end = kv_start.contiguous(), kv_end.contiguous()
@@ -353,8 +355,7 @@ def select(scores, m, l, n_splits, kv_start, kv_end, *, Hkv, topk_fraction, topk
     if fused:
         try:
             _launch_select_fused(grid, scores, m, l, kv_start, kv_end, pooled, hist, part, indices, bar, Hkv, Lk, W,
-                                 n_splits, chunk, w_chunk, ppm, topk_floor, sel_splits, G, block, b2, b3, nw, a2, a3,
-                                 device)
+                                 n_splits, w_chunk, ppm, topk_floor, sel_splits, G, block, b2, b3, nw, a2, a3, device)
             return indices
         except RuntimeError as exc:  # the driver refused the co-resident grid (e.g. this G's registers)
             if "cooperative" not in str(exc):
@@ -362,18 +363,18 @@ def select(scores, m, l, n_splits, kv_start, kv_end, *, Hkv, topk_fraction, topk
             _FUSED_REFUSED.add((G, str(device)))
             hist.zero_()
     kt.pool_hist_kernel[grid](
-        scores, m, l, kv_start, kv_end, pooled, hist, Hkv, Lk, n_splits, chunk,
+        scores, m, l, kv_start, kv_end, pooled, hist, Hkv, Lk, n_splits, sel_splits,
         G=G, GP=triton.next_power_of_2(G), SP=triton.next_power_of_2(n_splits), BLOCK=block, NB=kt.NBINS,
         num_warps=nw,
     )
     for level, bits, shift, amax in ((2, b2, 23, a2), (3, b3, 23 - b2, a3)):
         kt.refine_hist_kernel[grid](
-            pooled, kv_start, kv_end, hist, part, Hkv, Lk, chunk, ppm, int(topk_floor), sel_splits,
+            pooled, kv_start, kv_end, hist, part, Hkv, Lk, ppm, int(topk_floor), sel_splits,
             LEVEL=level, B2=b2, B3=b3, NB=1 << bits, B=bits, SHIFT=shift, BLOCK=block, ATOMIC_MAX=amax,
             ZERO_PART=(1 << b3) if (level == 2 and a3 > 0) else 0, num_warps=nw,
         )
     kt.compact_kernel[grid](
-        pooled, kv_start, kv_end, hist, part, indices, Hkv, Lk, W, chunk, w_chunk, ppm, int(topk_floor),
+        pooled, kv_start, kv_end, hist, part, indices, Hkv, Lk, W, w_chunk, ppm, int(topk_floor),
         sel_splits, B2=b2, B3=b3, NB3=1 << b3, SPP=triton.next_power_of_2(sel_splits), BLOCK=block, num_warps=nw,
     )
     return indices
@@ -383,10 +384,10 @@ _FUSED_REFUSED: set = set()  # (G, device) whose fused selection grid the driver
 
 
 def _launch_select_fused(grid, scores, m, l, kv_start, kv_end, pooled, hist, part, indices, bar, Hkv, Lk, W, n_splits,
-                         chunk, w_chunk, ppm, topk_floor, sel_splits, G, block, b2, b3, nw, a2, a3, device):
+                         w_chunk, ppm, topk_floor, sel_splits, G, block, b2, b3, nw, a2, a3, device):
     kt.select_fused_kernel[grid](
         scores, m, l, kv_start, kv_end, pooled, hist, part, indices, bar,
-        Hkv, Lk, W, n_splits, chunk, w_chunk, ppm, int(topk_floor), sel_splits,
+        Hkv, Lk, W, n_splits, w_chunk, ppm, int(topk_floor), sel_splits,
         G=G, GP=triton.next_power_of_2(G), SP=triton.next_power_of_2(n_splits), BLOCK=block, NB=kt.NBINS,
         B2=b2, B3=b3, SPP=triton.next_power_of_2(sel_splits), ATOMIC2=a2, ATOMIC3=a3,
         ZERO_PART=(1 << b3) if a3 > 0 else 0, num_warps=nw,
