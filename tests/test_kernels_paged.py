@@ -152,6 +152,26 @@ def test_paged_sparse_reuse(Hq, Hkv, block_size, dtype):
     # the same without head_map equals the kernel on pre-mapped indices
     out2 = P.paged_decode_sparse(q, kc, vc, bt, lens, mapped.contiguous())
     assert torch.equal(out, out2)
+    # physical indices (cache rows, translated once): the same keys, the same arithmetic, the same output
+    phys = P.paged_physical_indices(sel.to(torch.int32), bt, lens, block_size)
+    want = torch.full_like(phys, -1)
+    for b in range(len(LENS)):
+        for h in range(Hkv):
+            for j, i in enumerate(sel[b, h].tolist()):
+                if 0 <= i < int(lens[b]):
+                    want[b, h, j] = int(bt[b, i // block_size]) * block_size + i % block_size
+    assert torch.equal(phys, want)
+    out3 = P.paged_decode_sparse(q, kc, vc, bt, lens, phys, head_map=head_map, physical=True)
+    assert torch.equal(out3, out)
+
+
+def test_paged_physical_needs_nhd_layout():
+    """Physical indices address cache rows as block * block_size + slot: an HND-strided cache is refused."""
+    q, k, v, kc, vc, bt, lens = make_paged(len(LENS), 8, 2, LENS, 64, 16, torch.float32, seed=3, layout="hnd")
+    sel = torch.zeros(len(LENS), 2, 16, dtype=torch.int32)
+    phys = P.paged_physical_indices(sel, bt, lens, 16)
+    with pytest.raises(KascadeInputError, match="physical indices need"):
+        P.paged_decode_sparse(q, kc, vc, bt, lens, phys, physical=True)
 
 
 @pytest.mark.parametrize("dense_output", [False, True], ids=["anchor", "layer0"])

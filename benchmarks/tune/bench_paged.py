@@ -58,6 +58,14 @@ def main():
             res["paged_dense"] = bench_ms(lambda: P.paged_decode_dense(q3, kc, vc, bt, lens))
             res["paged_anchor"] = bench_ms(lambda: P.paged_decode_anchor(q3, kc, vc, bt, lens, **kw))
             res["paged_sparse"] = bench_ms(lambda: P.paged_decode_sparse(q3, kc, vc, bt, lens, idx_p))
+            # reuse over cache rows translated once per anchor (what the vLLM backend runs)
+            phys = P.paged_physical_indices(idx_p, bt, lens, bs)
+            out_l = P.paged_decode_sparse(q3, kc, vc, bt, lens, idx_p)
+            out_f = P.paged_decode_sparse(q3, kc, vc, bt, lens, phys, physical=True)
+            assert torch.equal(out_l, out_f), "physical and logical reuse differ"
+            res["paged_sparse_physical"] = bench_ms(
+                lambda: P.paged_decode_sparse(q3, kc, vc, bt, lens, phys, physical=True))
+            res["paged_physical_indices"] = bench_ms(lambda: P.paged_physical_indices(idx_p, bt, lens, bs))
             del kc, vc
         print(json.dumps({key: (round(val * 1000, 1) if isinstance(val, float) else val)
                           for key, val in res.items()}), flush=True)

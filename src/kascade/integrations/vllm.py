@@ -141,6 +141,7 @@ def attend(layer: int, query, k_cache, v_cache, md, scale: float, output):
     longest chunk: a decode row would otherwise hold a chunk's worth of index slots); an anchor layer
     stores both parts' indices (all-gathered under TP gather mode) for the reuse layers after it."""
     from ..ops import paged
+    from ..ops.decode import physical_layout
 
     plan = _State.plan
     budget = dict(topk_fraction=plan.topk_fraction, topk_floor=plan.topk_floor)
@@ -158,11 +159,15 @@ def attend(layer: int, query, k_cache, v_cache, md, scale: float, output):
     if nd:  # decode rows: q rows 0 .. nd - 1, one per sequence
         q = query[:nd]
         tables = (k_cache, v_cache, md.block_table[:nd], md.seq_lens[:nd])
+        # reuse layers gather K/V at cache rows translated once per anchor (no block-table read per key)
+        physical = physical_layout(k_cache, v_cache, k_cache.shape[1])
         if anchor:
             out, parts[0] = paged.paged_decode_anchor(q, *tables, scale=scale, dense_output=layer == 0, **budget)
+            if physical:
+                parts[0] = paged.paged_physical_indices(parts[0], tables[2], tables[3], k_cache.shape[1])
         else:
             out = paged.paged_decode_sparse(q, *tables, held[0], head_map=head_map, scale=scale,
-                                            budget=(plan.topk_fraction, plan.topk_floor))
+                                            budget=(plan.topk_fraction, plan.topk_floor), physical=physical)
         output[:nd].copy_(out.view(output[:nd].shape))
     if nd < n:  # prefill rows (chunks, or any row when vLLM did not put decodes first)
         rows = slice(nd, md.num_actual_tokens)

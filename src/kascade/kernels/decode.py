@@ -158,13 +158,21 @@ def decode_split_kernel(
 def _sparse_block(acc, m_i, l_i, q, slot, hi, i_base, k_base, v_base, s_base, start, end, stride_kn, stride_vn,
                   qk_scale, offs_g, offs_d, g_mask, G: tl.constexpr, PRECISION: tl.constexpr,
                   FROM_SCORES: tl.constexpr, bt_row, stride_kblk, stride_vblk, PAGED: tl.constexpr,
-                  PAGE: tl.constexpr):
+                  PAGE: tl.constexpr, PHYSICAL: tl.constexpr):
     """One block of index slots of the sparse pass into the running (acc, max, sum). PAGED: indices are
-    logical positions, translated through the row's block table bt_row (kernels/paged.py)."""
+    logical positions, translated through the row's block table bt_row (kernels/paged.py). PHYSICAL (with
+    PAGED): indices are already cache rows (block * PAGE + slot, -1 skipped; physical_indices_kernel), so
+    a key costs one dependent load less: no block-table read."""
     idx = tl.load(i_base + slot, mask=slot < hi, other=-1).to(tl.int64)
-    valid = (idx >= start) & (idx < end)
-    idx = tl.where(valid, idx, 0)
-    blk, pslot, k_off = _key_slots(idx, valid, bt_row, stride_kn, stride_kblk, PAGED, PAGE)
+    if PHYSICAL:
+        valid = idx >= 0
+        idx = tl.where(valid, idx, 0)
+        # cache row r = block * PAGE + slot sits at r * stride_kn (the launcher checks the block stride)
+        blk, pslot, k_off = idx // PAGE, idx % PAGE, idx * stride_kn
+    else:
+        valid = (idx >= start) & (idx < end)
+        idx = tl.where(valid, idx, 0)
+        blk, pslot, k_off = _key_slots(idx, valid, bt_row, stride_kn, stride_kblk, PAGED, PAGE)
     if FROM_SCORES:
         s = tl.load(s_base + idx[None, :] * G + offs_g[:, None], mask=g_mask[:, None] & valid[None, :],
                     other=float("-inf"))
@@ -195,6 +203,7 @@ def decode_sparse_kernel(
     FROM_SCORES: tl.constexpr, FUSE_COMBINE: tl.constexpr, GQ: tl.constexpr, SP: tl.constexpr,
     SB: tl.constexpr, ALIGN: tl.constexpr, DIRECT: tl.constexpr = False, MAPPED: tl.constexpr = False,
     BUDGET_BOUND: tl.constexpr = False, PAGED: tl.constexpr = False, PAGE: tl.constexpr = 16,
+    PHYSICAL: tl.constexpr = False,
 ):
     """One split of one row's index slots: gather K/V at the indices (absolute positions; -1 or
     positions outside [kv_start, kv_end) are skipped) and attend, writing the split's (m, l, acc).
@@ -205,7 +214,8 @@ def decode_sparse_kernel(
     instead of copying the indices). BUDGET_BOUND: slots past the row's budget (computed from its length,
     ppm and floor as in topk.py) are not visited: with a cache wider than the row, W is the budget of the
     whole cache while a row needs only its own. PAGED: a vLLM paged cache, as in decode_split_kernel
-    (indices stay logical positions; each is translated through the row's block table). (A loop
+    (indices stay logical positions; each is translated through the row's block table; with PHYSICAL they
+    are cache rows already, see physical_indices_kernel). (A loop
     pipelined by hand, indices two blocks and K/V one block ahead, measured slower at every point on
     the H100: benchmarks/notes_decode.md, v6.)"""
     row = tl.program_id(0)
@@ -234,7 +244,8 @@ def decode_sparse_kernel(
     for n0 in range(lo, hi, BLOCK_N):
         acc, m_i, l_i = _sparse_block(acc, m_i, l_i, q, n0 + offs_n, hi, i_base, k_base, v_base, s_base,
                                       start, end, stride_kn, stride_vn, qk_scale, offs_g, offs_d, g_mask,
-                                      G, PRECISION, FROM_SCORES, bt_row, stride_kblk, stride_vblk, PAGED, PAGE)
+                                      G, PRECISION, FROM_SCORES, bt_row, stride_kblk, stride_vblk, PAGED, PAGE,
+                                      PHYSICAL)
 
     if DIRECT:
         # the only split of its row: normalise and store (a head that saw no key gets zeros)
@@ -331,3 +342,21 @@ def decode_combine_kernel(
         acc += tl.sum(o * w[:, None], 0)
     out = tl.where(l_tot > 0, acc / tl.where(l_tot > 0, l_tot, 1.0), 0.0)
     tl.store(OUT + b * stride_ob + head * stride_oh + offs_d, out.to(OUT.dtype.element_ty))
+
+
+@triton.jit
+def physical_indices_kernel(IDX, PIDX, BT, SEQ_LENS, H_KV, W, stride_ib, stride_ih, stride_btb,
+                            PAGE: tl.constexpr, BLOCK: tl.constexpr):
+    """PIDX = the cache rows (block_table[b, i // PAGE] * PAGE + i % PAGE) of an anchor's logical indices i,
+    -1 where i is -1 or past seq_len: run once per anchor layer so that every reuse layer after it gathers
+    K/V without reading the block table (all layers of a vLLM step share one block table)."""
+    row = tl.program_id(0)
+    b = (row // H_KV).to(tl.int64)
+    h = (row % H_KV).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    in_w = offs < W
+    idx = tl.load(IDX + b * stride_ib + h * stride_ih + offs, mask=in_w, other=-1)
+    valid = (idx >= 0) & (idx < tl.load(SEQ_LENS + b))
+    blk = tl.load(BT + b * stride_btb + idx // PAGE, mask=valid, other=0)
+    phys = tl.where(valid, blk * PAGE + idx % PAGE, -1)
+    tl.store(PIDX + row.to(tl.int64) * W + offs, phys.to(tl.int32), mask=in_w)

@@ -131,6 +131,12 @@ def _kv_layout(q, k, v, paged: PagedKV | None):
             dict(PAGED=True, PAGE=paged.block_size))
 
 
+def physical_layout(k, v, block_size: int) -> bool:
+    """Whether cache row r = block * block_size + slot of paged caches k, v [num_blocks, block_size, Hkv, D]
+    sits at r * stride(1) (vLLM's NHD layout), as physical indices assume."""
+    return all(t.stride(0) == block_size * t.stride(1) for t in (k, v))
+
+
 _COUNTERS: dict[tuple, torch.Tensor] = {}
 
 
@@ -236,7 +242,7 @@ def sparse_splits(rows: int, width: int, device: torch.device,
 
 
 def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None, head_map=None, budget=None,
-           paged: PagedKV | None = None, config: DecodeConfig = DEFAULT_CONFIG):
+           paged: PagedKV | None = None, physical: bool = False, config: DecodeConfig = DEFAULT_CONFIG):
     """Attention over each (row, KV head)'s selected keys: indices [B, Hkv, W] (absolute positions,
     -1 and positions outside [kv_start, kv_end) ignored). Returns [B, Hq, 1, D] in q's dtype.
     scores: the anchor's score-pass output [B*Hkv, Lk, G] (base-2, scaled); when given, scores are
@@ -244,7 +250,8 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None, head_
     head_map: int32 [Hkv] on the device: KV head h attends over indices[:, head_map[h]] (read in the
     kernel; no copy). budget: (topk_fraction, topk_floor) of the indices: each row then visits only its
     own budget's slots (what ``anchor`` writes first), not all W. paged: K/V are paged caches; indices
-    are logical positions."""
+    are logical positions, or with physical=True cache rows (ops.paged.paged_physical_indices; -1
+    skipped) for a cache whose block stride is block_size slots."""
     B, Hq, Hkv, Lk, D, kv_strides, bt, pg_strides, pg_meta = _kv_layout(q, k, v, paged)
     # with a head map, the indices may hold more heads than K (an anchor's indices all-gathered over TP ranks)
     heads_ok = indices.shape[1] >= Hkv if head_map is not None else indices.shape[1] == Hkv
@@ -256,6 +263,9 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None, head_
     if indices.stride(2) != 1:
         indices = indices.contiguous()
     G = Hq // Hkv
+    if physical and (paged is None or scores is not None or not physical_layout(k, v, paged.block_size)):
+        raise KascadeInputError("physical indices need a paged cache whose blocks are block_size slots apart "
+                                "(k.stride(0) == block_size * k.stride(1), same for v) and no scores")
     if scores is not None and (scores.shape != (B * Hkv, Lk, G) or scores.dtype != torch.float32
                                or not scores.is_contiguous()):
         raise KascadeInputError(f"scores must be contiguous float32 [{B * Hkv}, {Lk}, {G}] (the anchor's score "
@@ -292,7 +302,7 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None, head_
         G=G, GP=_gp(G), D=D, BLOCK_N=block, PRECISION=dot_precision(q.dtype), FROM_SCORES=scores is not None,
         FUSE_COMBINE=fuse, **_combine_meta(G, D, n_splits), ALIGN=c.sparse_chunk_align or block,
         DIRECT=direct, MAPPED=head_map is not None,
-        BUDGET_BOUND=budget is not None, **pg_meta,
+        BUDGET_BOUND=budget is not None, PHYSICAL=physical, **pg_meta,
         num_warps=c.sparse_num_warps, num_stages=c.sparse_num_stages,
     )
     return out if (fuse or direct) else _combine(q, m, l, o, n_splits, Hkv)

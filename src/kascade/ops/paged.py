@@ -26,7 +26,9 @@ A sequence with seq_len 0 (a padding slot of a batch) gets a zero output and all
 from __future__ import annotations
 
 import torch
+import triton
 
+from ..kernels import decode as kd
 from ..validation import KascadeInputError, check_budget
 from . import decode as D
 from . import prefill as PF
@@ -167,13 +169,39 @@ def _reuse_indices_ok(indices, dims: int, B: int, Hkv: int, head_map) -> bool:
     return indices.shape[1] >= Hkv if head_map is not None else indices.shape[1] == Hkv
 
 
+def paged_physical_indices(indices, block_table, seq_lens, block_size: int):
+    """The cache rows (block_table[b, i // block_size] * block_size + i % block_size) of logical decode
+    indices i [B, H, W] (an anchor's; -1, and positions >= seq_len, become -1): int32 [B, H, W]. One
+    launch per anchor layer; every reuse layer after it then passes physical=True to paged_decode_sparse
+    and gathers K/V without reading the block table (one dependent load less per key)."""
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 3 or indices.dtype != torch.int32:
+        got = (indices.dtype, tuple(indices.shape)) if isinstance(indices, torch.Tensor) else type(indices).__name__
+        raise KascadeInputError(f"indices must be int32 [batch, heads, W], got {got}")
+    B, H, W = indices.shape
+    _check_int32("block_table", block_table, f"[batch={B}, max_blocks_per_seq]", indices,
+                 lambda t: t.dim() == 2 and t.shape[0] == B and t.stride(1) == 1)
+    _check_int32("seq_lens", seq_lens, f"[batch={B}]", indices, lambda t: t.shape == (B,))
+    if block_size < 16 or block_size & (block_size - 1):
+        raise KascadeInputError(f"block_size must be a power of two >= 16, got {block_size}")
+    indices = indices if indices.stride(2) == 1 else indices.contiguous()
+    out = torch.empty((B, H, W), dtype=torch.int32, device=indices.device)
+    block = 1024
+    kd.physical_indices_kernel[(B * H, triton.cdiv(W, block))](
+        indices, out, block_table, seq_lens.contiguous(), H, W, indices.stride(0), indices.stride(1),
+        block_table.stride(0), PAGE=block_size, BLOCK=block, num_warps=4)
+    return out
+
+
 def paged_decode_sparse(q, k_cache, v_cache, block_table, seq_lens, indices, *, head_map=None, scale=None,
-                        budget=None, validate_values=False, config: D.DecodeConfig = D.DEFAULT_CONFIG):
+                        budget=None, physical=False, validate_values=False,
+                        config: D.DecodeConfig = D.DEFAULT_CONFIG):
     """Attention over given keys (reuse layers): indices [B, Hkv, W] int32/int64 logical positions (-1 and
     positions >= seq_len are skipped); head_map int32 [Hkv]: KV head h attends over indices[:, head_map[h]]
     (then indices may hold more heads than the cache, e.g. all-gathered over TP ranks).
     budget: (topk_fraction, topk_floor) the indices were selected with (an anchor's): each row then visits
-    only its own budget's slots instead of all W. Returns out [B, Hq, D] in q's dtype."""
+    only its own budget's slots instead of all W. physical: the indices are cache rows from
+    paged_physical_indices (-1 skipped; needs the NHD cache layout, D.physical_layout). Returns out
+    [B, Hq, D] in q's dtype."""
     B, _, Hkv, _, _ = _check_paged(q, k_cache, v_cache, block_table, seq_lens)
     if not _reuse_indices_ok(indices, 3, B, Hkv, head_map):
         got = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__
@@ -182,7 +210,7 @@ def paged_decode_sparse(q, k_cache, v_cache, block_table, seq_lens, indices, *, 
         raise KascadeInputError(f"indices are on {indices.device}, q is on {q.device}")
     q4, paged, kv_start, kv_end, _ = _prepare(q, k_cache, v_cache, block_table, seq_lens, validate_values)
     out = D.sparse(q4, k_cache, v_cache, indices, kv_start, kv_end, scale=scale, head_map=head_map, paged=paged,
-                   budget=budget, config=config)
+                   budget=budget, physical=physical, config=config)
     return out[:, :, 0]
 
 
