@@ -58,6 +58,14 @@ def test_eval_smoke_and_resume(tmp_path, plan_args, capsys):
     assert len(quest["captured_mass"]) == 30 and quest["captured_mass"][:2] == [1.0, 1.0]  # layers 0-1 dense
     assert 0.0 < quest["mean_captured_mass"] < 1.0
     assert list(out.glob("*.png"))
+    # the Pareto chart's fields: attended keys as the runner measured them, the speedup modelled from the
+    # committed bench JSON for Kascade, none for Quest (per-query-head pages: no measured kernel)
+    kas = rows[("kascade", 0.1)]
+    assert kas["attended_fraction_source"] == "measured" and 0.0 < kas["mean_attended_fraction"] < 1.0
+    assert kas["model_speedup"] > 1.0 and "model_speedup" not in quest
+    assert rows[("dense", None)]["mean_attended_fraction"] == 1.0
+    assert doc["summary"]["decode_speed_model"]["source"] == "benchmarks/results/decode_b64.json"
+    assert (out / "eval_smollm2-135m_1024_pareto.png").is_file() and (out / "eval_smollm2-135m_pareto.md").is_file()
     md = (out / "eval_smollm2-135m.md").read_text().splitlines()
     assert md[0].startswith("| length | method |") and len(md) == 2 + len(doc["summary"]["rows"])
     assert any(line.startswith("| 1024 | kascade@0.1 |") for line in md)

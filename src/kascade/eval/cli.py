@@ -62,6 +62,13 @@ def register(subparsers) -> None:
     p.add_argument("--dh-tokens", type=int, default=1024, help="decode-heavy scored tokens (default 1024)")
     p.add_argument("--dh-samples", type=int, default=2, help="decode-heavy samples (default 2)")
     p.add_argument("--dh-source", default="essays", choices=["essays", "kjv"], help="decode-heavy text")
+    p.add_argument("--speed-bench", default=None, metavar="JSON",
+                   help="`kascade bench decode` JSON whose per-layer kernel ratios model each method's decode speedup "
+                        "for the Pareto chart (default: benchmarks/results/decode_b64.json of the checkout; 'none': "
+                        "no speedup panel data)")
+    p.add_argument("--speed-context", type=int, default=131072, metavar="TOKENS",
+                   help="the bench point's context (default 131072, the issue's 128K batch-64 point)")
+    p.add_argument("--speed-batch", type=int, default=64, help="the bench point's batch (default 64)")
     p.set_defaults(func=main)
 
 
@@ -83,9 +90,11 @@ def main(args: argparse.Namespace) -> int:
     if args.report_only:
         from .runner import config_plan, load_cells, plan_id, select_cells
 
-        cells = select_cells(load_cells(out / "cells.jsonl").values(), cfg, plan=plan_id(config_plan(cfg)[0]))
+        plan = config_plan(cfg)[0]
+        cells = select_cells(load_cells(out / "cells.jsonl").values(), cfg, plan=plan_id(plan))
         summary = report.summarize(cells)
         report.print_table(summary)
+        _pareto_fields(args, summary, cells, plan, plan.model if plan else None, out, stem)
         report.write_json(out / f"{stem}.json", summary, {"config": _config_dict(cfg), "report_only": True}, cells, extra)
         (out / f"{stem}.md").write_text(report.format_markdown(summary) + "\n")
         plots = report.plot(summary, out, stem)
@@ -103,6 +112,7 @@ def main(args: argparse.Namespace) -> int:
         cells = runner.run()
         summary = report.summarize(cells)
         report.print_table(summary)
+        _pareto_fields(args, summary, cells, runner.plan, runner.spec, out, stem)
     if args.decode_heavy:
         from .decode_heavy import format_decode_heavy, run_decode_heavy
 
@@ -125,6 +135,37 @@ def main(args: argparse.Namespace) -> int:
     plots = report.plot(summary, out, stem) if summary["rows"] else []
     print(f"wrote {path}" + (f" and {len(plots)} plots" if plots else ""))
     return 0
+
+
+def _pareto_fields(args, summary: dict, cells: list[dict], plan, spec, out: Path, stem: str) -> None:
+    """Attended-key fractions, modelled decode speedups and Pareto fronts into ``summary`` (for the JSON and
+    the Pareto chart), and their table as OUT/<stem>_pareto.md. The speedup needs the bench JSON: an
+    explicit --speed-bench that cannot be used is an error; a missing default only leaves the speedup out."""
+    from . import report, speed_model
+
+    if not summary["rows"]:
+        return
+    if spec is None:
+        print("no plan for this model, so no model shape: attended-key fractions and speedups need --plan")
+        return
+    costs, note = None, None
+    if args.speed_bench != "none":
+        path = args.speed_bench or speed_model.default_bench_path()
+        if path is None:
+            note = (f"{speed_model.DEFAULT_BENCH} not found (not run from a kascade checkout): no modelled speedup; "
+                    "pass --speed-bench")
+            print(note)
+        else:
+            try:
+                costs = speed_model.load_decode_costs(path, spec, context=args.speed_context, batch=args.speed_batch)
+            except (OSError, ValueError, KeyError) as exc:
+                raise SystemExit(f"--speed-bench {path}: {exc}") from exc
+    else:
+        note = "--speed-bench none: no modelled speedup"
+    speed_model.annotate(summary, cells, plan=plan, spec=spec, costs=costs, topk_floor=args.topk_floor,
+                         costs_note=note)
+    report.add_pareto(summary)
+    (out / f"{stem}_pareto.md").write_text(report.format_pareto_markdown(summary) + "\n")
 
 
 def _config_dict(cfg) -> dict:
