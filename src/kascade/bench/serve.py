@@ -57,6 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--topk-fraction", type=float, default=0.1)
     a("--eager", action="store_true", help="no CUDA graphs")
     a("--gpu-memory-utilization", type=float, default=0.9)
+    a("--max-model-len", type=int, default=None,
+      help="the engines' max_model_len (default: the longest context + the decode steps); a serving engine is "
+           "usually sized for longer requests than most it serves")
+    a("--max-num-batched-tokens", type=int, default=None,
+      help="vLLM's max_num_batched_tokens for every engine (the chunked-prefill chunk; default: vLLM's)")
     a("--no-check", action="store_true")
     a("--json", default=None)
     # internal: each engine runs in its own process (vLLM does not give its GPU memory back in-process)
@@ -103,7 +108,8 @@ def _llm(model_dir: str, backend: str, args, max_len: int, max_seqs: int):
     return LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", seed=0,
                attention_backend=backend, max_model_len=max_len, max_num_seqs=max(max_seqs, 8),
                enforce_eager=args.eager, gpu_memory_utilization=args.gpu_memory_utilization,
-               enable_prefix_caching=False, tensor_parallel_size=args.tp)
+               enable_prefix_caching=False, tensor_parallel_size=args.tp,
+               **({"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}))
 
 
 def _capacity(llm) -> int:
@@ -187,6 +193,10 @@ def _in_process(args, extra: list[str]):
         argv += ["--plan", args.plan]
     if args.eager:
         argv.append("--eager")
+    sizes = (("--max-model-len", args.max_model_len), ("--max-num-batched-tokens", args.max_num_batched_tokens))
+    for flag, value in sizes:
+        if value:
+            argv += [flag, str(value)]
     subprocess.run(argv, check=True)
     with open(out) as f:
         return json.load(f)
@@ -212,6 +222,11 @@ def _worker(args) -> int:
     else:
         contexts, batches = _list(int)(args.context), _list(int)(args.batch)
         max_len = max(contexts) + args.steps + 64
+        if args.max_model_len:
+            if args.max_model_len < max_len:
+                raise SystemExit(f"--max-model-len {args.max_model_len} is shorter than the longest context + steps "
+                                 f"+ 64 = {max_len}")
+            max_len = args.max_model_len
         d = _model_dir(args, max_len)
         os.environ[kv.PLAN_ENV] = _plan_path(args, d)
         llm = _llm(d, backend, args, max_len, max(batches))
@@ -220,7 +235,8 @@ def _worker(args) -> int:
         result = []
         for L in contexts:
             for B in batches:
-                r = dict(backend=label, context=L, batch=B, tp=args.tp,
+                r = dict(backend=label, context=L, batch=B, tp=args.tp, max_model_len=max_len,
+                         max_num_batched_tokens=args.max_num_batched_tokens,
                          tp_mode=args.tp_mode if backend == "CUSTOM" else None)
                 if B * (L + args.steps + 8) > capacity:  # vLLM would queue some requests: not batch B
                     print(f"{backend} {L} x {B}: needs {B * (L + args.steps + 8)} KV tokens, the cache holds "
