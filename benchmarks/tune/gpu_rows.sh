@@ -10,7 +10,7 @@ git rev-parse HEAD 2>/dev/null
 for what in "$@"; do
 case $what in
 tests)
-  python -m pytest -q -x tests/gpu/test_decode_gpu.py tests/gpu/test_paged_gpu.py tests/gpu/test_generation_gpu.py \
+  python -m pytest -q -x tests/gpu/test_decode_gpu.py tests/gpu/test_paged_gpu.py \
     2>&1 | tail -8 | tee "$OUT/gpu_tests.log" ;;
 kernels)
   python benchmarks/tune/bench_paged.py --json "$OUT/paged_vs_contiguous.json"
