@@ -85,7 +85,9 @@ def _run(step, plan, maps, gather=None, kv_heads=(0, HKV)):
 
 # (seq_len, q_len) per sequence, and how many leading sequences vLLM's reordered batch marks as decodes
 STEPS = {"prefill+decode": ([(70, 70), (45, 1), (90, 30)], 0), "decodes first": ([(45, 1), (130, 1), (70, 70), (90, 30)], 2),
-         "decode": ([(70, 1), (130, 1), (40, 1)], 3)}
+         "decode": ([(70, 1), (130, 1), (40, 1)], 3),
+         # from kv.PHYSICAL_MIN_ROWS decode rows on, reuse layers read cache rows translated once per anchor
+         "decode (physical rows)": ([(70, 1), (130, 1), (40, 1), (17, 1), (96, 1)], 5)}
 
 
 def _step(kind, seed=0):
@@ -144,6 +146,19 @@ def test_each_layer_runs_its_kernel_with_its_anchor_indices(kind):
     ident = _plan(tuple((0, 1, 2, 3) for _ in range(LAYERS)))
     plain, _ = _run(step, ident, [list(r) for r in ident.head_map])
     assert float((plain[1][:rows] - outs[1][:rows]).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("kind,translations", [("decode", 0), ("decode (physical rows)", 2)])
+def test_reuse_reads_cache_rows_from_enough_decode_rows(kind, translations, monkeypatch):
+    """Each anchor's decode indices are translated to cache rows once (both anchors of the plan) when the
+    batch has at least PHYSICAL_MIN_ROWS decodes, and never below."""
+    calls = []
+    real = PG.paged_physical_indices
+    monkeypatch.setattr(PG, "paged_physical_indices", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plan = _plan()
+    assert len(plan.anchor_layers) == 2
+    _run(_step(kind), plan, [list(r) for r in plan.head_map])
+    assert len(calls) == translations
 
 
 @pytest.mark.parametrize("kind", sorted(STEPS))

@@ -131,6 +131,9 @@ class _State:
             warnings.warn(f"kascade (vLLM): {reason}; those layers run vLLM's FlashAttention", stacklevel=3)
 
 
+PHYSICAL_MIN_ROWS = 4  # decode rows from which reuse layers read translated cache rows (see attend)
+
+
 def attend(layer: int, query, k_cache, v_cache, md, scale: float, output):
     """Kascade attention of one layer of a vLLM step, written into ``output`` [tokens, Hq, D].
 
@@ -159,8 +162,11 @@ def attend(layer: int, query, k_cache, v_cache, md, scale: float, output):
     if nd:  # decode rows: q rows 0 .. nd - 1, one per sequence
         q = query[:nd]
         tables = (k_cache, v_cache, md.block_table[:nd], md.seq_lens[:nd])
-        # reuse layers gather K/V at cache rows translated once per anchor (no block-table read per key)
-        physical = physical_layout(k_cache, v_cache, k_cache.shape[1])
+        # reuse layers gather K/V at cache rows translated once per anchor (no block-table read per key):
+        # from 4 decode rows on; below, the translation launch costs more than the reuse layers save
+        # (H100, 27 reuse layers: -6.8 us per reuse layer at 8 x 32K, -0.7 us at 1 x 32K, 6.3 us per
+        # translation; benchmarks/results/paged_vs_contiguous_h100_physical.json)
+        physical = nd >= PHYSICAL_MIN_ROWS and physical_layout(k_cache, v_cache, k_cache.shape[1])
         if anchor:
             out, parts[0] = paged.paged_decode_anchor(q, *tables, scale=scale, dense_output=layer == 0, **budget)
             if physical:
