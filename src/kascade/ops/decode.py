@@ -266,6 +266,9 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None, head_
     if physical and (paged is None or scores is not None or not physical_layout(k, v, paged.block_size)):
         raise KascadeInputError("physical indices need a paged cache whose blocks are block_size slots apart "
                                 "(k.stride(0) == block_size * k.stride(1), same for v) and no scores")
+    if physical and k.shape[0] * paged.block_size >= 2**31:
+        raise KascadeInputError(f"a cache of {k.shape[0]} blocks x {paged.block_size} slots has too many rows for "
+                                f"int32 physical indices")
     if scores is not None and (scores.shape != (B * Hkv, Lk, G) or scores.dtype != torch.float32
                                or not scores.is_contiguous()):
         raise KascadeInputError(f"scores must be contiguous float32 [{B * Hkv}, {Lk}, {G}] (the anchor's score "
