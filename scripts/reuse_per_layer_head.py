@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from kascade import Plan, enable, ops
+from kascade import Plan, attention, enable
 from kascade import reference as R
 from kascade.demo import _prefill, build_prompt
 from kascade.integrations import hf
@@ -36,7 +36,7 @@ class _Recorder:
 
     def __call__(self, layer, q, k, v, kv_start=None, kv_end=None, *, scale=None):
         self.captured[layer] = (q[:, :, -self.last:].clone(), k.clone(), v.clone(), scale)
-        return ops.dense_attention(q, k, v, kv_start, kv_end, scale=scale)
+        return attention.dense_attention(q, k, v, kv_start, kv_end, scale=scale)
 
 
 def main() -> None:

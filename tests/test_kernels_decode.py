@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-import kascade.ops as ops  # noqa: E402
+import kascade.attention as ops  # noqa: E402
 import kascade.reference as R  # noqa: E402
 from kascade.ops import decode as D  # noqa: E402
 from kascade.validation import KascadeInputError  # noqa: E402

@@ -30,7 +30,7 @@ from kascade import KascadeInputError  # noqa: E402
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("needs TRITON_INTERPRET=1 or CUDA", allow_module_level=True)
 
-from kascade import ops  # noqa: E402
+from kascade import attention as ops  # noqa: E402
 from kascade.ops import prefill as P  # noqa: E402
 
 DEV = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
@@ -225,8 +225,8 @@ def test_ties_take_exactly_the_budget():
 
 
 def test_strided_queries_and_triton_dispatch():
-    """q viewed from a [B, L, H, D] tensor (non-contiguous heads), through kascade.ops with backend=triton."""
-    from kascade import ops
+    """q viewed from a [B, L, H, D] tensor (non-contiguous heads), through kascade.attention with backend=triton."""
+    from kascade import attention as ops
 
     q, k, v = make(1, 8, 2, 100, 100, 64, torch.float16, seed=7, layout="blhd")
     assert not q.is_contiguous()

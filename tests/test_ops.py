@@ -82,7 +82,7 @@ def test_prefill_indices_with_too_few_tiles(backend):
 def test_sdpa_dense_path_matches_reference(dtype, Lq, monkeypatch):
     q, k, v = (t.to(dtype) for t in make(Lq, 40, seed=3))
     kv_start, kv_end = torch.tensor([0, 30]), torch.tensor([40, 38])
-    from kascade import ops
+    from kascade import attention as ops
     monkeypatch.setattr(ops, "_kernels", lambda phase: None)
     out = ops.dense_attention(q, k, v, kv_start, kv_end)  # CPU "auto": the SDPA path
     ref = reference.dense_attention(q, k, v, kv_start, kv_end)
@@ -95,7 +95,7 @@ def test_sdpa_sparse_path_matches_reference(Lq, monkeypatch):
     q, k, v = make(Lq, 40, seed=4)
     kv_start, kv_end = torch.tensor([0, 9]), torch.tensor([40, 40])
     kw = dict(topk_fraction=0.1, topk_floor=3, tile_size=4)
-    from kascade import ops
+    from kascade import attention as ops
     monkeypatch.setattr(ops, "_kernels", lambda phase: None)
     idx = (reference.select_decode(q, k, kv_start, kv_end, topk_fraction=0.1, topk_floor=3) if Lq == 1
            else reference.select_prefill(q, k, kv_start, kv_end, **kw))
@@ -105,20 +105,35 @@ def test_sdpa_sparse_path_matches_reference(Lq, monkeypatch):
 
 
 def test_ops_use_no_reference_internals_and_the_reference_is_a_leaf():
-    """kascade.ops reaches the reference only through its public functions (the checks, budget and
-    masks are shared modules); the reference imports nothing from the ops, engine or kernels."""
+    """The fast path (kascade.ops, kascade.kernels) never imports the reference; kascade.attention, the
+    public ops, reaches it only through its public functions (the checks, budget and masks are shared
+    modules); the reference imports nothing from the ops, engine or kernels."""
     import ast
     import pathlib
 
     src = pathlib.Path(kascade.__file__).parent
-    for path in sorted((src / "ops").glob("*.py")):
+    for path in sorted([*(src / "ops").glob("*.py"), *(src / "kernels").glob("*.py")]):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.endswith("reference"):
-                pytest.fail(f"{path.name}: from {node.module} import {[a.name for a in node.names]}")
-            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-                    and node.value.id == "reference" and node.attr.startswith("_")):
-                pytest.fail(f"{path.name}:{node.lineno}: reference.{node.attr}")
+            names = ([node.module or ""] + [a.name for a in node.names] if isinstance(node, ast.ImportFrom)
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            if any(n == "reference" or n.endswith(".reference") for n in names):
+                pytest.fail(f"{path.parent.name}/{path.name}:{node.lineno} imports the reference")
+    tree = ast.parse((src / "attention.py").read_text())
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                and node.value.id == "reference" and node.attr.startswith("_")):
+            pytest.fail(f"attention.py:{node.lineno}: reference.{node.attr}")
     tree = ast.parse((src / "reference.py").read_text())
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level}
     assert imported == {"budget", "masks", "validation"}
+
+
+def test_old_ops_names_still_work_with_a_deprecation_warning():
+    import kascade.ops
+
+    with pytest.warns(DeprecationWarning, match="kascade.attention.dense_attention"):
+        fn = kascade.ops.dense_attention
+    assert fn is kascade.attention.dense_attention
+    with pytest.raises(AttributeError):
+        kascade.ops.no_such_name  # noqa: B018

@@ -6,7 +6,7 @@ attention; every other layer reuses its anchor's keys through a per-layer head m
 
 from .engine import VARIANTS, Engine, Variant
 from .integrations import disable, enable
-from .ops import anchor_attention, dense_attention, sparse_attention
+from .attention import anchor_attention, dense_attention, sparse_attention
 from .plan import ModelSpec, Plan, PlanError
 from .budget import topk_budget
 from .validation import KascadeInputError

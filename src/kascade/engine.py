@@ -30,7 +30,7 @@ from typing import Literal
 
 import torch
 
-from . import ops, reference
+from . import attention, reference
 from .plan import Plan, PlanError
 from .validation import KascadeInputError
 
@@ -75,7 +75,7 @@ class Engine:
         *,
         variant: Variant = "kascade",
         sparse_prefill: bool = True,
-        backend: ops.Backend | None = None,
+        backend: attention.Backend | None = None,
         track_stats: bool = False,
     ) -> None:
         if variant not in VARIANTS:
@@ -145,7 +145,7 @@ class Engine:
             raise KascadeInputError(f"step.kv_length={step.kv_length}; expected 1..{k.shape[2]} (keys given)")
         self._step = step
         self._fast = (self.variant in ("kascade", "no_remap", "dense") and self.track_stats is False
-                      and ops._use_triton(q, self.backend) and _kernels_fit(q, k, self.plan.tile_size))
+                      and attention._use_triton(q, self.backend) and _kernels_fit(q, k, self.plan.tile_size))
         if self._fast:
             self.head_map_tensor(q.device)
 
@@ -208,14 +208,14 @@ class Engine:
         decode = q.shape[2] == 1
         common = dict(scale=scale, backend=self.backend)
         if self.variant == "dense" or (not decode and not self.sparse_prefill):
-            return ops.dense_attention(q, k, v, kv_start, kv_end, **common)
+            return attention.dense_attention(q, k, v, kv_start, kv_end, **common)
         if self.variant == "oracle":
             if layer == 0:
-                return ops.dense_attention(q, k, v, kv_start, kv_end, **common)
+                return attention.dense_attention(q, k, v, kv_start, kv_end, **common)
             return reference.oracle_attention(q, k, v, kv_start, kv_end, scale=scale, **self._budget)
 
         if self.plan.is_anchor(layer):
-            out, indices = ops.anchor_attention(
+            out, indices = attention.anchor_attention(
                 q, k, v, kv_start, kv_end,
                 dense_output=layer == 0,
                 pooling="pre_softmax" if self.variant == "pre_softmax" else "post_softmax",
@@ -232,7 +232,7 @@ class Engine:
                     f"{self._indices_layer} for another pass; call the layers of a pass in order"
                 )
             indices = self._mapped(layer, self._indices)
-            out = ops.sparse_attention(q, k, v, indices, kv_start, kv_end, indices_from_anchor=True,
+            out = attention.sparse_attention(q, k, v, indices, kv_start, kv_end, indices_from_anchor=True,
                                        **self._budget, **common)
         if self.track_stats:
             self._record(layer, q, k, self._mapped(layer, self._indices), kv_start, kv_end, scale)

@@ -1,5 +1,5 @@
 """Which keys each query attends, one batch row at a time: shared by the reference (kascade.reference)
-and the CPU SDPA path of the ops (kascade.ops), so that both use exactly the same masks.
+and the CPU SDPA path of the ops (kascade.attention), so that both use exactly the same masks.
 
 Conventions (padding, row-relative positions, prefill tiles, index layout) are kascade.reference's.
 Depends only on kascade.budget; tests/naive.py is the independent check of these masks.

@@ -6,7 +6,7 @@ from typing import Literal
 
 import torch
 
-# Selection options (kascade.reference, kascade.ops.anchor_attention): how scores are pooled into one
+# Selection options (kascade.reference, kascade.attention.anchor_attention): how scores are pooled into one
 # Top-k set, and over which heads.
 Pooling = Literal["post_softmax", "pre_softmax"]
 HeadPooling = Literal["group", "all"]

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from .. import ops
+from .. import attention
 from ..plan import ModelSpec
 from ..budget import topk_budget
 from ..validation import KascadeInputError, check_attention_inputs, check_budget
@@ -109,7 +109,7 @@ class LayerMethod:
         topk_fraction: float = 0.10,
         topk_floor: int = 128,
         record_selection: bool = False,
-        backend: ops.Backend | None = None,
+        backend: attention.Backend | None = None,
     ) -> None:
         check_budget(topk_fraction, topk_floor)
         self.model_spec = model_spec
@@ -151,7 +151,7 @@ class LayerMethod:
 
     # ---------------------------------------------------------------- helpers for subclasses
     def dense(self, q, k, v, kv_start, kv_end, scale):
-        return ops.dense_attention(q, k, v, kv_start, kv_end, scale=scale, backend=self.backend)
+        return attention.dense_attention(q, k, v, kv_start, kv_end, scale=scale, backend=self.backend)
 
     def dense_decode(self, q, k, v, kv_start, kv_end, scale):
         return self.dense(q, k, v, kv_start, kv_end, scale), None

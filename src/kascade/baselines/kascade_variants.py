@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops, reference
+from .. import attention, reference
 from ..budget import topk_budget
 from ..plan import PlanError
 from ..validation import KascadeInputError, check_attention_inputs
@@ -78,7 +78,7 @@ class KascadeVariant(KascadeMethod):
     def __call__(self, layer, q, k, v, kv_start=None, kv_end=None, *, scale=None):
         self._check_layer_input(layer, q, k)
         if q.shape[2] != 1:  # prefill: dense (decode-only variant)
-            return ops.dense_attention(q, k, v, kv_start, kv_end, scale=scale, backend=self.backend)
+            return attention.dense_attention(q, k, v, kv_start, kv_end, scale=scale, backend=self.backend)
         kv_start, kv_end = check_attention_inputs(q, k, v, kv_start, kv_end)
         key = (q.shape[0], k.shape[2], tuple(kv_start.tolist()), tuple(kv_end.tolist()))
         plan = self.plan
@@ -97,7 +97,7 @@ class KascadeVariant(KascadeMethod):
             indices = self._sel.index_select(1, head_map)
         indices = self._limit(layer, indices, kv_start, kv_end, q=q, k=k, scale=scale_of(scale, q.shape[-1]))
         if layer == 0:
-            out = ops.dense_attention(q, k, v, kv_start, kv_end, scale=scale, backend=self.backend)
+            out = attention.dense_attention(q, k, v, kv_start, kv_end, scale=scale, backend=self.backend)
         else:
             out = reference.sparse_attention(q, k, v, indices, kv_start, kv_end, scale=scale, **self._budget)
         if self.record_selection:

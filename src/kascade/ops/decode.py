@@ -1,4 +1,4 @@
-"""Launchers of the Triton decode kernels (one query per row); :mod:`kascade.ops` dispatches here.
+"""Launchers of the Triton decode kernels (one query per row); :mod:`kascade.attention` dispatches here.
 
 Shapes and index conventions are :mod:`kascade.reference`'s: q [B, Hq, 1, D], k/v [B, Hkv, Lk, D] (a
 contiguous KV cache; row b's valid keys are kv_start[b] <= j < kv_end[b]), indices [B, Hkv, W] int32

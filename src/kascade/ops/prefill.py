@@ -1,6 +1,6 @@
 """Launchers of the Triton prefill kernels (kascade.kernels.prefill): check inputs, allocate, launch.
 
-Called by kascade.ops when Triton runs (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) and
+Called by kascade.attention when Triton runs (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) and
 Lq > 1. Shapes and conventions: kascade.reference.
 
 * ``dense``: causal GQA flash attention (also the baseline of ``kascade bench prefill``).
@@ -76,7 +76,7 @@ DEFAULT_CONFIG = PrefillConfig()
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile_size: int | None = None) -> int:
-    """Kernel-specific limits (the generic shape checks ran in kascade.ops). Returns G."""
+    """Kernel-specific limits (the generic shape checks ran in kascade.attention). Returns G."""
     Lq = q.shape[2]
     if Lq < 2:
         raise KascadeInputError(f"prefill kernels take Lq > 1 queries per row, got Lq={Lq}")
