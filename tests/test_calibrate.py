@@ -210,8 +210,8 @@ def test_shipped_plans_validate():
     from kascade.plans import load_shipped, shipped, source_of
 
     names = shipped()
-    assert {"smollm2-135m", "qwen2.5-0.5b"} <= set(names)
-    expected = {"smollm2-135m": (30, 9, 3, 64), "qwen2.5-0.5b": (24, 14, 2, 64)}
+    assert {"smollm2-135m", "qwen2.5-0.5b", "qwen2.5-1.5b"} <= set(names)
+    expected = {"smollm2-135m": (30, 9, 3, 64), "qwen2.5-0.5b": (24, 14, 2, 64), "qwen2.5-1.5b": (28, 12, 2, 128)}
     for name in names:
         plan = load_shipped(name)
         if source_of(plan) != "kascade calibrate":  # the authors' plans: tests/test_plans_shipped.py

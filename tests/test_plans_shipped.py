@@ -40,8 +40,39 @@ def _converter():
     return mod
 
 
+# Our Qwen plans, calibrated with one recipe (4K dev prompts, scored at the plan's budget, uniform layer
+# weights): (architecture, layers, query heads, KV heads, head dim) from the loaded model's config.
+CALIBRATED_QWEN = {
+    "qwen2.5-0.5b": ("qwen2", 24, 14, 2, 64),
+    "qwen2.5-1.5b": ("qwen2", 28, 12, 2, 128),
+}
+
+
 def test_shipped_names():
-    assert set(AUTHORS_MODELS) | {"smollm2-135m", "smollm2-135m-11a", "qwen2.5-0.5b"} <= set(shipped())
+    assert set(AUTHORS_MODELS) | set(CALIBRATED_QWEN) | {"smollm2-135m", "smollm2-135m-11a"} <= set(shipped())
+
+
+@pytest.mark.parametrize("name", sorted(CALIBRATED_QWEN))
+def test_calibrated_qwen_plans_fit_their_models_and_recipe(name):
+    from kascade import models
+
+    plan = load_shipped(name)
+    m = plan.model
+    assert (m.architecture, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim) == CALIBRATED_QWEN[name]
+    assert m.name == name and name in models.MODELS
+    assert (plan.topk_fraction, plan.topk_floor, plan.tile_size) == (0.10, 128, 32)
+    assert len(plan.anchor_layers) == 5
+    prov = plan.provenance
+    assert source_of(plan) == "kascade calibrate"
+    assert prov["model_name"] == models.MODELS[name].display_name
+    cmd = prov["command"]
+    assert cmd.startswith(f"kascade calibrate --model {name} ")
+    for opt in ("--max-tokens 4096", "--anchors 5", "--topk-fraction 0.1", "--topk-floor 128", "--stats-budget",
+                "--weighting uniform"):
+        assert opt in cmd
+    assert prov["variant"] == "budget_min" and prov["samples"] >= 8 and prov["tokens"] > 7 * 3800
+    chosen = next(r for r in prov["dp_table"] if r["num_anchors"] == 5)
+    assert chosen["anchor_layers"] == list(plan.anchor_layers)
 
 
 @pytest.mark.parametrize("name", shipped())
@@ -137,8 +168,8 @@ def test_cli_plans_show(capsys):
     assert "no shipped plan" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", sorted(AUTHORS_MODELS))
-def test_authors_plans_drive_the_engine_at_their_shapes(name):
+@pytest.mark.parametrize("name", sorted(AUTHORS_MODELS) + sorted(CALIBRATED_QWEN))
+def test_plans_drive_the_engine_at_their_shapes(name):
     """Every layer of the model's shape through Engine (reference backend): prefill then one decode step;
     at a full budget Kascade equals dense attention, so the plan's anchors and head map are wired in."""
     import torch

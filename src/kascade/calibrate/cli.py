@@ -17,7 +17,7 @@ def register(subparsers) -> None:
                     "sets for 3..8 anchors) and write the plan.",
     )
     p.add_argument("--model", default="smollm2-135m",
-                   help="a kascade.models name (smollm2-135m, qwen2.5-0.5b) or a local HF model directory")
+                   help="a kascade.models name (smollm2-135m, qwen2.5-0.5b, qwen2.5-1.5b) or a local HF model directory")
     p.add_argument("--data", nargs="*", default=None, metavar="FILE",
                    help="development-set files (.jsonl with a 'prompt'/'text' field, or text files, one prompt "
                         "each); default: multi-hop QA prompts built from HotpotQA/SQuAD")
@@ -117,6 +117,16 @@ def _load_model(name: str):
     raise SystemExit(f"--model {name!r}: expected one of {sorted(models.MODELS)} or a local model directory")
 
 
+def _machine() -> str:
+    import os
+
+    import torch
+
+    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, "
+            f"{torch.get_num_threads()} torch threads"
+            + (f", CUDA {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""))
+
+
 def _check_tp(tp_sizes, num_kv_heads: int) -> None:
     if tp_sizes:
         from .dp import shard_tp_size
@@ -167,6 +177,9 @@ def main(args: argparse.Namespace) -> int:
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "environment": f"python {platform.python_version()}, torch {torch.__version__}, "
                            f"transformers {__import__('transformers').__version__}",
+            # when and where the statistics were collected (collect_seconds depends on both)
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": _machine(),
             # what --from-stats needs to write the from-scratch command into a re-planned plan
             "collect_args": {k: getattr(args, k) for k in COLLECT_ARGS},
         }

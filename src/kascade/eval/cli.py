@@ -28,7 +28,7 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"tasks: {', '.join(TASKS)}\nmethods: {', '.join(METHODS)}",
     )
-    p.add_argument("--model", default="smollm2-135m", help="a kascade.models name (smollm2-135m, qwen2.5-0.5b)")
+    p.add_argument("--model", default="smollm2-135m", help="a kascade.models name (smollm2-135m, qwen2.5-0.5b, qwen2.5-1.5b)")
     p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), metavar="TASK", help="default: the 9 RULER tasks")
     p.add_argument("--lengths", nargs="+", type=int, default=[4096], metavar="TOKENS",
                    help="context lengths in tokens of the model's input (default 4096)")

@@ -1,7 +1,7 @@
 """Plans shipped with kascade (each file records its exact command in its provenance).
 
-Made by ``kascade calibrate``: ``load_shipped("smollm2-135m")`` / ``load_shipped("qwen2.5-0.5b")``, names
-following :mod:`kascade.models`. Converted from the Kascade authors' published anchors and head maps
+Made by ``kascade calibrate``: ``load_shipped("smollm2-135m")`` / ``"qwen2.5-0.5b"`` / ``"qwen2.5-1.5b"``,
+names following :mod:`kascade.models`. Converted from the Kascade authors' published anchors and head maps
 (github.com/microsoft/kascade, MIT; ``scripts/convert_authors_plans.py``): ``"llama-3.1-8b-instruct"``,
 ``"deepseek-r1-distill-llama-8b"``, ``"qwen3-8b"``. ``kascade plans`` lists them all.
 """
