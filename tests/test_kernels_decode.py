@@ -349,3 +349,30 @@ def test_short_rows_fill_every_split(monkeypatch):
     dense = D.dense(q, k, v, starts, ends, config=cfg)
     full = allowed_from(torch.arange(Lk, dtype=torch.int32).expand(B, Hkv, Lk), starts, ends, Hkv, Lk)
     check_close(dense, q, k, v, full, R.dense_attention(q, k, v, starts, ends))
+
+
+@pytest.mark.parametrize("dtype,stored", [(torch.float16, torch.float16), (torch.float32, torch.float32)])
+def test_stored_scores_are_relative_and_compact(dtype, stored):
+    """The score pass stores exp2(s - m) * 2^15 per key and head (m: the split's running max, one
+    reference per group of keys), GQA 7 padded to 8 stored heads (the pad is 0), float16 for 16-bit
+    inputs: recovering s from values and references gives the reference scores; the sparse step and the
+    selection refuse stored scores of another shape."""
+    cfg = config(min_chunk=64, chunk_align=32, max_splits=4)
+    B, Hq, Hkv, Lk, Dh = 1, 7, 1, 300, 64
+    q, k, v = make(B, Hq, Hkv, Lk, Dh, dtype, seed=5)
+    starts, ends = torch.tensor([11]), torch.tensor([Lk])
+    scores, m, l, _, n_splits = D._split_pass(q, k, v, starts, ends, None, write_scores=True, acc_v=False, config=cfg)
+    assert scores.values.dtype == stored and scores.values.shape == (1, Lk, 8) and scores.group == 32
+    vals = scores.values[0, 11:].float()
+    assert (vals[:, 7] == 0).all() and (vals[:, :7] <= 2**15).all()
+    ref = scores.ref[0, (torch.arange(11, Lk) - 11) // 32]  # [keys, 8]
+    got = torch.log2(vals[:, :7]) + ref[:, :7] - 15
+    want = (q[0, :, 0].float() @ k[0, 0, 11:].float().T).T / math.sqrt(Dh) * math.log2(math.e)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got, want, atol=tol, rtol=0), (got - want).abs().max()
+    indices = D.select(scores, m, l, n_splits, starts, ends, Hkv=Hkv, topk_fraction=0.1, topk_floor=8, config=cfg)
+    bad = dataclasses.replace(scores, values=scores.values[:, :, :7].contiguous())
+    with pytest.raises(KascadeInputError, match="values"):
+        D.sparse(q, k, v, indices, starts, ends, scores=bad, config=cfg)
+    with pytest.raises(KascadeInputError, match="AnchorScores"):
+        D.sparse(q, k, v, indices, starts, ends, scores=scores.values, config=cfg)

@@ -10,6 +10,7 @@ kernel's mean device time per call and the ratio of the anchor's total to dense.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 
@@ -47,18 +48,26 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--geometries", default=",".join(GEOMETRIES))
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE",
+                    help="a DecodeConfig knob for the anchor (repeatable), e.g. sparse_programs_per_sm=6")
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
+    knobs = {}
+    for kv in args.set:
+        name, value = kv.split("=", 1)
+        knobs[name] = type(getattr(K.DEFAULT_CONFIG, name))(value)
+    config = dataclasses.replace(K.DEFAULT_CONFIG, **knobs)
     rows = []
     for geo in args.geometries.split(","):
         Hq, Hkv, D = (int(x) for x in geo.split("/"))
         q, k, v, ks, ke = random_inputs(args.batch, Hq, Hkv, args.context, D, torch.bfloat16, 0)
         scale = 1.0 / math.sqrt(D)
         dense = profile(lambda: K.dense(q, k, v, ks, ke, scale=scale), args.reps)
-        anchor = profile(lambda: K.anchor(q, k, v, ks, ke, topk_fraction=0.1, topk_floor=128, scale=scale),
-                         args.reps)
+        anchor = profile(lambda: K.anchor(q, k, v, ks, ke, topk_fraction=0.1, topk_floor=128, scale=scale,
+                                          config=config), args.reps)
         d, a = sum(dense.values()), sum(anchor.values())
-        row = {"geometry": geo, "context": args.context, "batch": args.batch, "dense_us": d, "anchor_us": a,
+        row = {"geometry": geo, "context": args.context, "batch": args.batch, "config": knobs, "dense_us": d,
+               "anchor_us": a,
                "anchor_over_dense": a / d, "dense_kernels": dense, "anchor_kernels": anchor}
         rows.append(row)
         print(f"{geo:>10}  dense {d:8.1f} us  anchor {a:8.1f} us  = {a / d:.3f}x", flush=True)

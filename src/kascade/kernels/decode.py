@@ -37,15 +37,49 @@ def _group_rows(Q, K, V, b, h, stride_qb, stride_qh, stride_kb, stride_kh, strid
 
 
 @triton.jit
-def _split_state(SCORES, BT, row, b, Lk, stride_btb, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr):
-    """The row's scores base ([rows, Lk, G]) and block-table row, and an empty running state (m = -inf,
-    l = 0, acc = 0) of a split."""
-    s_base = SCORES + row.to(tl.int64) * G * Lk
+def _split_state(SCORES, SREF, BT, row, b, Lk, stride_btb, GP: tl.constexpr, D: tl.constexpr, GS: tl.constexpr,
+                 MG: tl.constexpr):
+    """The row's bases in the stored scores ([rows, Lk, GS]) and their references ([rows, cdiv(Lk, MG), GS]),
+    its block-table row, and an empty running state (m = -inf, l = 0, acc = 0) of a split."""
+    s_base = SCORES + row.to(tl.int64) * GS * Lk
+    r_base = SREF + row.to(tl.int64) * GS * tl.cdiv(Lk, MG)
     bt_row = BT + b * stride_btb
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
-    return s_base, bt_row, m_i, l_i, acc
+    return s_base, r_base, bt_row, m_i, l_i, acc
+
+
+# Stored scores are exp2(s - m) * 2^SCORE_SHIFT, m the split's running max when the key was seen: <= 2^15
+# (float16's largest power of two below 65504), and float16 stays normal (2^-11 relative) down to
+# exp2(s - m) = 2^-29, keys ~1e9 times lighter than the split's heaviest. One float16 per head instead of
+# a float32 score halves the bytes the score pass writes and the pooling and the sparse step read back.
+SCORE_SHIFT = tl.constexpr(15.0)
+SCORE_SCALE = tl.constexpr(32768.0)  # 2^SCORE_SHIFT
+
+
+@triton.jit
+def _store_scores(s_base, r_base, p, m_i, n, n_mask, n0, start, hi, offs_g, g_mask, GP: tl.constexpr,
+                  BLOCK_N: tl.constexpr, GS: tl.constexpr, MG: tl.constexpr):
+    """Store a block's scores relative to the running max m_i (p = exp2(s - m_i) from softmax_update) as
+    p * 2^SCORE_SHIFT in the scores' dtype, key-major [Lk, GS] (heads past G hold 0, so a key's GS values
+    are one aligned vector), and m_i as the reference of each group of MG keys of the block (groups are
+    counted from the row's start; splits and blocks begin on group boundaries: the launcher's MG divides
+    both the split alignment and BLOCK_N)."""
+    s_mask = offs_g < GS
+    e = tl.where(g_mask[:, None], p * SCORE_SCALE, 0.0)
+    tl.store(s_base + n[None, :] * GS + offs_g[:, None], e.to(s_base.dtype.element_ty),
+             mask=s_mask[:, None] & n_mask[None, :])
+    grp = (n0 - start) // MG + tl.arange(0, BLOCK_N // MG)
+    ref = tl.where(m_i == float("-inf"), 0.0, m_i)
+    tl.store(r_base + grp[None, :] * GS + offs_g[:, None], tl.broadcast_to(ref[:, None], [GP, BLOCK_N // MG]),
+             mask=s_mask[:, None] & ((grp * MG + start) < hi)[None, :])
+
+
+@triton.jit
+def stored_score_weight(ref, lse):
+    """The factor that turns a stored score (p * 2^SCORE_SHIFT relative to ref) into exp2(s - lse)."""
+    return tl.math.exp2(ref - lse - SCORE_SHIFT)
 
 
 @triton.jit
@@ -102,7 +136,7 @@ def row_chunk(length, n_splits, ALIGN: tl.constexpr):
 # class of each (a new prompt length = a new compile); they only bound loops and masks.
 @triton.jit(do_not_specialize=["Lk", "n_splits"])
 def decode_split_kernel(
-    Q, K, V, KV_START, KV_END, SCORES, M_PART, L_PART, O_PART, OUT, COUNTER, BT,
+    Q, K, V, KV_START, KV_END, SCORES, SREF, M_PART, L_PART, O_PART, OUT, COUNTER, BT,
     qk_scale,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kn,
@@ -113,11 +147,13 @@ def decode_split_kernel(
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     WRITE_SCORES: tl.constexpr, ACC_V: tl.constexpr, PRECISION: tl.constexpr,
     FUSE_COMBINE: tl.constexpr, GQ: tl.constexpr, SP: tl.constexpr, SB: tl.constexpr,
-    ALIGN: tl.constexpr, PAGED: tl.constexpr = False, PAGE: tl.constexpr = 16,
+    ALIGN: tl.constexpr, PAGED: tl.constexpr = False, PAGE: tl.constexpr = 16, GS: tl.constexpr = 1,
+    MG: tl.constexpr = 1,
 ):
     """One split of one row's valid keys (split s of n_splits takes keys [start + s * chunk, + chunk),
-    chunk from the row's own length: row_chunk): scores of the G heads (written to SCORES [rows, Lk, G] when
-    WRITE_SCORES), their split max/sum, and with ACC_V the unnormalised split output. With
+    chunk from the row's own length: row_chunk): scores of the G heads (with WRITE_SCORES stored relative to
+    the running max, _store_scores: SCORES [rows, Lk, GS], references SREF), their split max/sum, and
+    with ACC_V the unnormalised split output. With
     FUSE_COMBINE (needs ACC_V) the last split of a row to finish merges the row's splits into OUT.
     PAGED: K/V are vLLM paged caches (kernels/paged.py): positions are logical, a key's address goes
     through the row's block table BT[b] (stride_kb / stride_vb are then 0, stride_kn the slot stride,
@@ -134,7 +170,7 @@ def decode_split_kernel(
 
     offs_g, offs_d, offs_n, g_mask, q, k_base, v_base = _group_rows(
         Q, K, V, b, h, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, G, GP, D, BLOCK_N)
-    s_base, bt_row, m_i, l_i, acc = _split_state(SCORES, BT, row, b, Lk, stride_btb, G, GP, D)
+    s_base, r_base, bt_row, m_i, l_i, acc = _split_state(SCORES, SREF, BT, row, b, Lk, stride_btb, GP, D, GS, MG)
     for n0 in range(lo, hi, BLOCK_N):
         n = n0 + offs_n
         n_mask = n < hi
@@ -142,10 +178,10 @@ def decode_split_kernel(
         k = tl.load(k_base + k_off[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(n_mask[None, :], s, float("-inf"))
-        if WRITE_SCORES:
-            tl.store(s_base + n[None, :] * G + offs_g[:, None], s, mask=g_mask[:, None] & n_mask[None, :])
-        # scores already scaled (they are stored); a split may start with masked keys only: GUARD
+        # scores scaled once after the dot; a split may start with masked keys only: GUARD
         p, alpha, m_i, l_i = softmax_update(m_i, l_i, s, qk_scale, True, True)
+        if WRITE_SCORES:
+            _store_scores(s_base, r_base, p, m_i, n, n_mask, n0, start, hi, offs_g, g_mask, GP, BLOCK_N, GS, MG)
         if ACC_V:
             acc = _attend_v(acc, alpha, p, v_base, n, blk, slot, n_mask, stride_vn, stride_vblk, offs_d, PRECISION,
                             PAGED)
@@ -155,10 +191,10 @@ def decode_split_kernel(
 
 
 @triton.jit
-def _sparse_block(acc, m_i, l_i, q, slot, hi, i_base, k_base, v_base, s_base, start, end, stride_kn, stride_vn,
-                  qk_scale, offs_g, offs_d, g_mask, G: tl.constexpr, PRECISION: tl.constexpr,
+def _sparse_block(acc, m_i, l_i, q, slot, hi, i_base, k_base, v_base, s_base, r_base, start, end, stride_kn,
+                  stride_vn, qk_scale, offs_g, offs_d, g_mask, PRECISION: tl.constexpr,
                   FROM_SCORES: tl.constexpr, bt_row, stride_kblk, stride_vblk, PAGED: tl.constexpr,
-                  PAGE: tl.constexpr, PHYSICAL: tl.constexpr):
+                  PAGE: tl.constexpr, PHYSICAL: tl.constexpr, GS: tl.constexpr, MG: tl.constexpr):
     """One block of index slots of the sparse pass into the running (acc, max, sum). PAGED: indices are
     logical positions, translated through the row's block table bt_row (kernels/paged.py). PHYSICAL (with
     PAGED): indices are already cache rows (block * PAGE + slot, -1 skipped; physical_indices_kernel), so
@@ -174,8 +210,12 @@ def _sparse_block(acc, m_i, l_i, q, slot, hi, i_base, k_base, v_base, s_base, st
         idx = tl.where(valid, idx, 0)
         blk, pslot, k_off = _key_slots(idx, valid, bt_row, stride_kn, stride_kblk, PAGED, PAGE)
     if FROM_SCORES:
-        s = tl.load(s_base + idx[None, :] * G + offs_g[:, None], mask=g_mask[:, None] & valid[None, :],
-                    other=float("-inf"))
+        # s = log2(stored) + ref - SCORE_SHIFT: the scaled score (a stored 0, a key ~1e9 times lighter than
+        # its split's heaviest, gives -inf: weight 0)
+        sm = (offs_g < GS)[:, None] & valid[None, :]
+        e = tl.load(s_base + idx[None, :] * GS + offs_g[:, None], mask=sm, other=0.0).to(tl.float32)
+        ref = tl.load(r_base + ((idx - start) // MG)[None, :] * GS + offs_g[:, None], mask=sm, other=0.0)
+        s = tl.math.log2(e) + (ref - SCORE_SHIFT)
     else:
         k = tl.load(k_base + k_off[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -190,7 +230,7 @@ def _sparse_block(acc, m_i, l_i, q, slot, hi, i_base, k_base, v_base, s_base, st
 
 @triton.jit(do_not_specialize=["Lk", "W", "n_splits", "ppm", "floor"])
 def decode_sparse_kernel(
-    Q, K, V, IDX, HEAD_MAP, KV_START, KV_END, SCORES, M_PART, L_PART, O_PART, OUT, COUNTER, BT,
+    Q, K, V, IDX, HEAD_MAP, KV_START, KV_END, SCORES, SREF, M_PART, L_PART, O_PART, OUT, COUNTER, BT,
     qk_scale,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kn,
@@ -203,12 +243,13 @@ def decode_sparse_kernel(
     FROM_SCORES: tl.constexpr, FUSE_COMBINE: tl.constexpr, GQ: tl.constexpr, SP: tl.constexpr,
     SB: tl.constexpr, ALIGN: tl.constexpr, DIRECT: tl.constexpr = False, MAPPED: tl.constexpr = False,
     BUDGET_BOUND: tl.constexpr = False, PAGED: tl.constexpr = False, PAGE: tl.constexpr = 16,
-    PHYSICAL: tl.constexpr = False,
+    PHYSICAL: tl.constexpr = False, GS: tl.constexpr = 1, MG: tl.constexpr = 1,
 ):
     """One split of one row's index slots: gather K/V at the indices (absolute positions; -1 or
     positions outside [kv_start, kv_end) are skipped) and attend, writing the split's (m, l, acc).
-    With FROM_SCORES (an anchor layer, right after its score pass) the scores are gathered from
-    SCORES [rows, Lk, G] (one G * 4-byte read per key) instead of recomputed, so K is not read again.
+    With FROM_SCORES (an anchor layer, right after its score pass) the scores are gathered from the
+    score pass's SCORES [rows, Lk, GS] (one GS-vector per key, _store_scores) and references SREF
+    instead of recomputed, so K is not read again.
     DIRECT (only with one split per row): the normalised output goes straight to OUT (no partials, no
     merge). MAPPED: KV head h reads the index row HEAD_MAP[h] (a reuse layer's head map, applied here
     instead of copying the indices). BUDGET_BOUND: slots past the row's budget (computed from its length,
@@ -239,13 +280,13 @@ def decode_sparse_kernel(
     if MAPPED:
         h_sel = tl.load(HEAD_MAP + h).to(tl.int64)
     i_base = IDX + b * stride_ib + h_sel * stride_ih
-    s_base, bt_row, m_i, l_i, acc = _split_state(SCORES, BT, row, b, Lk, stride_btb, G, GP, D)
+    s_base, r_base, bt_row, m_i, l_i, acc = _split_state(SCORES, SREF, BT, row, b, Lk, stride_btb, GP, D, GS, MG)
     # (A tl.range loop that also pipelines the index load measured no faster: notes_decode.md, session 4.)
     for n0 in range(lo, hi, BLOCK_N):
-        acc, m_i, l_i = _sparse_block(acc, m_i, l_i, q, n0 + offs_n, hi, i_base, k_base, v_base, s_base,
+        acc, m_i, l_i = _sparse_block(acc, m_i, l_i, q, n0 + offs_n, hi, i_base, k_base, v_base, s_base, r_base,
                                       start, end, stride_kn, stride_vn, qk_scale, offs_g, offs_d, g_mask,
-                                      G, PRECISION, FROM_SCORES, bt_row, stride_kblk, stride_vblk, PAGED, PAGE,
-                                      PHYSICAL)
+                                      PRECISION, FROM_SCORES, bt_row, stride_kblk, stride_vblk, PAGED, PAGE,
+                                      PHYSICAL, GS, MG)
 
     if DIRECT:
         # the only split of its row: normalise and store (a head that saw no key gets zeros)

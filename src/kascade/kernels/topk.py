@@ -37,7 +37,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .decode import row_chunk
+from .decode import row_chunk, stored_score_weight
 
 NBINS = 256  # level 1: the 8 exponent bits
 B2 = 7  # bits of the level-2 digit
@@ -111,13 +111,16 @@ def radix_digit(row_ptr, length, shift: tl.constexpr, prefix_bits, need, check_p
 
 @triton.jit
 def _pool_hist(
-    row, sp, SCORES, M_PART, L_PART, KV_START, KV_END, POOLED, HIST,
+    row, sp, SCORES, SREF, M_PART, L_PART, KV_START, KV_END, POOLED, HIST,
     H_KV, Lk, n_splits, n_sel,
-    G: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr,
+    G: tl.constexpr, GS: tl.constexpr, MG: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr,
+    NB: tl.constexpr, PB: tl.constexpr,
 ):
     """Pooled post-softmax score of each key (sum over the G heads of exp2(s - lse)), written to
-    POOLED [rows, Lk]; level-1 histogram added into HIST. The base-2 log-sum-exp of each head comes
-    from the split partials (m, l) of decode_split_kernel."""
+    POOLED [rows, Lk]; level-1 histogram added into HIST. The stored scores are relative to a reference
+    per group of MG keys (kernels/decode.py, _store_scores: SCORES [rows, Lk, GS], SREF); the base-2
+    log-sum-exp of each head comes from the split partials (m, l) of decode_split_kernel. PB keys per
+    iteration (a divisor of BLOCK, the programs' key grain): PB * GS values in flight at any group size."""
     b = row // H_KV
     start = tl.load(KV_START + b).to(tl.int32)
     end = tl.load(KV_END + b).to(tl.int32)
@@ -125,7 +128,7 @@ def _pool_hist(
     lo = start + sp * chunk
     hi = tl.minimum(lo + chunk, end)
 
-    offs_g = tl.arange(0, GP)
+    offs_g = tl.arange(0, GS)
     offs_s = tl.arange(0, SP)
     g_mask = offs_g < G
     pm = (offs_s[:, None] < n_splits) & g_mask[None, :]
@@ -137,17 +140,20 @@ def _pool_hist(
     l_tot = tl.sum(l * tl.math.exp2(m - m_safe[None, :]), 0)
     lse = tl.where(g_mask & (l_tot > 0), m_safe + tl.math.log2(tl.where(l_tot > 0, l_tot, 1.0)), 0.0)
 
-    s_base = SCORES + row.to(tl.int64) * G * Lk
+    s_base = SCORES + row.to(tl.int64) * GS * Lk
+    r_base = SREF + row.to(tl.int64) * GS * tl.cdiv(Lk, MG)
     p_base = POOLED + row.to(tl.int64) * Lk
-    offs = tl.arange(0, BLOCK)
+    offs = tl.arange(0, PB)
     bins = tl.arange(0, NB)
     hist = tl.zeros([NB], tl.int32)
-    for n0 in range(lo, hi, BLOCK):
+    for n0 in range(lo, hi, PB):
         n = n0 + offs
         n_mask = n < hi
-        s = tl.load(s_base + n[None, :] * G + offs_g[:, None], mask=g_mask[:, None] & n_mask[None, :],
-                    other=float("-inf"))
-        p = tl.sum(tl.math.exp2(s - lse[:, None]), 0)
+        # key-major [BLOCK, GS]: a key's GS stored values are one contiguous vector (heads past G hold 0)
+        e = tl.load(s_base + n[:, None] * GS + offs_g[None, :], mask=n_mask[:, None], other=0.0)
+        ref = tl.load(r_base + ((n - start) // MG)[:, None] * GS + offs_g[None, :], mask=n_mask[:, None],
+                      other=0.0)
+        p = tl.sum(e.to(tl.float32) * stored_score_weight(ref, lse[None, :]), 1)
         tl.store(p_base + n, p, mask=n_mask)
         hist += tl.histogram(p.to(tl.int32, bitcast=True) >> 23, NB, mask=n_mask)
     tl.atomic_add(HIST + row.to(tl.int64) * (3 * 256) + bins, hist)
@@ -293,12 +299,13 @@ def _compact(
 # Lengths, split sizes and budgets are runtime values (see kernels/decode.py): no variant per length.
 @triton.jit(do_not_specialize=["Lk", "n_splits", "n_sel"])
 def pool_hist_kernel(
-    SCORES, M_PART, L_PART, KV_START, KV_END, POOLED, HIST,
+    SCORES, SREF, M_PART, L_PART, KV_START, KV_END, POOLED, HIST,
     H_KV, Lk, n_splits, n_sel,
-    G: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr,
+    G: tl.constexpr, GS: tl.constexpr, MG: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr,
+    NB: tl.constexpr, PB: tl.constexpr,
 ):
-    _pool_hist(tl.program_id(0), tl.program_id(1), SCORES, M_PART, L_PART, KV_START, KV_END, POOLED, HIST,
-               H_KV, Lk, n_splits, n_sel, G, GP, SP, BLOCK, NB)
+    _pool_hist(tl.program_id(0), tl.program_id(1), SCORES, SREF, M_PART, L_PART, KV_START, KV_END, POOLED, HIST,
+               H_KV, Lk, n_splits, n_sel, G, GS, MG, SP, BLOCK, NB, PB)
 
 
 @triton.jit(do_not_specialize=["Lk", "ppm", "floor", "n_sel"])
@@ -338,10 +345,11 @@ def _row_barrier(BAR, target):
 
 @triton.jit(do_not_specialize=["Lk", "W", "n_splits", "w_chunk", "ppm", "floor", "n_sel"])
 def select_fused_kernel(
-    SCORES, M_PART, L_PART, KV_START, KV_END, POOLED, HIST, PART, IDX, BAR,
+    SCORES, SREF, M_PART, L_PART, KV_START, KV_END, POOLED, HIST, PART, IDX, BAR,
     H_KV, Lk, W, n_splits, w_chunk, ppm, floor, n_sel,
-    G: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr,
-    B2: tl.constexpr, B3: tl.constexpr, SPP: tl.constexpr, ATOMIC2: tl.constexpr, ATOMIC3: tl.constexpr,
+    G: tl.constexpr, GS: tl.constexpr, MG: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr,
+    PB: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr, SPP: tl.constexpr, ATOMIC2: tl.constexpr,
+    ATOMIC3: tl.constexpr,
     ZERO_PART: tl.constexpr,
 ):
     """The whole selection in one launch (batch 1: few rows, each split over n_sel programs): pooling +
@@ -350,8 +358,8 @@ def select_fused_kernel(
     row = tl.program_id(0)
     sp = tl.program_id(1)
     bar = BAR + row
-    _pool_hist(row, sp, SCORES, M_PART, L_PART, KV_START, KV_END, POOLED, HIST, H_KV, Lk, n_splits, n_sel,
-               G, GP, SP, BLOCK, NB)
+    _pool_hist(row, sp, SCORES, SREF, M_PART, L_PART, KV_START, KV_END, POOLED, HIST, H_KV, Lk, n_splits, n_sel,
+               G, GS, MG, SP, BLOCK, NB, PB)
     _row_barrier(bar, n_sel)
     _refine_hist(row, sp, POOLED, KV_START, KV_END, HIST, PART, H_KV, Lk, ppm, floor, n_sel,
                  2, B2, B3, 1 << B2, B2, 23, BLOCK, ATOMIC2, ZERO_PART)

@@ -8,9 +8,9 @@ holding absolute key positions, -1 padded.
   batch 1 fills the GPU; each program handles one (row, KV head, split) with the whole GQA group (K/V
   read once per KV head); the splits are merged by the last split of each row to finish, or by a
   combine kernel when a row has many splits.
-* ``anchor``: the same split pass over K only (V is not read), writing the base-2 scores of the group,
-  [B*Hkv, Lk, G] fp32 (key-major: the sparse step reads one key's G scores in one access), and each
-  split's max/sum; then pooling (sum over the group of the post-softmax probabilities) fused with the
+* ``anchor``: the same split pass over K only (V is not read), storing the scores of the group
+  (:class:`AnchorScores`: float16 for 16-bit inputs, relative to the split's running max, key-major so
+  that one key's heads are one vector) and each split's max/sum; then pooling (sum over the group of the post-softmax probabilities) fused with the
   first radix-select histogram, two more histogram passes, a compaction pass writing the indices, and
   ``sparse`` over them, gathering the stored scores and V (K is read once). ``dense_output=True``
   (layer 0) reads V in the split pass and returns its dense output instead.
@@ -24,6 +24,7 @@ The index width is W = topk_budget(Lk) rounded up to a multiple of 16 (>= every 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -62,6 +63,14 @@ class DecodeConfig:
     # (benchmarks/results/decode_tune2.json): one split per row at batch 64 (direct store, no merge;
     # reuse -2 % at 32K, -7 % at 8K) and one wave of 41 splits x 8 rows at batch 1 (-2 %).
     sparse_programs_per_sm: float = 3
+    # The anchor's own sparse step (scores gathered from its score pass) for GQA groups of at least
+    # anchor_wide_group heads: each slot gathers a group's worth of stored scores, and more, shorter
+    # splits hide that latency (H100, 32K batch 16, benchmarks/results/anchor_profile_h100_*.json: the step
+    # -24 % at 28/4/128, -50 % at 16/2/128 and 32/2/64). Smaller groups keep the reuse settings above
+    # (at 32/8 the shorter splits cost +19 % at batch 16 and +8 % of the whole anchor at 128K batch 1).
+    anchor_wide_group: int = 7
+    anchor_sparse_programs_per_sm: float = 12
+    anchor_sparse_min_chunk: int = 64
     # With at most this many splits per row, the last split of a row merges them (no combine launch);
     # with more, one combine program per query head does (one program merging 256 splits was slow).
     fuse_max_splits: int = 16
@@ -137,6 +146,38 @@ def physical_layout(k, v, block_size: int) -> bool:
     return all(t.stride(0) == block_size * t.stride(1) for t in (k, v))
 
 
+@dataclass(frozen=True)
+class AnchorScores:
+    """The score pass's scores of an anchor layer, read back by the selection and the sparse step.
+
+    values [B*Hkv, Lk, GS]: exp2(s - m) * 2^15 per key and head (kernels/decode.py, _store_scores), s the
+    base-2 scaled score, m the split's running max when the key was read; float16 for fp16 / bf16 inputs
+    (2^-11 relative, finer than the inputs' own rounding), float32 for float32 inputs; GS = G rounded up to
+    a power of two (heads past G hold 0). ref [B*Hkv, cdiv(Lk, group), GS] float32: m of each group of
+    `group` keys counted from the row's start."""
+
+    values: torch.Tensor
+    ref: torch.Tensor
+    group: int
+
+
+def _score_layout(G: int, align: int, block: int) -> tuple[int, int]:
+    """(GS, MG): the stored head width and the keys per reference group (a divisor of the split alignment
+    and of the block, so that every split and block starts on a group)."""
+    return triton.next_power_of_2(G), math.gcd(align, block)
+
+
+# Values the pooling pass holds per iteration (keys x stored heads): the same register footprint at
+# every group size (at G 8 and 16 a 2048-key block held 4-8x more than at G 4, and the fused selection's
+# cooperative grid no longer fit).
+POOL_TILE = 8192
+
+
+def _pool_block(block: int, GS: int) -> int:
+    """Keys per iteration of the pooling pass: POOL_TILE values, a power of two dividing block."""
+    return max(1, min(block, POOL_TILE // GS))
+
+
 _COUNTERS: dict[tuple, torch.Tensor] = {}
 
 
@@ -180,8 +221,8 @@ def _gp(G: int) -> int:
 
 def _split_pass(q, k, v, kv_start, kv_end, scale, write_scores: bool, acc_v: bool, paged: PagedKV | None = None,
                 config: DecodeConfig = DEFAULT_CONFIG):
-    """Launch decode_split_kernel; returns (scores or None, m, l, out or None, n_splits): out is the dense
-    output when acc_v. paged: K/V are paged caches (kv_start / kv_end then hold logical positions)."""
+    """Launch decode_split_kernel; returns (AnchorScores or None, m, l, out or None, n_splits): out is the
+    dense output when acc_v. paged: K/V are paged caches (kv_start / kv_end then hold logical positions)."""
     B, Hq, Hkv, Lk, D, kv_strides, bt, pg_strides, pg_meta = _kv_layout(q, k, v, paged)
     G = Hq // Hkv
     rows = B * Hkv
@@ -190,7 +231,16 @@ def _split_pass(q, k, v, kv_start, kv_end, scale, write_scores: bool, acc_v: boo
     # the grid comes from the capacity Lk (fixed for a CUDA graph); each row cuts its own length over it
     n_splits, _ = _splits(rows, Lk, q.device, block, c.min_chunk, c.programs_per_sm, c.max_splits, c.chunk_align)
     f32 = dict(dtype=torch.float32, device=q.device)
-    scores = torch.empty((rows, Lk, G), **f32) if write_scores else q.new_empty((1,), dtype=torch.float32)
+    align = c.chunk_align or block
+    GS, MG = _score_layout(G, align, block)
+    if write_scores:
+        values = torch.empty((rows, Lk, GS), dtype=torch.float32 if q.dtype == torch.float32 else torch.float16,
+                             device=q.device)
+        scores = AnchorScores(values, torch.empty((rows, triton.cdiv(Lk, MG), GS), **f32), MG)
+        s_args = (values, scores.ref)
+    else:
+        scores = None
+        s_args = (q.new_empty((1,), dtype=torch.float32),) * 2
     m = torch.empty((rows, n_splits, G), **f32)
     l = torch.empty((rows, n_splits, G), **f32)
     o = torch.empty((rows, n_splits, G, D), **f32) if acc_v else m
@@ -199,7 +249,7 @@ def _split_pass(q, k, v, kv_start, kv_end, scale, write_scores: bool, acc_v: boo
     counter = _counter(q.device, rows) if fuse else m
     kv_start, kv_end = kv_start.contiguous(), kv_end.contiguous()
     kd.decode_split_kernel[(rows, n_splits)](
-        q, k, v, kv_start, kv_end, scores, m, l, o, out, counter, bt,
+        q, k, v, kv_start, kv_end, *s_args, m, l, o, out, counter, bt,
         qk_scale(scale, D),
         q.stride(0), q.stride(1),
         *kv_strides,
@@ -208,12 +258,12 @@ def _split_pass(q, k, v, kv_start, kv_end, scale, write_scores: bool, acc_v: boo
         Hkv, Lk, n_splits,
         G=G, GP=_gp(G), D=D, BLOCK_N=block, WRITE_SCORES=write_scores, ACC_V=acc_v,
         PRECISION=dot_precision(q.dtype), FUSE_COMBINE=fuse, **_combine_meta(G, D, n_splits),
-        ALIGN=c.chunk_align or block, **pg_meta,
+        ALIGN=align, **pg_meta, GS=GS, MG=MG,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )
     if acc_v and not fuse:
         out = _combine(q, m, l, o, n_splits, Hkv)
-    return (scores if write_scores else None), m, l, (out if acc_v else None), n_splits
+    return scores, m, l, (out if acc_v else None), n_splits
 
 
 def _combine(q, m, l, o, n_splits, Hkv):
@@ -245,8 +295,8 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None, head_
            paged: PagedKV | None = None, physical: bool = False, config: DecodeConfig = DEFAULT_CONFIG):
     """Attention over each (row, KV head)'s selected keys: indices [B, Hkv, W] (absolute positions,
     -1 and positions outside [kv_start, kv_end) ignored). Returns [B, Hq, 1, D] in q's dtype.
-    scores: the anchor's score-pass output [B*Hkv, Lk, G] (base-2, scaled); when given, scores are
-    gathered from it instead of recomputed from K.
+    scores: the anchor's score-pass output (AnchorScores); when given, scores are gathered from it instead
+    of recomputed from K.
     head_map: int32 [Hkv] on the device: KV head h attends over indices[:, head_map[h]] (read in the
     kernel; no copy). budget: (topk_fraction, topk_floor) of the indices: each row then visits only its
     own budget's slots (what ``anchor`` writes first), not all W. paged: K/V are paged caches; indices
@@ -269,13 +319,15 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None, head_
     if physical and k.shape[0] * paged.block_size >= 2**31:
         raise KascadeInputError(f"a cache of {k.shape[0]} blocks x {paged.block_size} slots has too many rows for "
                                 f"int32 physical indices")
-    if scores is not None and (scores.shape != (B * Hkv, Lk, G) or scores.dtype != torch.float32
-                               or not scores.is_contiguous()):
-        raise KascadeInputError(f"scores must be contiguous float32 [{B * Hkv}, {Lk}, {G}] (the anchor's score "
-                                f"pass), got {scores.dtype} {tuple(scores.shape)}")
+    GS = triton.next_power_of_2(G)
+    if scores is not None:
+        _check_scores(scores, B * Hkv, Lk, GS)
     rows = B * Hkv
     W = indices.shape[2]
     c = config
+    if scores is not None and G >= c.anchor_wide_group:
+        c = dataclasses.replace(c, sparse_programs_per_sm=c.anchor_sparse_programs_per_sm,
+                                sparse_min_chunk=c.anchor_sparse_min_chunk)
     block = c.sparse_block_n
     n_splits, _ = sparse_splits(rows, W, q.device, c)
     # one split per row: its program stores the output itself (no partials, no merge)
@@ -292,9 +344,10 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None, head_
     counter = _counter(q.device, rows) if fuse else m
     kv_start, kv_end = kv_start.contiguous(), kv_end.contiguous()
     ppm, floor = (round(budget[0] * 1_000_000), int(budget[1])) if budget is not None else (0, 0)
+    s_args = (scores.values, scores.ref) if scores is not None else (m, m)
     kd.decode_sparse_kernel[(rows, n_splits)](
         q, k, v, indices, (head_map if head_map is not None else indices), kv_start, kv_end,
-        (scores if scores is not None else m), m, l, o, out, counter, bt,
+        *s_args, m, l, o, out, counter, bt,
         qk_scale(scale, D),
         q.stride(0), q.stride(1),
         *kv_strides,
@@ -306,9 +359,24 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None, head_
         FUSE_COMBINE=fuse, **_combine_meta(G, D, n_splits), ALIGN=c.sparse_chunk_align or block,
         DIRECT=direct, MAPPED=head_map is not None,
         BUDGET_BOUND=budget is not None, PHYSICAL=physical, **pg_meta,
+        GS=GS, MG=scores.group if scores is not None else 1,
         num_warps=c.sparse_num_warps, num_stages=c.sparse_num_stages,
     )
     return out if (fuse or direct) else _combine(q, m, l, o, n_splits, Hkv)
+
+
+def _check_scores(scores, rows: int, Lk: int, GS: int) -> None:
+    """The score pass's AnchorScores for `rows` rows of Lk keys and GS stored heads, or a clear error."""
+    if not isinstance(scores, AnchorScores):
+        raise KascadeInputError(f"scores must be the AnchorScores of the anchor's score pass, got {type(scores).__name__}")
+    v, r, mg = scores.values, scores.ref, scores.group
+    if (v.shape != (rows, Lk, GS) or v.dtype not in (torch.float16, torch.float32) or not v.is_contiguous()
+            or mg < 1 or r.shape != (rows, triton.cdiv(Lk, mg), GS) or r.dtype != torch.float32
+            or not r.is_contiguous()):
+        raise KascadeInputError(
+            f"scores must hold contiguous values [{rows}, {Lk}, {GS}] (float16 or float32) and float32 references "
+            f"[{rows}, cdiv({Lk}, group), {GS}], got values {v.dtype} {tuple(v.shape)}, references {r.dtype} "
+            f"{tuple(r.shape)}, group {mg}")
 
 
 def _select_fused(rows: int, device: torch.device, config: DecodeConfig) -> bool:
@@ -328,14 +396,16 @@ def _select_fused(rows: int, device: torch.device, config: DecodeConfig) -> bool
 
 def select(scores, m, l, n_splits, kv_start, kv_end, *, Hkv, topk_fraction, topk_floor,
            config: DecodeConfig = DEFAULT_CONFIG):
-    """Top-k over pooled post-softmax scores from the split pass (scores [B*Hkv, Lk, G], split partials
+    """Top-k over pooled post-softmax scores from the split pass (AnchorScores, split partials
     m, l [B*Hkv, n_splits, G]): indices [B, Hkv, W] int32, W = topk_budget(Lk) rounded up to 16."""
-    rows, Lk, G = scores.shape
+    rows, _, G = m.shape
+    Lk, GS = scores.values.shape[1], scores.values.shape[2]
+    _check_scores(scores, rows, Lk, triton.next_power_of_2(G))
     B = rows // Hkv
     # rounded up to 16 (the compaction writes -1 past each row's budget): one stride class per geometry
     W = pad16(max(1, topk_budget(Lk, topk_fraction, topk_floor)))
     ppm = round(topk_fraction * 1_000_000)
-    device = scores.device
+    device = scores.values.device
     c = config
     block = c.select_block
     if not 1 <= block < 1 << 16:
@@ -376,8 +446,9 @@ def select(scores, m, l, n_splits, kv_start, kv_end, *, Hkv, topk_fraction, topk
             _FUSED_REFUSED.add((G, str(device)))
             hist.zero_()
     kt.pool_hist_kernel[grid](
-        scores, m, l, kv_start, kv_end, pooled, hist, Hkv, Lk, n_splits, sel_splits,
-        G=G, GP=triton.next_power_of_2(G), SP=triton.next_power_of_2(n_splits), BLOCK=block, NB=kt.NBINS,
+        scores.values, scores.ref, m, l, kv_start, kv_end, pooled, hist, Hkv, Lk, n_splits, sel_splits,
+        G=G, GS=GS, MG=scores.group, SP=triton.next_power_of_2(n_splits), BLOCK=block, NB=kt.NBINS,
+        PB=_pool_block(block, GS),
         num_warps=nw,
     )
     for level, bits, shift, amax in ((2, b2, 23, a2), (3, b3, 23 - b2, a3)):
@@ -399,9 +470,10 @@ _FUSED_REFUSED: set = set()  # (G, device) whose fused selection grid the driver
 def _launch_select_fused(grid, scores, m, l, kv_start, kv_end, pooled, hist, part, indices, bar, Hkv, Lk, W, n_splits,
                          w_chunk, ppm, topk_floor, sel_splits, G, block, b2, b3, nw, a2, a3, device):
     kt.select_fused_kernel[grid](
-        scores, m, l, kv_start, kv_end, pooled, hist, part, indices, bar,
+        scores.values, scores.ref, m, l, kv_start, kv_end, pooled, hist, part, indices, bar,
         Hkv, Lk, W, n_splits, w_chunk, ppm, int(topk_floor), sel_splits,
-        G=G, GP=triton.next_power_of_2(G), SP=triton.next_power_of_2(n_splits), BLOCK=block, NB=kt.NBINS,
+        G=G, GS=triton.next_power_of_2(G), MG=scores.group, PB=_pool_block(block, triton.next_power_of_2(G)),
+        SP=triton.next_power_of_2(n_splits), BLOCK=block, NB=kt.NBINS,
         B2=b2, B3=b3, SPP=triton.next_power_of_2(sel_splits), ATOMIC2=a2, ATOMIC3=a3,
         ZERO_PART=(1 << b3) if a3 > 0 else 0, num_warps=nw,
         **({"launch_cooperative_grid": True}
