@@ -453,3 +453,59 @@ def test_cli_tp_from_stats(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["calibrate", "--tp", "two"])
     assert "expected comma-separated positive integers" in capsys.readouterr().err
+
+
+def test_fewest_anchors_reaching_a_quality_target():
+    """dp.fewest_anchors: the smallest M (>= 2) whose best set's relative score reaches the target, and
+    that set; a target of 1 is reached (every layer an anchor at the latest); targets outside (0, 1] are
+    refused."""
+    g = torch.Generator().manual_seed(11)
+    score = torch.rand(9, 9, generator=g, dtype=torch.float64)
+    score.fill_diagonal_(1.0)  # a layer's own Top-k is the most similar to itself, as in real statistics
+    rel = {m: dp.best_anchors(score, m).relative for m in range(2, 10)}
+    for target in (0.5, 0.8, 0.9, 0.97):
+        got = dp.fewest_anchors(score, target)
+        m = len(got.anchor_layers)
+        assert got.relative >= target and all(rel[n] < target for n in range(2, m))
+        assert got.anchor_layers == dp.best_anchors(score, m).anchor_layers
+    assert dp.fewest_anchors(score, 1.0).relative == pytest.approx(1.0)
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="quality_target"):
+            dp.fewest_anchors(score, bad)
+
+
+def test_cli_anchors_auto(tmp_path, capsys):
+    """`kascade calibrate --anchors auto --quality-target T` writes the plan of the fewest anchors reaching T
+    (provenance says the rule and the command repeats it); the DP table shows each M's modelled decode
+    speedup from the committed bench; --anchors auto without a target, or a target with a fixed count, is
+    refused."""
+    import argparse
+
+    from kascade.calibrate import cli, make_plan
+
+    L, H = 12, 2
+    g = torch.Generator().manual_seed(6)
+    stats = CalibrationStats(ModelSpec("llama", L, 4, H, 8), torch.rand(L, L, H, H, generator=g, dtype=torch.float64),
+                             torch.rand(L, generator=g, dtype=torch.float64), 3, 300, 8, 4)
+    stats.save(tmp_path / "s.pt")
+    parser = argparse.ArgumentParser(prog="kascade")
+    cli.register(parser.add_subparsers())
+    out = tmp_path / "auto.json"
+    ns = parser.parse_args(["calibrate", "--from-stats", str(tmp_path / "s.pt"), "--anchors", "auto",
+                            "--quality-target", "0.9", "--out", str(out)])
+    assert ns.func(ns) == 0
+    plan = Plan.load(out)
+    want = dp.fewest_anchors(stats.weighted_similarity("importance"), 0.9)
+    assert plan.anchor_layers == want.anchor_layers
+    assert plan.anchor_layers == make_plan(stats, None, quality_target=0.9)[0].anchor_layers
+    assert plan.provenance["quality_target"] == 0.9 and "--anchors auto --quality-target 0.9" in plan.provenance["command"]
+    assert any(r["num_anchors"] == len(plan.anchor_layers) for r in plan.provenance["dp_table"])
+    text = capsys.readouterr().out
+    assert "decode x" in text and "benchmarks/results/decode_b64.json" in text
+    assert f"chosen: {len(plan.anchor_layers)} anchors" in text and "the fewest reaching relative 0.9" in text
+    for extra in (["--anchors", "auto"], ["--anchors", "3", "--quality-target", "0.9"],
+                  ["--anchors", "auto", "--quality-target", "1.2"]):
+        ns = parser.parse_args(["calibrate", "--from-stats", str(tmp_path / "s.pt"), "--out", str(out), *extra])
+        assert ns.func(ns) == 2
+    with pytest.raises(SystemExit):
+        parser.parse_args(["calibrate", "--anchors", "0"])

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import torch
 
 from ..plan import Plan
-from .dp import AnchorChoice, anchor_table, best_anchors, head_map, same_shard, shard_tp_size
+from .dp import AnchorChoice, anchor_table, best_anchors, fewest_anchors, head_map, same_shard, shard_tp_size
 from .stats import CalibrationStats, StatsCollector
 
 
@@ -120,8 +120,9 @@ def _progress(total: int | None, enabled: bool):
 
 def make_plan(
     stats: CalibrationStats,
-    num_anchors: int = 5,
+    num_anchors: int | None = 5,
     *,
+    quality_target: float | None = None,
     topk_fraction: float = 0.10,
     topk_floor: int = 128,
     tile_size: int = 32,
@@ -135,7 +136,9 @@ def make_plan(
     layer_budget_miss_floor: float = 0.05,
     layer_budget_range: tuple[float, float] = (0.5, 2.0),
 ) -> tuple[Plan, list[AnchorChoice]]:
-    """The plan with ``num_anchors`` anchors, and the DP table (best sets for M = 3..8).
+    """The plan with ``num_anchors`` anchors, and the DP table (best sets for M = 3..8, and up to the
+    chosen M). ``num_anchors=None`` with ``quality_target`` T: the fewest anchors whose best set reaches
+    a relative score (objective / objective with every layer an anchor) of at least T (dp.fewest_anchors).
 
     The defaults are the paper's objective: per-prompt minimum over tiles at k = stats_k, importance
     weighted. ``aggregate="mean"`` averages over tiles instead; ``stats_budget=True`` scores at the plan's
@@ -165,8 +168,14 @@ def make_plan(
         allowed = same_shard(stats.spec.num_kv_heads, tp).to(stats.similarity.device)
         stats = _replace(stats, similarity=stats.similarity * allowed.to(stats.similarity.dtype))
     score = stats.weighted_similarity(weighting)
-    choice = best_anchors(score, num_anchors)
-    table = anchor_table(score)
+    if num_anchors is None:
+        if quality_target is None:
+            raise ValueError("num_anchors=None needs a quality_target (the share of the all-anchor score to reach)")
+        choice = fewest_anchors(score, quality_target)
+    else:
+        choice = best_anchors(score, num_anchors)
+    m = len(choice.anchor_layers)
+    table = anchor_table(score, range(min(3, m), max(9, m + 1)))
     layer_sim = stats.layer_similarity()
     prov = dict(provenance or {})
     k_desc = "per-tile plan budget k" if stats_budget else "k = stats_k"
@@ -178,6 +187,8 @@ def make_plan(
         "tokens": stats.num_tokens,
         "stats_k": stats.stats_k,
         "stats_tile_size": stats.tile_size,
+        **({"anchor_rule": f"fewest anchors with relative objective >= {quality_target:g}",
+            "quality_target": quality_target} if num_anchors is None else {}),
         "objective": round(choice.score, 6),
         "objective_all_anchors": round(choice.max_score, 6),
         "dp_table": [{"num_anchors": len(c.anchor_layers), "anchor_layers": list(c.anchor_layers),
@@ -218,10 +229,14 @@ def stats_anchor(anchors, j: int) -> int:
     return max(a for a in anchors if a <= j)
 
 
-def format_table(table: list[AnchorChoice]) -> str:
-    lines = ["anchors  score     relative  anchor_layers"]
+def format_table(table: list[AnchorChoice], speedups: dict[int, float] | None = None) -> str:
+    """The DP table; with ``speedups`` (number of anchors -> modelled decode speedup) a column for it."""
+    head = "anchors  score     relative" + ("  decode x" if speedups else "") + "  anchor_layers"
+    lines = [head]
     for c in table:
-        lines.append(f"{len(c.anchor_layers):>7}  {c.score:8.4f}  {c.relative:8.4f}  {list(c.anchor_layers)}")
+        m = len(c.anchor_layers)
+        speed = (f"  {speedups[m]:8.2f}" if m in speedups else f"  {'-':>8}") if speedups else ""
+        lines.append(f"{m:>7}  {c.score:8.4f}  {c.relative:8.4f}{speed}  {list(c.anchor_layers)}")
     return "\n".join(lines)
 
 

@@ -24,7 +24,12 @@ def register(subparsers) -> None:
     p.add_argument("--samples", type=int, default=24, help="number of prompts (default 24)")
     p.add_argument("--max-tokens", type=int, default=2048, help="tokens per prompt (default 2048)")
     p.add_argument("--seed", type=int, default=0, help="seed of the default development set")
-    p.add_argument("--anchors", type=int, default=5, help="number of anchor layers M, layer 0 included (default 5)")
+    p.add_argument("--anchors", type=_anchors, default=5,
+                   help="number of anchor layers M, layer 0 included (default 5), or 'auto': the fewest anchors "
+                        "whose best set reaches --quality-target")
+    p.add_argument("--quality-target", type=float, default=None, metavar="T",
+                   help="with --anchors auto: the share in (0, 1] of the all-anchor objective the anchor set must "
+                        "reach (the table's 'relative' column)")
     p.add_argument("--topk-fraction", type=float, default=0.10, help="plan's Top-k fraction (default 0.10)")
     p.add_argument("--topk-floor", type=int, default=128, help="plan's minimum k (default 128)")
     p.add_argument("--tile-size", type=int, default=32, help="plan's prefill query tile (default 32)")
@@ -59,6 +64,43 @@ def register(subparsers) -> None:
     p.set_defaults(func=main)
 
 
+def _anchors(text: str) -> int | None:
+    """--anchors: a positive count, or 'auto' (None)."""
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--anchors {text!r}: expected a positive number of anchor layers or 'auto'")
+    return value
+
+
+def _decode_speedups(spec, sizes, topk_fraction: float, topk_floor: int) -> tuple[dict[int, float], str]:
+    """Modelled decode speedup of each number of anchors (the `kascade bench decode` model: layers x dense /
+    (layer 0 + (M - 1) anchors + (L - M) reuse layers)) from the committed bench point the eval's speed model
+    uses (128K, batch 64, the measured geometry nearest the model's); ({}, why) where there is none."""
+    from ..eval import speed_model as sm
+
+    path = sm.default_bench_path()
+    if path is None:
+        return {}, "no committed decode bench (benchmarks/results/decode_b64.json) next to this install"
+    try:
+        costs = sm.load_decode_costs(path, spec)
+    except ValueError as exc:
+        return {}, str(exc)
+    r = costs.ratios(topk_fraction)
+    if r is None or topk_floor != 128:
+        return {}, f"{costs.path} did not measure Top-k {topk_fraction:g} with floor {topk_floor}"
+    L = spec.num_layers
+    out = {m: L / (r["layer0"] + (m - 1) * r["anchor"] + (L - m) * r["reuse"]) for m in sizes if 1 <= m <= L}
+    why = (f"decode x: modelled decode speedup of a {L}-layer model from {costs.path} ({costs.context // 1024}K, "
+           f"batch {costs.batch}, {costs.heads}/{costs.kv_heads}/{costs.head_dim}: layer 0 {r['layer0']:.3f}, "
+           f"anchor {r['anchor']:.3f}, reuse {r['reuse']:.3f} of a dense layer)")
+    return out, why
+
+
 def _tp_sizes(text: str) -> tuple[int, ...]:
     try:
         sizes = tuple(int(x) for x in text.split(",") if x.strip())
@@ -78,7 +120,9 @@ def _canonical_command(args) -> str:
     if args.data:
         parts += ["--data", *args.data]
     parts += ["--samples", str(args.samples), "--max-tokens", str(args.max_tokens), "--seed", str(args.seed),
-              "--anchors", str(args.anchors), "--topk-fraction", str(args.topk_fraction),
+              "--anchors", "auto" if args.anchors is None else str(args.anchors),
+              *(["--quality-target", str(args.quality_target)] if args.anchors is None else []),
+              "--topk-fraction", str(args.topk_fraction),
               "--topk-floor", str(args.topk_floor), "--tile-size", str(args.tile_size),
               "--stats-k", str(args.stats_k)]
     if args.aggregate != "min":
@@ -196,7 +240,16 @@ def main(args: argparse.Namespace) -> int:
         if args.save_stats:
             stats.save(args.save_stats)
             print(f"statistics saved to {args.save_stats}")
-    plan, table = make_plan(stats, args.anchors, topk_fraction=args.topk_fraction, topk_floor=args.topk_floor,
+    if args.anchors is None and args.quality_target is None:
+        print("kascade calibrate: --anchors auto needs --quality-target T (e.g. 0.9)", file=sys.stderr)
+        return 2
+    if args.anchors is not None and args.quality_target is not None:
+        print("kascade calibrate: --quality-target applies to --anchors auto only", file=sys.stderr)
+        return 2
+    if args.quality_target is not None and not 0.0 < args.quality_target <= 1.0:
+        print(f"kascade calibrate: --quality-target {args.quality_target:g} must be in (0, 1]", file=sys.stderr)
+        return 2
+    plan, table = make_plan(stats, args.anchors, quality_target=args.quality_target, topk_fraction=args.topk_fraction, topk_floor=args.topk_floor,
                             tile_size=args.tile_size, provenance={"command": command, **provenance},
                             aggregate=args.aggregate,
                             stats_budget=args.stats_budget, weighting=args.weighting, tp_sizes=args.tp,
@@ -205,9 +258,13 @@ def main(args: argparse.Namespace) -> int:
                             layer_budget_range=tuple(args.layer_budget_range))
     print(f"best anchor sets ({'importance-weighted' if args.weighting == 'importance' else 'unweighted'} similarity; "
           "relative = score / score with every layer an anchor):")
-    print(format_table(table))
+    speedups, speed_note = _decode_speedups(stats.spec, [len(c.anchor_layers) for c in table], args.topk_fraction,
+                                            args.topk_floor)
+    print(format_table(table, speedups))
+    print(speed_note)
     print("layer importance w_j: " + " ".join(f"{w:.3f}" for w in stats.importance))
-    print(f"chosen: {len(plan.anchor_layers)} anchors {list(plan.anchor_layers)}")
+    rule = f" (the fewest reaching relative {args.quality_target:g})" if args.anchors is None else ""
+    print(f"chosen: {len(plan.anchor_layers)} anchors {list(plan.anchor_layers)}{rule}")
     if plan.layer_budget_scale:
         print("per-layer budget scales: " + " ".join(f"{x:.2f}" for x in plan.layer_budget_scale))
     if plan.tp_sizes:

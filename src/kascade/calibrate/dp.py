@@ -67,6 +67,20 @@ def anchor_table(score: torch.Tensor, sizes=range(3, 9)) -> list[AnchorChoice]:
     return [best_anchors(score, m) for m in sizes if m <= score.shape[0]]
 
 
+def fewest_anchors(score: torch.Tensor, quality_target: float) -> AnchorChoice:
+    """The best set with the fewest anchors (at least 2: layer 0 and one anchor) whose relative score
+    (score / score with every layer an anchor) reaches ``quality_target``. The relative score of the best
+    set only grows with the number of anchors, and is 1 with every layer an anchor, so one exists."""
+    if not 0.0 < quality_target <= 1.0:
+        raise ValueError(f"quality_target={quality_target} must be in (0, 1]: a share of the all-anchor score")
+    L = score.shape[0]
+    for m in range(min(2, L), L + 1):
+        choice = best_anchors(score, m)
+        if choice.relative >= quality_target - 1e-12:
+            return choice
+    return best_anchors(score, L)
+
+
 def shard_tp_size(num_kv_heads: int, tp_sizes) -> int:
     """The TP size whose shards satisfy every size in ``tp_sizes``: their least common multiple (the largest
     when the others divide it). A head map valid for it is valid for each of them. ValueError if it does
