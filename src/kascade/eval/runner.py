@@ -303,12 +303,25 @@ class Runner:
                     yield length, task, i
 
     def batches(self) -> Iterable[list[tuple[int, str, int]]]:
-        """Groups of up to batch_size samples of one (length, task), taken in sample-major order."""
+        """Groups of up to batch_size samples of one (length, task) that still miss a cell, sample-major.
+
+        Only pending samples are grouped, so growing --samples from 10 to 30 generates samples 10-29 in
+        full batches instead of re-running a batch whose first samples are cached."""
         cfg = self.cfg
         for length in cfg.lengths:
-            for i0 in range(0, cfg.num_samples, cfg.batch_size):
+            pending = {task: [i for i in range(cfg.num_samples) if self._todo(self._stub(length, task, i))]
+                       for task in cfg.tasks}
+            for k in range(0, cfg.num_samples, cfg.batch_size):
                 for task in cfg.tasks:
-                    yield [(length, task, i) for i in range(i0, min(cfg.num_samples, i0 + cfg.batch_size))]
+                    group = pending[task][k:k + cfg.batch_size]
+                    if group:
+                        yield [(length, task, i) for i in group]
+
+    def _stub(self, length: int, task: str, index: int):
+        """What a cell key needs of a sample, without generating (tokenizing) it."""
+        return tasks_mod.Sample(task=task, index=index, seed=self.cfg.seed, context_length=length, n_tokens=0,
+                                prompt="", answers=(), metric=tasks_mod.TASKS[task].metric,
+                                max_new_tokens=tasks_mod.TASKS[task].max_new_tokens)
 
     @torch.no_grad()
     def run(self) -> list[dict]:
@@ -316,13 +329,13 @@ class Runner:
         per_sample = sum(1 if m in BUDGET_FREE else len(cfg.budgets) for m in self.methods)
         total = per_sample * len(cfg.lengths) * len(cfg.tasks) * cfg.num_samples
         bar = _progress(total, f"kascade eval {cfg.model}")
+        done = sum(per_sample - len(self._todo(self._stub(length, task, i)))
+                   for length in cfg.lengths for task in cfg.tasks for i in range(cfg.num_samples))
+        bar.update(done)
         for batch in self.batches():
             samples = [tasks_mod.generate_sample(task, self.tokenizer, length, i, cfg.seed, chat=cfg.chat)
                        for length, task, i in batch]
             todo = sorted({run for s in samples for run in self._todo(s)}, key=lambda r: (self.methods.index(r[0]), r[1] or 0))
-            bar.update(sum(per_sample - len(self._todo(s)) for s in samples))
-            if not todo:
-                continue
             enc = self.tokenizer([s.prompt for s in samples], add_special_tokens=False, return_tensors="pt",
                                  padding=True, padding_side="left")
             ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)

@@ -1,0 +1,144 @@
+"""Rolling prefill on a contiguous cache vs vLLM's paged cache, whole and in vLLM-style chunks, bf16, GPU.
+
+    PYTHONPATH=src python benchmarks/tune/bench_paged_prefill.py [--context 32768,131072] [--chunk 16384]
+        [--block-size 16] [--json out.json]
+
+Why: in vLLM the Kascade backend's time to first token at 128K is 1.60x FLASH_ATTN's while the same kernels
+give 1.88x in kascade.Generator (issue 16). This splits one Llama-3.1-8B-shape layer (32/8/128, one
+sequence, Top-k 10 %, floor 128, tiles of 32) into what each path runs:
+- contiguous: kascade.ops.prefill (layer 0 = anchor with the dense output on cuDNN, anchor, reuse), one pass;
+- paged whole: kascade.ops.paged on a random block table, the whole prompt as one chunk;
+- paged chunked: the same prompt as vLLM schedules it, chunks of --chunk queries over their prefix
+  (the sum over chunks);
+- dense: torch SDPA cuDNN (contiguous) and, where vLLM is importable, vLLM's FlashAttention 3 on the paged
+  cache (whole and chunked), the baseline of `kascade bench serve`.
+Each part is the median of eager calls (ms; kascade.bench.common.bench_ms without a CUDA graph: the prefill
+ops read host sizes). "model" sums a 32-layer model with 5 anchors (layer 0 + 4) and 27 reuse layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from kascade.bench.common import bench_ms
+from kascade.ops import paged as P
+from kascade.ops import prefill as PF
+
+HQ, HKV, D, T = 32, 8, 128, 32
+BUDGET = dict(topk_fraction=0.1, topk_floor=128)
+N_LAYERS, N_ANCHORS = 32, 5
+DEVICE, DTYPE = "cuda", torch.bfloat16  # a CPU smoke test (Triton interpreter) patches these
+
+
+def _ms(fn, reps):
+    return bench_ms(fn, use_graph=False, flush_l2=False, budget_ms=1.0, min_reps=reps, max_reps=reps)
+
+
+def _model(parts):
+    return parts["layer0"] + (N_ANCHORS - 1) * parts["anchor"] + (N_LAYERS - N_ANCHORS) * parts["reuse"]
+
+
+def _fa3():
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+    except Exception as exc:  # noqa: BLE001 - vLLM is optional here
+        print(f"no vLLM FlashAttention: {exc}", flush=True)
+        return None
+    return flash_attn_varlen_func
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--context", default="32768,131072")
+    ap.add_argument("--chunk", type=int, default=16384)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    bs, C = args.block_size, args.chunk
+    fa3 = _fa3()
+    rows = []
+    for L in (int(x) for x in args.context.split(",")):
+        torch.manual_seed(0)
+        dev, dt = DEVICE, DTYPE
+        q = torch.randn(1, HQ, L, D, device=dev, dtype=dt)
+        k = torch.randn(1, HKV, L, D, device=dev, dtype=dt)
+        v = torch.randn_like(k)
+        zero = torch.zeros(1, dtype=torch.int64, device=dev)
+        end = torch.full((1,), L, dtype=torch.int64, device=dev)
+        kw = dict(**BUDGET, tile_size=T, lengths=[L])
+        res = dict(context=L, chunk=C, block_size=bs)
+
+        # contiguous, one pass (what kascade.Generator runs)
+        _, idx = PF.anchor(q, k, v, zero, end, **kw)
+        cont = dict(
+            layer0=_ms(lambda: PF.anchor(q, k, v, zero, end, dense_output=True, **kw), args.reps),
+            anchor=_ms(lambda: PF.anchor(q, k, v, zero, end, **kw), args.reps),
+            reuse=_ms(lambda: PF.sparse(q, k, v, idx, zero, end, indices_from_anchor=True, **kw), args.reps))
+        res["contiguous"] = {**cont, "model": _model(cont)}
+        res["dense_cudnn"] = _ms(lambda: PF.dense_fastest(q, k, v, zero, end, [L]), args.reps)
+        del idx
+
+        # the paged cache: a random block table over exactly the prompt's blocks
+        nb = L // bs
+        bt = torch.randperm(nb, device=dev).to(torch.int32).view(1, nb).contiguous()
+        kc = torch.empty(nb, bs, HKV, D, device=dev, dtype=dt)
+        vc = torch.empty_like(kc)
+        kc[bt[0].long()] = k[0].view(HKV, nb, bs, D).permute(1, 2, 0, 3)
+        vc[bt[0].long()] = v[0].view(HKV, nb, bs, D).permute(1, 2, 0, 3)
+        qp = q[0].transpose(0, 1).contiguous()  # [L, Hq, D]
+        del q, k, v
+        torch.cuda.empty_cache()
+
+        def chunks(size):
+            """(q rows, seq_lens, query_start_loc, max_query_len, max_seq_len) per chunk of `size` queries."""
+            out = []
+            for lo in range(0, L, size):
+                hi = min(L, lo + size)
+                out.append((qp[lo:hi], torch.tensor([hi], dtype=torch.int32, device=dev),
+                            torch.tensor([0, hi - lo], dtype=torch.int32, device=dev), hi - lo, hi))
+            return out
+
+        for name, size in (("paged_whole", L), ("paged_chunked", C)):
+            parts = chunks(size)
+            held = [P.paged_prefill_anchor(qc, kc, vc, bt, sl, qsl, max_query_len=mq, max_seq_len=ms, tile_size=T,
+                                           **BUDGET)[1] for qc, sl, qsl, mq, ms in parts]
+
+            def layer(dense_output, anchor=True):
+                for i, (qc, sl, qsl, mq, ms) in enumerate(parts):
+                    if anchor:
+                        P.paged_prefill_anchor(qc, kc, vc, bt, sl, qsl, max_query_len=mq, max_seq_len=ms,
+                                               tile_size=T, dense_output=dense_output, **BUDGET)
+                    else:
+                        P.paged_prefill_sparse(qc, kc, vc, bt, sl, qsl, held[i], max_query_len=mq, max_seq_len=ms,
+                                               tile_size=T, **BUDGET)
+
+            got = dict(layer0=_ms(lambda: layer(True), args.reps), anchor=_ms(lambda: layer(False), args.reps),
+                       reuse=_ms(lambda: layer(False, anchor=False), args.reps))
+            res[name] = {**got, "model": _model(got)}
+            if fa3 is not None:
+                def dense():
+                    for qc, sl, qsl, mq, ms in parts:
+                        fa3(qc, kc, vc, max_seqlen_q=mq, cu_seqlens_q=qsl, max_seqlen_k=ms, seqused_k=sl,
+                            causal=True, softmax_scale=D ** -0.5, block_table=bt, fa_version=3)
+                try:
+                    res["fa3_" + name.split("_")[1]] = _ms(dense, args.reps)
+                except Exception as exc:  # noqa: BLE001 - report and go on
+                    print(f"FA3 failed: {exc!r}", flush=True)
+            del held
+        res["dense_fa3_model"] = N_LAYERS * res.get("fa3_chunked", float("nan"))
+        print(json.dumps(res), flush=True)
+        rows.append(res)
+        del kc, vc, qp
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, unit="ms", layers=N_LAYERS, anchors=N_ANCHORS,
+                           rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
