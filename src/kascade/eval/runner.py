@@ -329,8 +329,7 @@ class Runner:
         per_sample = sum(1 if m in BUDGET_FREE else len(cfg.budgets) for m in self.methods)
         total = per_sample * len(cfg.lengths) * len(cfg.tasks) * cfg.num_samples
         bar = _progress(total, f"kascade eval {cfg.model}")
-        done = sum(per_sample - len(self._todo(self._stub(length, task, i)))
-                   for length in cfg.lengths for task in cfg.tasks for i in range(cfg.num_samples))
+        done = sum(per_sample - len(self._todo(self._stub(length, task, i))) for length, task, i in self.samples())
         bar.update(done)
         for batch in self.batches():
             samples = [tasks_mod.generate_sample(task, self.tokenizer, length, i, cfg.seed, chat=cfg.chat)
