@@ -10,6 +10,7 @@ sequence, Top-k 10 %, floor 128, tiles of 32) into what each path runs:
 - paged whole: kascade.ops.paged on a random block table, the whole prompt as one chunk;
 - paged chunked: the same prompt as vLLM schedules it, chunks of --chunk queries over their prefix
   (the sum over chunks);
+- paged gather: the pages copied into contiguous K/V (one copy per layer) + the contiguous kernels;
 - dense: torch SDPA cuDNN (contiguous) and, where vLLM is importable, vLLM's FlashAttention 3 on the paged
   cache (whole and chunked), the baseline of `kascade bench serve`.
 Each part is the median of eager calls (ms; kascade.bench.common.bench_ms without a CUDA graph: the prefill
@@ -101,6 +102,18 @@ def main():
                 out.append((qp[lo:hi], torch.tensor([hi], dtype=torch.int32, device=dev),
                             torch.tensor([0, hi - lo], dtype=torch.int32, device=dev), hi - lo, hi))
             return out
+
+        # the fix to try: copy the pages into contiguous K/V once per layer, then run the contiguous kernels
+        # (model row: the contiguous parts plus one copy each; whole prompt only, chunking cost nothing above)
+        pages = bt[0].long()
+
+        def gather():
+            return (kc.index_select(0, pages).permute(2, 0, 1, 3).reshape(1, HKV, L, D),
+                    vc.index_select(0, pages).permute(2, 0, 1, 3).reshape(1, HKV, L, D))
+
+        res["gather_kv"] = _ms(gather, args.reps)
+        g = {part: ms + res["gather_kv"] for part, ms in cont.items()}
+        res["paged_gather"] = {**g, "model": _model(g)}
 
         for name, size in (("paged_whole", L), ("paged_chunked", C)):
             parts = chunks(size)
