@@ -24,7 +24,7 @@ import json
 
 import torch
 
-from kascade.bench.common import bench_ms
+from kascade.bench.common import bench_ms, env_info, write_results
 from kascade.ops import paged as P
 from kascade.ops import prefill as PF
 
@@ -148,9 +148,8 @@ def main():
         del kc, vc, qp
         torch.cuda.empty_cache()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, unit="ms", layers=N_LAYERS, anchors=N_ANCHORS,
-                           rows=rows), f, indent=1)
+        write_results(args.json, rows, dict(bench="paged_prefill", env=env_info(), args=vars(args), unit="ms",
+                                            layers=N_LAYERS, anchors=N_ANCHORS))
 
 
 if __name__ == "__main__":
