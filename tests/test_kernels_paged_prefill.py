@@ -238,6 +238,32 @@ def test_paged_prefill_equals_contiguous(seq, block_size):
     assert torch.equal(batch.rows(dense_p, 0), dense_c)
 
 
+@pytest.mark.parametrize("block_size", BLOCKS)
+@pytest.mark.parametrize("Hq,Hkv,T", [(8, 2, 16), (16, 1, 32)], ids=["gqa4-T16", "gqa16-T32-atomic"])
+def test_paged_prefill_gather_kv_equals_block_table(Hq, Hkv, T, block_size):
+    """gather_kv=True (K/V copied out of the pages once, read without the block table) gives exactly the
+    block-table path's indices and outputs on the mixed batch (the unused slots the copy brings along hold
+    NaN: reading one would show); and gather_kv lays each sequence's keys out in logical order."""
+    batch = Batch(SEQS, Hq, Hkv, 64, block_size, torch.float16, seed=5 + block_size)
+    kw = dict(max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len, topk_fraction=0.2, topk_floor=8,
+              tile_size=T)
+    hm = _head_map(Hkv)
+    for dense_output in (False, True):
+        out_t, idx_t = PG.paged_prefill_anchor(*batch.args(), dense_output=dense_output, **kw)
+        out_g, idx_g = PG.paged_prefill_anchor(*batch.args(), dense_output=dense_output, gather_kv=True, **kw)
+        assert torch.equal(idx_t, idx_g) and torch.equal(out_t, out_g)
+    reuse_t = PG.paged_prefill_sparse(*batch.args(), idx_t, head_map=hm, **kw)
+    reuse_g = PG.paged_prefill_sparse(*batch.args(), idx_t, head_map=hm, gather_kv=True, **kw)
+    assert torch.equal(reuse_t, reuse_g) and bool(torch.isfinite(reuse_g).all())
+    dense = dict(max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len)
+    assert torch.equal(PG.paged_prefill_dense(*batch.args(), **dense),
+                       PG.paged_prefill_dense(*batch.args(), gather_kv=True, **dense))
+    k, v = PG.gather_kv(batch.k_cache, batch.v_cache, batch.block_table, batch.max_seq_len)
+    assert k.shape == (batch.B, Hkv, -(-batch.max_seq_len // block_size) * block_size, 64)
+    for b, (L, _) in enumerate(batch.seqs):
+        assert torch.equal(k[b, :, :L], batch.k[b][0]) and torch.equal(v[b, :, :L], batch.v[b][0])
+
+
 def test_paged_prefill_bounds_from_block_table():
     """max_seq_len left out: the budget table and the index width come from max_blocks * block_size; the
     selection and outputs are unchanged (only the -1 padding of the width grows)."""

@@ -11,6 +11,8 @@ sequence, Top-k 10 %, floor 128, tiles of 32) into what each path runs:
 - paged chunked: the same prompt as vLLM schedules it, chunks of --chunk queries over their prefix
   (the sum over chunks);
 - paged gather: the pages copied into contiguous K/V (one copy per layer) + the contiguous kernels;
+- paged gathered (whole, chunked): kascade.ops.paged with gather_kv=True (each call copies its prefix
+  out of the pages, the varlen kernels read the copy without the block table), the copy included;
 - dense: torch SDPA cuDNN (contiguous) and, where vLLM is importable, vLLM's FlashAttention 3 on the paged
   cache (whole and chunked), the baseline of `kascade bench serve`.
 Each part is the median of eager calls (ms; kascade.bench.common.bench_ms without a CUDA graph: the prefill
@@ -115,7 +117,8 @@ def main():
         g = {part: ms + res["gather_kv"] for part, ms in cont.items()}
         res["paged_gather"] = {**g, "model": _model(g)}
 
-        for name, size in (("paged_whole", L), ("paged_chunked", C)):
+        for name, size, gkv in (("paged_whole", L, False), ("paged_chunked", C, False),
+                                ("paged_gathered_whole", L, True), ("paged_gathered_chunked", C, True)):
             parts = chunks(size)
             held = [P.paged_prefill_anchor(qc, kc, vc, bt, sl, qsl, max_query_len=mq, max_seq_len=ms, tile_size=T,
                                            **BUDGET)[1] for qc, sl, qsl, mq, ms in parts]
@@ -124,21 +127,24 @@ def main():
                 for i, (qc, sl, qsl, mq, ms) in enumerate(parts):
                     if anchor:
                         P.paged_prefill_anchor(qc, kc, vc, bt, sl, qsl, max_query_len=mq, max_seq_len=ms,
-                                               tile_size=T, dense_output=dense_output, **BUDGET)
+                                               tile_size=T, dense_output=dense_output, gather_kv=gkv, **BUDGET)
                     else:
                         P.paged_prefill_sparse(qc, kc, vc, bt, sl, qsl, held[i], max_query_len=mq, max_seq_len=ms,
-                                               tile_size=T, **BUDGET)
+                                               tile_size=T, gather_kv=gkv, **BUDGET)
 
             got = dict(layer0=_ms(lambda: layer(True), args.reps), anchor=_ms(lambda: layer(False), args.reps),
                        reuse=_ms(lambda: layer(False, anchor=False), args.reps))
             res[name] = {**got, "model": _model(got)}
-            if fa3 is not None:
-                def dense():
+            if fa3 is not None and not gkv:
+                def dense(lse=False):
                     for qc, sl, qsl, mq, ms in parts:
                         fa3(qc, kc, vc, max_seqlen_q=mq, cu_seqlens_q=qsl, max_seqlen_k=ms, seqused_k=sl,
-                            causal=True, softmax_scale=D ** -0.5, block_table=bt, fa_version=3)
+                            causal=True, softmax_scale=D ** -0.5, block_table=bt, fa_version=3,
+                            return_softmax_lse=lse)
                 try:
                     res["fa3_" + name.split("_")[1]] = _ms(dense, args.reps)
+                    # layer 0's dense output and log-sum-exp from FA3 (a candidate for the backend's layer 0)
+                    res["fa3_lse_" + name.split("_")[1]] = _ms(lambda: dense(True), args.reps)
                 except Exception as exc:  # noqa: BLE001 - report and go on
                     print(f"FA3 failed: {exc!r}", flush=True)
             del held

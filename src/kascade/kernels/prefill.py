@@ -13,7 +13,9 @@ base-2 values, -inf for rows without keys.
 
 PAGED=True (launchers: kascade.ops.paged) compiles the same kernels for vLLM's layout: queries packed
 along one token axis (sequence b's queries are rows query_start_loc[b] .. query_start_loc[b+1] - 1, the
-last ones of the sequence), K/V in a paged cache read through the block table (kernels/paged.py).
+last ones of the sequence), K/V in a paged cache read through the block table (TABLE=True,
+kernels/paged.py) or, TABLE=False, gathered from the pages into [B, Hkv, Lk, D] once per layer
+(kascade.ops.paged.gather_kv: the contiguous kernels' K/V loads, no block-table read per key).
 Everything else stays in row-relative (= logical, kv_start = 0) positions; the tile axis of the pooled
 buffer and of the indices then counts from each sequence's first query tile (see _geometry).
 """
@@ -145,6 +147,7 @@ def _attn_fwd_kernel(
     D: tl.constexpr, G_BLOCK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     WITH_V: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PREC: tl.constexpr,
     PAGED: tl.constexpr = False, PAGE: tl.constexpr = 16,
+    TABLE: tl.constexpr = False,
 ):
     """Dense causal attention of BLOCK_T consecutive queries x G_BLOCK heads of one GQA group.
 
@@ -172,7 +175,7 @@ def _attn_fwd_kernel(
     full_end = (r0 // BLOCK_N) * BLOCK_N
     for n0 in range(0, full_end, BLOCK_N):
         kn = n0 + offs_n
-        k_off, v_off = _kv_offsets(kn, kn < full_end, bt_row, skt, svt, skblk, svblk, PAGED, PAGE)
+        k_off, v_off = _kv_offsets(kn, kn < full_end, bt_row, skt, svt, skblk, svblk, TABLE, PAGE)
         acc, m_i, l_i = _online_block_fast(
             acc, m_i, l_i, q, k_base + k_off[:, None] + offs_d[None, :],
             v_base + v_off[:, None] + offs_d[None, :], offs_n, qk_scale, False, WITH_V, DOT_PREC)
@@ -180,7 +183,7 @@ def _attn_fwd_kernel(
     for n0 in range(full_end, diag_end, BLOCK_N):
         kn = n0 + offs_n
         key_ok = kn < diag_end
-        k_off, v_off = _kv_offsets(kn, key_ok, bt_row, skt, svt, skblk, svblk, PAGED, PAGE)
+        k_off, v_off = _kv_offsets(kn, key_ok, bt_row, skt, svt, skblk, svblk, TABLE, PAGE)
         acc, m_i, l_i = _online_block(
             acc, m_i, l_i, q, k_base + k_off[:, None] + offs_d[None, :],
             v_base + v_off[:, None] + offs_d[None, :], key_ok,
@@ -207,6 +210,7 @@ def _pool_kernel(
     Lq, Hkv, G, n_gblocks, tile_lo, n_tiles, qk_scale,
     D: tl.constexpr, G_BLOCK: tl.constexpr, T: tl.constexpr, BLOCK_N: tl.constexpr,
     ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr, PAGED: tl.constexpr = False, PAGE: tl.constexpr = 16,
+    TABLE: tl.constexpr = False,
 ):
     """Post-softmax probabilities of one tile's queries x G_BLOCK heads over the tile's prefix, summed
     over those rows: pooled[b, hkv, tile - tile_lo, :prefix]. With several head blocks per group
@@ -241,7 +245,7 @@ def _pool_kernel(
     for n0 in range(0, prefix, BLOCK_N):
         kn = n0 + offs_n
         key_ok = kn < prefix
-        k_off, _ = _kv_offsets(kn, key_ok, bt_row, skt, skt, skblk, skblk, PAGED, PAGE)
+        k_off, _ = _kv_offsets(kn, key_ok, bt_row, skt, skt, skblk, skblk, TABLE, PAGE)
         k = tl.load(k_base + k_off[:, None] + offs_d[None, :], mask=key_ok[:, None], other=0.0)
         st = tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale
         p = tl.math.exp2(st - lse[None, :])
@@ -316,10 +320,10 @@ def _select_kernel(
 
 @triton.jit
 def _gather_block(acc, m_i, l_i, q, i_base, slot, k_budget, start, k_base, v_base, skt, svt, offs_d, qk_scale,
-                  bt_row, skblk, svblk, TAIL: tl.constexpr, DOT_PREC: tl.constexpr, PAGED: tl.constexpr,
+                  bt_row, skblk, svblk, TAIL: tl.constexpr, DOT_PREC: tl.constexpr, TABLE: tl.constexpr,
                   PAGE: tl.constexpr):
     """One block of a sparse tile's selected keys into the running (acc, max, sum). Full blocks
-    (TAIL=False) hold BLOCK_N selected keys; the tail block masks the slots past the budget. PAGED:
+    (TAIL=False) hold BLOCK_N selected keys; the tail block masks the slots past the budget. TABLE:
     the indices are logical positions, translated through the row's block table."""
     if TAIL:
         kn = tl.load(i_base + slot, mask=slot < k_budget, other=-1)
@@ -328,7 +332,7 @@ def _gather_block(acc, m_i, l_i, q, i_base, slot, k_budget, start, k_base, v_bas
     else:
         kn = tl.load(i_base + slot)
         bias = slot.to(tl.float32)  # placeholder: HAS_BIAS=False ignores it
-    k_off, v_off = _kv_offsets(kn, kn >= 0, bt_row, skt, svt, skblk, svblk, PAGED, PAGE)
+    k_off, v_off = _kv_offsets(kn, kn >= 0, bt_row, skt, svt, skblk, svblk, TABLE, PAGE)
     return _online_block_fast(acc, m_i, l_i, q, k_base + k_off[:, None] + offs_d[None, :],
                               v_base + v_off[:, None] + offs_d[None, :], bias, qk_scale, TAIL, True, DOT_PREC)
 
@@ -340,6 +344,7 @@ def _sparse_kernel(
     Lq, Hkv, G, n_gblocks, n_tiles, qk_scale,
     D: tl.constexpr, G_BLOCK: tl.constexpr, T: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr, MAPPED: tl.constexpr = False, PAGED: tl.constexpr = False, PAGE: tl.constexpr = 16,
+    TABLE: tl.constexpr = False,
 ):
     """Rolling sparse prefill of one tile x G_BLOCK heads: the tile's selected prefix keys (gathered by
     index; all prefix keys when the tile is dense), then its own tile causally. MAPPED: KV head h reads
@@ -376,7 +381,7 @@ def _sparse_kernel(
             rel = n0 + offs_n
             bias = tl.where(rel < prefix, 0.0, float("-inf"))
             kn = start + tl.minimum(rel, prefix - 1)
-            k_off, v_off = _kv_offsets(kn, kn >= 0, bt_row, skt, svt, skblk, svblk, PAGED, PAGE)
+            k_off, v_off = _kv_offsets(kn, kn >= 0, bt_row, skt, svt, skblk, svblk, TABLE, PAGE)
             acc, m_i, l_i = _online_block_fast(
                 acc, m_i, l_i, q, k_base + k_off[:, None] + offs_d[None, :],
                 v_base + v_off[:, None] + offs_d[None, :], bias, qk_scale, True, True, DOT_PREC)
@@ -390,17 +395,17 @@ def _sparse_kernel(
         for n0 in range(0, n_full, BLOCK_N):
             acc, m_i, l_i = _gather_block(acc, m_i, l_i, q, i_base, n0 + offs_n, k_budget, start, k_base,
                                           v_base, skt, svt, offs_d, qk_scale, bt_row, skblk, svblk,
-                                          False, DOT_PREC, PAGED, PAGE)
+                                          False, DOT_PREC, TABLE, PAGE)
         if n_full < k_budget:
             acc, m_i, l_i = _gather_block(acc, m_i, l_i, q, i_base, n_full + offs_n, k_budget, start, k_base,
                                           v_base, skt, svt, offs_d, qk_scale, bt_row, skblk, svblk,
-                                          True, DOT_PREC, PAGED, PAGE)
+                                          True, DOT_PREC, TABLE, PAGE)
     # Own tile, causally.
     offs_t = tl.arange(0, T)
     rk = prefix + offs_t
     key_ok = rk < L
     kn = start + rk
-    k_off, v_off = _kv_offsets(kn, key_ok, bt_row, skt, svt, skblk, svblk, PAGED, PAGE)
+    k_off, v_off = _kv_offsets(kn, key_ok, bt_row, skt, svt, skblk, svblk, TABLE, PAGE)
     acc, m_i, l_i = _online_block(
         acc, m_i, l_i, q, k_base + k_off[:, None] + offs_d[None, :],
         v_base + v_off[:, None] + offs_d[None, :], key_ok,

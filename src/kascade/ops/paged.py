@@ -242,6 +242,11 @@ def paged_decode_sparse(q, k_cache, v_cache, block_table, seq_lens, indices, *, 
 # (tests, debugging), which checks seq_lens, the used block-table entries, query_start_loc, the two host
 # sizes and (sparse) that every budget slot of the given indices is filled. Lengths are runtime kernel
 # arguments: new seq_lens / query lengths do not recompile.
+#
+# gather_kv=True: the call first copies its sequences' K/V out of the pages (gather_kv below: B x
+# ceil(max_seq_len / block_size) blocks, in logical order) and the kernels read that copy without the
+# block table. Same results; faster where the dense passes dominate (long prefixes), at the cost of the
+# copy's memory (2 x B x Lk x Hkv x D elements).
 
 
 def _check_prefill(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, max_query_len, max_seq_len,
@@ -290,80 +295,101 @@ def check_prefill_values(q, k_cache, block_table, seq_lens, query_start_loc, max
         raise KascadeInputError(f"seq_lens {lens.tolist()} exceed max_seq_len {max_seq_len}")
 
 
+def gather_kv(k_cache, v_cache, block_table, max_seq_len: int):
+    """The first ceil(max_seq_len / block_size) blocks of every sequence's K and V, copied from the pages
+    in logical order: (k, v) [B, Hkv, Lk, D] views (Lk = those blocks * block_size) of [Hkv, B, Lk, D]
+    tensors, one copy kernel each. Positions past a sequence's seq_len hold whatever its block-table
+    entries point at (clamped to the cache) and are never read. Why: the prefill kernels' dense passes
+    (layer 0, the anchors' log-sum-exp and pooling) read every prefix key; through the block table each
+    key costs a table read and a per-row address (+20-48 % per layer at 128K on the H100,
+    benchmarks/notes_serve.md), the copy reads the prefix once (~0.4 ms per layer at 128K x 8 KV heads)."""
+    num_blocks, block_size = k_cache.shape[0], k_cache.shape[1]
+    n = -(-max_seq_len // block_size)
+    pages = block_table[:, :n].clamp(0, num_blocks - 1).reshape(-1)
+    B = block_table.shape[0]
+
+    def one(cache):  # [num_blocks, bs, Hkv, D] -> [Hkv, B * n, bs, D] -> [B, Hkv, n * bs, D]
+        t = cache.permute(2, 0, 1, 3).index_select(1, pages)
+        return t.view(t.shape[0], B, n * block_size, t.shape[3]).transpose(0, 1)
+
+    return one(k_cache), one(v_cache)
+
+
 def _prepare_prefill(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, max_query_len, max_seq_len,
-                     tile_size, validate_values):
+                     tile_size, validate_values, gather=False):
+    """Checks, then (paged layout, seq_lens, B, Hkv, G, max_seq_len, k, v): k / v the caches, or with
+    gather=True their gather_kv copies (the layout then has no block table)."""
     B, Hq, Hkv, block_size, G, max_seq_len = _check_prefill(
         q, k_cache, v_cache, block_table, seq_lens, query_start_loc, max_query_len, max_seq_len, tile_size)
     if validate_values:
         check_prefill_values(q, k_cache, block_table, seq_lens, query_start_loc, max_query_len, max_seq_len)
-    paged = PF.PagedPrefill(block_table=block_table, block_size=block_size,
+    k, v = gather_kv(k_cache, v_cache, block_table, max_seq_len) if gather else (k_cache, v_cache)
+    paged = PF.PagedPrefill(block_table=None if gather else block_table, block_size=block_size,
                             query_start_loc=query_start_loc.contiguous(), max_query_len=max_query_len)
-    return paged, seq_lens.contiguous(), B, Hkv, G, max_seq_len
+    return paged, seq_lens.contiguous(), B, Hkv, G, max_seq_len, k, v
 
 
 def _prepare_rolling(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, max_query_len, max_seq_len,
-                     topk_fraction, topk_floor, tile_size, validate_values):
+                     topk_fraction, topk_floor, tile_size, validate_values, gather):
     """_prepare_prefill of an anchor / sparse call, plus its budget: (paged, lens, B, Hkv, G, max_seq_len,
-    n_tiles, host budgets per tile (-1: dense), the same on the device, index width W)."""
+    k, v, n_tiles, host budgets per tile (-1: dense), the same on the device, index width W)."""
     check_budget(topk_fraction, topk_floor)
-    paged, lens, B, Hkv, G, max_seq_len = _prepare_prefill(
+    paged, lens, B, Hkv, G, max_seq_len, k, v = _prepare_prefill(
         q, k_cache, v_cache, block_table, seq_lens, query_start_loc, max_query_len, max_seq_len, tile_size,
-        validate_values)
+        validate_values, gather)
     n_tiles = max(1, -(-max_seq_len // tile_size))
     host, budgets, width = PF.tile_budgets(n_tiles, tile_size, topk_fraction, topk_floor, q.device)
-    return paged, lens, B, Hkv, G, max_seq_len, n_tiles, host, budgets, width
+    return paged, lens, B, Hkv, G, max_seq_len, k, v, n_tiles, host, budgets, width
 
 
 def paged_prefill_dense(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, *, max_query_len,
-                        max_seq_len=None, scale=None, validate_values=False,
+                        max_seq_len=None, scale=None, gather_kv=False, validate_values=False,
                         config: PF.PrefillConfig = PF.DEFAULT_CONFIG):
     """Causal GQA attention of packed varlen queries over their sequences' paged keys (each query at
     logical position seq_len - q_len + i sees positions <= its own). Returns out [total_tokens, Hq, D] in
     q's dtype (rows past query_start_loc[B] are zero)."""
-    paged, lens, *_ = _prepare_prefill(q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
-                                       max_query_len, max_seq_len, None, validate_values)
-    out, _ = PF._flash(q, k_cache, v_cache, lens, lens, scale, with_v=True, store_lse=False, pad_rows=True,
-                       paged=paged, config=config)
+    paged, lens, *_, k, v = _prepare_prefill(q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
+                                             max_query_len, max_seq_len, None, validate_values, gather_kv)
+    out, _ = PF._flash(q, k, v, lens, lens, scale, with_v=True, store_lse=False, pad_rows=True, paged=paged,
+                       config=config)
     return out
 
 
 def paged_prefill_anchor(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, *, max_query_len,
                          topk_fraction, topk_floor, tile_size, max_seq_len=None, scale=None, dense_output=False,
-                         validate_values=False, config: PF.PrefillConfig = PF.DEFAULT_CONFIG):
+                         gather_kv=False, validate_values=False, config: PF.PrefillConfig = PF.DEFAULT_CONFIG):
     """Anchor layer of a rolling prefill: for each tile with queries x GQA group, the Top-k of its prefix
     by post-softmax probabilities summed over the tile's queries (of this call) and the group (exact up to
     the near-ties of kascade.ops.prefill.anchor's radix select), then sparse attention over them plus the
     own tile (dense_output=True: the dense output instead, layer 0). Returns (out [total_tokens, Hq, D],
     indices [B, Hkv, n_slots, W] int32 logical positions as described above this function)."""
-    paged, lens, B, Hkv, G, max_seq_len, n_tiles, host, budgets, width = _prepare_rolling(
+    paged, lens, B, Hkv, G, max_seq_len, k, v, n_tiles, host, budgets, width = _prepare_rolling(
         q, k_cache, v_cache, block_table, seq_lens, query_start_loc, max_query_len, max_seq_len, topk_fraction,
-        topk_floor, tile_size, validate_values)
+        topk_floor, tile_size, validate_values, gather_kv)
     T = tile_size
     indices = torch.full((B, Hkv, paged.n_slots(T), width), -1, dtype=torch.int32, device=q.device)
-    out, lse = PF._flash(q, k_cache, v_cache, lens, lens, scale, with_v=dense_output, store_lse=True,
-                         pad_rows=True, paged=paged, config=config)
+    out, lse = PF._flash(q, k, v, lens, lens, scale, with_v=dense_output, store_lse=True, pad_rows=True,
+                         paged=paged, config=config)
     if PF._first_sparse_tile(host) < n_tiles:
-        PF._select(q, k_cache, lse, indices, budgets, lens, lens, G, T, 0, n_tiles, scale, paged=paged,
-                   config=config)
+        PF._select(q, k, lse, indices, budgets, lens, lens, G, T, 0, n_tiles, scale, paged=paged, config=config)
     if not dense_output:
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-        PF._launch_sparse(q, k_cache, v_cache, out, indices, budgets, lens, lens, G, T, scale, paged=paged,
-                          config=config)
+        PF._launch_sparse(q, k, v, out, indices, budgets, lens, lens, G, T, scale, paged=paged, config=config)
     return out, indices
 
 
 def paged_prefill_sparse(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, indices, *, max_query_len,
                          topk_fraction, topk_floor, tile_size, max_seq_len=None, head_map=None, scale=None,
-                         validate_values=False, config: PF.PrefillConfig = PF.DEFAULT_CONFIG):
+                         gather_kv=False, validate_values=False, config: PF.PrefillConfig = PF.DEFAULT_CONFIG):
     """Reuse layer of a rolling prefill: each tile x GQA group attends to its indices (as
     paged_prefill_anchor returns them, for the same batch, tile size, budget and max_seq_len) plus its
     own tile causally; dense tiles attend to their whole prefix. head_map int32 [Hkv] on q's device: KV
     head h reads indices[:, head_map[h]] (in the kernel, no copy). A sparse tile's budget slots are read
     without a mask: every one must hold a key of its prefix (validate_values=True checks it).
     Returns out [total_tokens, Hq, D]."""
-    paged, lens, B, Hkv, G, max_seq_len, n_tiles, host, budgets, width = _prepare_rolling(
+    paged, lens, B, Hkv, G, max_seq_len, k, v, n_tiles, host, budgets, width = _prepare_rolling(
         q, k_cache, v_cache, block_table, seq_lens, query_start_loc, max_query_len, max_seq_len, topk_fraction,
-        topk_floor, tile_size, validate_values)
+        topk_floor, tile_size, validate_values, gather_kv)
     T = tile_size
     n_slots = paged.n_slots(T)
     if not _reuse_indices_ok(indices, 4, B, Hkv, head_map):
@@ -381,8 +407,7 @@ def paged_prefill_sparse(q, k_cache, v_cache, block_table, seq_lens, query_start
     if validate_values:
         _check_prefill_indices(indices, head_map, seq_lens, query_start_loc, T, host)
     out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-    PF._launch_sparse(q, k_cache, v_cache, out, indices, budgets, lens, lens, G, T, scale, head_map, paged=paged,
-                      config=config)
+    PF._launch_sparse(q, k, v, out, indices, budgets, lens, lens, G, T, scale, head_map, paged=paged, config=config)
     return out
 
 

@@ -161,9 +161,11 @@ class PagedPrefill:
     as [total_tokens, Hq, D], sequence b's queries at rows query_start_loc[b] .. query_start_loc[b+1]-1
     (the last of its seq_lens[b] keys); K/V caches [num_blocks, block_size, Hkv, D] read through
     block_table [B, max_blocks] int32. kv_start / kv_end passed with it are unused / seq_lens.
-    max_query_len (host) bounds every q_len: it sizes the grids."""
+    max_query_len (host) bounds every q_len: it sizes the grids. block_table None: K/V were gathered
+    from the pages into [B, Hkv, Lk, D] (kascade.ops.paged.gather_kv; any strides, head_size contiguous)
+    and the kernels read them as the contiguous ones do (TABLE=False)."""
 
-    block_table: torch.Tensor
+    block_table: torch.Tensor | None
     block_size: int
     query_start_loc: torch.Tensor
     max_query_len: int
@@ -186,10 +188,16 @@ def _layout(q, k, v, kv_start, paged: PagedPrefill | None):
                    v.stride(0), v.stride(1), v.stride(2))
         return B, Hq, Lq, k.shape[1], D, strides, (kv_start, kv_start), (0, 0, 0), {}
     _, Hq, D = q.shape
+    B = paged.query_start_loc.shape[0] - 1
     bt = paged.block_table
+    if bt is None:  # gathered K/V [B, Hkv, Lk, D]
+        strides = (0, q.stride(1), q.stride(0), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+                   v.stride(2))
+        return (B, Hq, paged.max_query_len, k.shape[1], D, strides, (paged.query_start_loc, paged.query_start_loc),
+                (0, 0, 0), dict(PAGED=True))
     strides = (0, q.stride(1), q.stride(0), 0, k.stride(2), k.stride(1), 0, v.stride(2), v.stride(1))
-    return (bt.shape[0], Hq, paged.max_query_len, k.shape[2], D, strides, (paged.query_start_loc, bt),
-            (bt.stride(0), k.stride(0), v.stride(0)), dict(PAGED=True, PAGE=paged.block_size))
+    return (B, Hq, paged.max_query_len, k.shape[2], D, strides, (paged.query_start_loc, bt),
+            (bt.stride(0), k.stride(0), v.stride(0)), dict(PAGED=True, TABLE=True, PAGE=paged.block_size))
 
 
 def _out_strides(out, paged):
