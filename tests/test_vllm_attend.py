@@ -219,3 +219,22 @@ def test_tp_head_maps():
         kv.tp_head_maps(llama, 2, 0, "scatter")
     with pytest.raises(PlanError, match="does not divide"):
         kv.tp_head_maps(llama, 3, 0, "gather")
+
+
+@pytest.mark.parametrize("limit,gathers", [(None, 2), (0, 0)], ids=["within-budget", "over-budget"])
+def test_prefill_anchors_read_gathered_kv_within_the_byte_budget(limit, gathers, monkeypatch):
+    """Anchor layers of prefill rows copy their K/V out of the pages (gather_kv=True) when the copy fits
+    GATHER_MAX_BYTES, else read the pages; reuse layers always read the pages; the outputs are the same."""
+    if limit is not None:
+        monkeypatch.setattr(kv, "GATHER_MAX_BYTES", limit)
+    flags = []
+    for name in ("paged_prefill_anchor", "paged_prefill_sparse"):
+        real = getattr(PG, name)
+        monkeypatch.setattr(PG, name, lambda *a, _real=real, **k: flags.append(k.get("gather_kv", False))
+                            or _real(*a, **k))
+    step, plan = _step("prefill+decode"), _plan()
+    outs, _ = _run(step, plan, [list(r) for r in plan.head_map])
+    assert sum(flags) == gathers and len(flags) == LAYERS
+    rows = step.md.num_actual_tokens
+    for layer, want in enumerate(_expected(step, plan)):
+        torch.testing.assert_close(outs[layer][:rows], want, atol=0, rtol=0)

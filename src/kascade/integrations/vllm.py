@@ -24,6 +24,7 @@ step is shared by all layers, and the layers of a step run in order):
   cache for every row (``paged_prefill_*``; a decode row in such a batch follows the rolling rule: its
   tile's prefix budget plus its own tile). These run outside CUDA graphs (vLLM's piecewise graphs leave
   attention out), so the host sizes of vLLM's metadata (max_query_len, max_seq_len) size the grids.
+  Anchor layers read a copy of their sequences' K/V gathered out of the pages (GATHER_MAX_BYTES).
 * tensor parallelism: each rank serves its own KV heads (rank r of t holds heads r*Hkv/t ..). A plan
   whose head map stays inside each shard (``kascade calibrate --tp t``, or identity maps) runs each
   rank's :meth:`Plan.shard` with no communication; any other plan all-gathers each anchor layer's
@@ -132,6 +133,20 @@ class _State:
 
 
 PHYSICAL_MIN_ROWS = 4  # decode rows from which reuse layers read translated cache rows (see attend)
+# Anchor layers of prefill rows copy their sequences' K/V out of the pages first (paged_prefill_* with
+# gather_kv=True) when the copy takes at most this many bytes: their dense passes read every prefix key,
+# and through the block table they cost +47 % per anchor layer at 128K; from the copy, +3 % (H100, 32/8/128,
+# 16K chunks: 32-layer prefill attention 2.76 s vs 3.47 s, contiguous 2.52 s;
+# benchmarks/results/paged_prefill_gather_h100.json). Reuse layers gain nothing from it and read the pages.
+# 1 GiB: one 128K sequence of 8 KV heads x 128 in bf16 (512 MiB), beside vLLM's own headroom.
+GATHER_MAX_BYTES = 1 << 30
+
+
+def _gather_fits(k_cache, n_seqs: int, max_seq_len: int) -> bool:
+    """Whether a K and V copy of n_seqs sequences of up to max_seq_len keys fits GATHER_MAX_BYTES."""
+    block_size, hkv, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    keys = n_seqs * -(-max_seq_len // block_size) * block_size
+    return 2 * keys * hkv * d * k_cache.element_size() <= GATHER_MAX_BYTES
 
 
 def attend(layer: int, query, k_cache, v_cache, md, scale: float, output):
@@ -182,8 +197,9 @@ def attend(layer: int, query, k_cache, v_cache, md, scale: float, output):
         tables = (k_cache, v_cache, md.block_table[nd:n], md.seq_lens[nd:n], qsl)
         sizes = dict(max_query_len=int(md.max_query_len), max_seq_len=int(md.max_seq_len), tile_size=plan.tile_size)
         if anchor:
-            out, parts[1] = paged.paged_prefill_anchor(q, *tables, scale=scale, dense_output=layer == 0, **budget,
-                                                       **sizes)
+            gather = _gather_fits(k_cache, n - nd, sizes["max_seq_len"])
+            out, parts[1] = paged.paged_prefill_anchor(q, *tables, scale=scale, dense_output=layer == 0,
+                                                       gather_kv=gather, **budget, **sizes)
         else:
             out = paged.paged_prefill_sparse(q, *tables, held[1], head_map=head_map, scale=scale, **budget, **sizes)
         output[rows].copy_(out.view(output[rows].shape))
