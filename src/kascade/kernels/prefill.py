@@ -90,11 +90,12 @@ def _query_rows(q_ptr, b, hkv, gb, r0, q_pos, q_row0, L, G, sqb, sqh, sqt,
 
 
 @triton.jit
-def _kv_offsets(kn, ok, bt_row, skt, svt, skblk, svblk, PAGED: tl.constexpr, PAGE: tl.constexpr):
-    """Offsets of the K and V rows of row-relative keys kn from the row's K/V base. Contiguous:
-    kn * stride. PAGED: through the row's block table bt_row (entries loaded where ok, so the caller
-    masks its loads with ok too); skt / svt are then the slot strides, skblk / svblk the block strides."""
-    if PAGED:
+def _kv_offsets(kn, ok, bt_row, skt, svt, skblk, svblk, TABLE: tl.constexpr, PAGE: tl.constexpr):
+    """Offsets of the K and V rows of row-relative keys kn from the row's K/V base. Contiguous (also
+    gathered paged K/V): kn * stride. TABLE: through the row's block table bt_row (entries loaded where
+    ok, so the caller masks its loads with ok too); skt / svt are then the slot strides, skblk / svblk
+    the block strides."""
+    if TABLE:
         blk, slot = physical_slots(kn, ok, bt_row, PAGE)
         return blk * skblk + slot * skt, blk * svblk + slot * svt
     else:
