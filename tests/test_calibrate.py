@@ -509,3 +509,64 @@ def test_cli_anchors_auto(tmp_path, capsys):
         assert ns.func(ns) == 2
     with pytest.raises(SystemExit):
         parser.parse_args(["calibrate", "--anchors", "0"])
+
+
+def _naive_decode(qs, ks, budget, rows):
+    """The "decode" variant by brute force: each of the last `rows` positions a single query pooled over its
+    GQA group, sets at the decode budget of its visible keys, ratio averaged over the rows it is defined for."""
+    from kascade.reference import topk_budget
+
+    Lyr, Hkv = len(qs), ks[0].shape[1]
+    probs = []
+    for q, k in zip(qs, ks):
+        G = q.shape[1] // Hkv
+        s = torch.einsum("hgqd,hkd->hgqk", q[0].reshape(Hkv, G, *q.shape[2:]), k[0]) / math.sqrt(q.shape[-1])
+        n = s.shape[-2]
+        probs.append(torch.softmax(s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -math.inf), -1).sum(1))
+    n = probs[0].shape[-1]
+    out = torch.zeros(Lyr, Lyr, Hkv, Hkv, dtype=torch.float64)
+    for b in range(Lyr):
+        for a in range(b + 1):
+            for h in range(Hkv):
+                for g in range(Hkv):
+                    vals = []
+                    for r in range(max(0, n - rows), n):
+                        kr = topk_budget(r + 1, *budget)
+                        if r + 1 <= kr:
+                            continue
+                        pb, pa = probs[b][h, r, : r + 1], probs[a][g, r, : r + 1]
+                        vals.append(float(pb[pa.topk(kr).indices].sum() / pb.topk(kr).values.sum()))
+                    out[a, b, h, g] = sum(vals) / len(vals)
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1 << 24, 4 * 45])
+def test_collector_decode_variant_matches_naive(monkeypatch, chunk):
+    """The decode-time statistics (single GQA-pooled queries at the decode budget), chunked or not, and a plan
+    made from them."""
+    from kascade.calibrate import make_plan
+    from kascade.calibrate import stats as stats_mod
+
+    monkeypatch.setattr(stats_mod, "_CHUNK_ELEMENTS", chunk)
+    torch.manual_seed(4)
+    spec = ModelSpec("llama", 3, 4, 2, 8)
+    n, budget, rows = 45, (0.2, 6), 12  # rows 33-44: k_r 7-9 of 34-45 visible keys
+    coll = StatsCollector(spec, stats_k=6, tile_size=4, budget=budget, decode_rows=rows)
+    qs = [torch.randn(1, 4, n, 8) * 2 for _ in range(3)]
+    ks = [torch.randn(1, 2, n, 8) * 2 for _ in range(3)]
+    v = torch.randn(1, 2, n, 8)
+    coll.begin_prompt()
+    for j in range(3):
+        coll(j, qs[j], ks[j], v)
+        coll.record_importance(j, torch.ones(1, n, 16), torch.zeros(1, n, 16))
+    assert coll.end_prompt()
+    stats = coll.result()
+    upper = torch.triu(torch.ones(3, 3, dtype=torch.bool))
+    want = _naive_decode(qs, ks, budget, rows)
+    torch.testing.assert_close(stats.variants["decode"][upper], want[upper], rtol=1e-5, atol=1e-5)
+    assert torch.allclose(torch.diagonal(stats.variant("decode").layer_similarity()), torch.ones(3, dtype=torch.float64))
+    plan = make_plan(stats, 2, aggregate="decode", topk_fraction=0.2, topk_floor=6)[0]
+    assert plan.head_map == dp.head_map(stats.variants["decode"], plan.anchor_layers)
+    assert "single queries" in plan.provenance["method"]
+    with pytest.raises(ValueError, match="decode_rows"):
+        StatsCollector(spec, budget=budget, decode_rows=0)

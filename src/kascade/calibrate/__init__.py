@@ -141,7 +141,8 @@ def make_plan(
     a relative score (objective / objective with every layer an anchor) of at least T (dp.fewest_anchors).
 
     The defaults are the paper's objective: per-prompt minimum over tiles at k = stats_k, importance
-    weighted. ``aggregate="mean"`` averages over tiles instead; ``stats_budget=True`` scores at the plan's
+    weighted. ``aggregate="mean"`` averages over tiles instead; ``aggregate="decode"`` scores decode-time
+    selections (single GQA-pooled queries at the decode budget, the statistics' "decode" variant); ``stats_budget=True`` scores at the plan's
     per-tile budget k (needs statistics collected with ``budget``); ``weighting="uniform"`` drops w_j.
 
     ``tp_sizes`` (e.g. (2, 4)): a shard-constrained plan, valid under each of these tensor-parallel sizes:
@@ -156,9 +157,10 @@ def make_plan(
     :func:`kascade.variants.scales_from_reuse` (``layer_budget_power``, ``layer_budget_miss_floor``,
     ``layer_budget_range``): layers whose reused selection captures less get more keys, mean 1 over layers
     1..L-1."""
-    if aggregate not in ("min", "mean"):
-        raise ValueError(f"aggregate={aggregate!r}; expected 'min' or 'mean'")
-    variant = ("budget_" if stats_budget else "") + aggregate
+    if aggregate not in ("min", "mean", "decode"):
+        raise ValueError(f"aggregate={aggregate!r}; expected 'min', 'mean' or 'decode'")
+    # "decode" is always scored at the plan's decode budget, so stats_budget does not change it
+    variant = "decode" if aggregate == "decode" else ("budget_" if stats_budget else "") + aggregate
     all_stats = stats
     stats = stats.variant(variant)
     tp = shard_tp_size(stats.spec.num_kv_heads, tp_sizes) if tp_sizes else 1
@@ -181,8 +183,11 @@ def make_plan(
     k_desc = "per-tile plan budget k" if stats_budget else "k = stats_k"
     w_desc = "importance-weighted" if weighting == "importance" else "unweighted"
     prov.update({
-        "method": f"kascade calibrate (post-softmax tile pooling, {aggregate} over tiles, mean over prompts, "
-                  f"{w_desc} exact DP, head remapping)" + ("" if variant == "min" else f" [{k_desc}]"),
+        "method": (f"kascade calibrate (post-softmax tile pooling, {aggregate} over tiles, mean over prompts, "
+                   f"{w_desc} exact DP, head remapping)" + ("" if variant == "min" else f" [{k_desc}]")
+                   if variant != "decode" else
+                   "kascade calibrate (post-softmax GQA pooling of single queries at the prompts' last positions, "
+                   f"decode budget k, mean over rows and prompts, {w_desc} exact DP, head remapping)"),
         "samples": stats.num_prompts,
         "tokens": stats.num_tokens,
         "stats_k": stats.stats_k,

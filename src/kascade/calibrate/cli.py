@@ -35,8 +35,10 @@ def register(subparsers) -> None:
     p.add_argument("--tile-size", type=int, default=32, help="plan's prefill query tile (default 32)")
     p.add_argument("--stats-k", type=int, default=64, help="k of the Top-k similarity statistics that choose the anchors and head "
                         "map (default 64); not the plan's budget, which is --topk-fraction/--topk-floor")
-    p.add_argument("--aggregate", choices=("min", "mean"), default="min",
-                   help="per-prompt aggregation of the similarity over query tiles (default min, the paper's)")
+    p.add_argument("--aggregate", choices=("min", "mean", "decode"), default="min",
+                   help="per-prompt aggregation of the similarity over query tiles (default min, the paper's; mean), "
+                        "or 'decode': the mean over the prompts' last 64 positions as single GQA-pooled queries "
+                        "at the plan's decode budget (what decode reuses)")
     p.add_argument("--stats-budget", action="store_true",
                    help="score the similarity at the plan's per-tile Top-k budget (--topk-fraction/--topk-floor) "
                         "instead of the fixed --stats-k")

@@ -21,6 +21,13 @@ Variants (the paper's objective is the default; the others are recorded in the s
 tiles; with ``budget=(fraction, floor)`` the collector also scores each tile's sets at the plan's own budget
 k_t = min(max(ceil(fraction * prefix_t), floor), prefix_t) (``variants["budget_min"]``/``["budget_mean"]``,
 over the tiles whose prefix exceeds both stats_k and k_t).
+
+``variants["decode"]`` (with ``budget``) scores what decode does instead: each of the prompt's last
+``decode_rows`` positions is one query, its probabilities pooled over the GQA group only (no tile), the sets
+taken at the decode budget k_r = min(max(ceil(fraction * (r + 1)), floor), r + 1) of its r + 1 visible keys;
+the ratio is averaged over the rows whose visible keys exceed k_r, then over prompts. The tile statistics
+describe the rolling prefill; decode reuses single-query selections, which differ most at the layers that
+reuse layer 0's (measured: `results/eval_qwen_cpu_decode_objective/NOTES.md`).
 """
 
 from __future__ import annotations
@@ -104,14 +111,17 @@ class StatsCollector:
     """
 
     def __init__(self, spec: ModelSpec, *, stats_k: int = 64, tile_size: int = 32,
-                 budget: tuple[float, int] | None = None) -> None:
+                 budget: tuple[float, int] | None = None, decode_rows: int = 64) -> None:
+        if decode_rows < 1:
+            raise ValueError(f"decode_rows={decode_rows}; expected at least 1 query row")
         self.spec = spec
         self.stats_k = stats_k
         self.tile_size = tile_size
         self.budget = budget
+        self.decode_rows = decode_rows
         L, H = spec.num_layers, spec.num_kv_heads
         self.sim_sum = torch.zeros(L, L, H, H, dtype=torch.float64)
-        names = ["mean"] + (["budget_min", "budget_mean"] if budget is not None else [])
+        names = ["mean"] + (["budget_min", "budget_mean", "decode"] if budget is not None else [])
         self.variant_sums = {n: torch.zeros(L, L, H, H, dtype=torch.float64) for n in names}
         self.variant_prompts = {n: 0 for n in names}
         self.importance_sum = torch.zeros(L, dtype=torch.float64)
@@ -130,8 +140,10 @@ class StatsCollector:
         # budget-k minimum and sum/count when collected.
         self._prompt_acc = {"sum": torch.zeros(L, L, H, H, dtype=torch.float64), "count": torch.zeros(L),
                             "bmin": torch.full((L, L, H, H), math.inf, dtype=torch.float32),
-                            "bsum": torch.zeros(L, L, H, H, dtype=torch.float64), "bcount": torch.zeros(L)}
+                            "bsum": torch.zeros(L, L, H, H, dtype=torch.float64), "bcount": torch.zeros(L),
+                            "dsum": torch.zeros(L, L, H, H, dtype=torch.float64), "dcount": torch.zeros(L)}
         self._indices = {}
+        self._decode_indices: dict[int, torch.Tensor] = {}
         self._importance = {}
         self._length = 0
 
@@ -157,6 +169,9 @@ class StatsCollector:
             self.variant_sums["budget_mean"] += torch.where(up4, bmean, 0.0)
             self.variant_prompts["budget_min"] += 1
             self.variant_prompts["budget_mean"] += 1
+        if self.budget is not None and bool((acc["dcount"] > 0).all()):
+            self.variant_sums["decode"] += torch.where(up4, acc["dsum"] / acc["dcount"][None, :, None, None], 0.0)
+            self.variant_prompts["decode"] += 1
         self.importance_sum += torch.tensor([self._importance[j] for j in range(L)], dtype=torch.float64)
         self.num_prompts += 1
         self.num_tokens += self._length
@@ -252,4 +267,40 @@ class StatsCollector:
                     acc["bsum"][:A, layer] += torch.where(valid, bratio, 0.0).sum(-1).double().cpu()
                     acc["bcount"][layer] += int(valid.sum())
         self._indices[layer] = layer_idx
+        if self.budget is not None:
+            self._decode_statistics(layer, qf, kf, scale)
         return out.reshape(1, Hq, L, D).to(q.dtype)
+
+    def _decode_statistics(self, layer: int, qf: torch.Tensor, kf: torch.Tensor, scale: float) -> None:
+        """The "decode" variant: the last decode_rows positions as single GQA-pooled queries at the decode
+        budget (see the module docstring). qf [Hkv, G, L, D], kf [Hkv, L, D] in float32."""
+        Hkv, G, L, _ = qf.shape
+        dev = qf.device
+        r0 = max(0, L - self.decode_rows)
+        pos = torch.arange(r0, L, device=dev)
+        kr = topk_budget(pos + 1, *self.budget)  # [R]
+        K = int(kr.max())
+        keys = torch.arange(L, device=dev)
+        pooled = torch.empty(Hkv, L - r0, L, dtype=torch.float32, device=dev)
+        rows_per_chunk = max(1, _CHUNK_ELEMENTS // (Hkv * G * L))
+        for c0 in range(r0, L, rows_per_chunk):
+            c1 = min(L, c0 + rows_per_chunk)
+            s = torch.einsum("hgqd,hkd->hgqk", qf[:, :, c0:c1], kf) * scale
+            s.masked_fill_(keys[None, :] > torch.arange(c0, c1, device=dev)[:, None], -math.inf)
+            pooled[:, c0 - r0 : c1 - r0] = torch.softmax(s, dim=-1).sum(dim=1)
+        own_mass, own_idx = torch.topk(pooled, K, dim=-1)  # sorted: each row's k_r set is a prefix
+        self._decode_indices[layer] = own_idx
+        rank = (torch.arange(K, device=dev)[None, :] < kr[:, None]).float()  # [R, K]
+        valid = (pos + 1 > kr).float()  # rows whose set is not every visible key
+        n_valid = float(valid.sum())
+        if n_valid == 0:
+            return
+        den = (own_mass * rank).sum(-1).clamp_min(1e-30)  # [Hkv, R]
+        acc = self._prompt_acc
+        for a in range(layer + 1):  # one earlier-or-same layer at a time bounds the gather's memory
+            idx = self._decode_indices[a]  # [Hkv(g), R, K]
+            got = torch.gather(pooled[:, None].expand(Hkv, Hkv, L - r0, L), -1,
+                               idx[None].expand(Hkv, Hkv, L - r0, K))  # [h, g, R, K]
+            ratio = (got * rank).sum(-1) / den[:, None, :]  # [h, g, R]
+            acc["dsum"][a, layer] += ((ratio * valid).sum(-1) / n_valid).double().cpu()
+        acc["dcount"][layer] += 1
