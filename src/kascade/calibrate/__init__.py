@@ -142,8 +142,9 @@ def make_plan(
 
     The defaults are the paper's objective: per-prompt minimum over tiles at k = stats_k, importance
     weighted. ``aggregate="mean"`` averages over tiles instead; ``aggregate="decode"`` scores decode-time
-    selections (single GQA-pooled queries at the decode budget, the statistics' "decode" variant); ``stats_budget=True`` scores at the plan's
-    per-tile budget k (needs statistics collected with ``budget``); ``weighting="uniform"`` drops w_j.
+    selections (single GQA-pooled queries at the decode budget, the statistics' "decode" variant);
+    ``stats_budget=True`` scores at the plan's per-tile budget k (needs statistics collected with ``budget``);
+    ``weighting="uniform"`` drops w_j.
 
     ``tp_sizes`` (e.g. (2, 4)): a shard-constrained plan, valid under each of these tensor-parallel sizes:
     every reuse head maps only to anchor heads of its own shard for the least common multiple t of the sizes

@@ -26,8 +26,9 @@ over the tiles whose prefix exceeds both stats_k and k_t).
 ``decode_rows`` positions is one query, its probabilities pooled over the GQA group only (no tile), the sets
 taken at the decode budget k_r = min(max(ceil(fraction * (r + 1)), floor), r + 1) of its r + 1 visible keys;
 the ratio is averaged over the rows whose visible keys exceed k_r, then over prompts. The tile statistics
-describe the rolling prefill; decode reuses single-query selections, which differ most at the layers that
-reuse layer 0's (measured: `results/eval_qwen_cpu_decode_objective/NOTES.md`).
+describe the rolling prefill, this one the single-query selections decode reuses (on Qwen2.5-0.5B they differ
+most at layers 1-2, which reuse layer 0's sets; plans made from it decode no better there:
+`results/eval_qwen_cpu_decode_objective/NOTES.md`).
 """
 
 from __future__ import annotations
