@@ -356,3 +356,49 @@ def test_rerank_keeps_reuse_layers_best_candidates():
             s = (q[0, h * 3:(h + 1) * 3, 0] @ k[0, h, cand].T) * 0.25
             score = torch.softmax(s, -1).sum(0)
             assert got == set(cand[torch.topk(score, kb).indices].tolist())
+
+
+# ----------------------------------------------------------------------------------- two sets
+def test_hedge_with_shared_takes_own_prefix_then_shared_order():
+    pooled, s, e = _rows()
+    kb = torch.tensor([30, 25, 20])
+    own_sets = V.topk_ordered(pooled, s, e, kb)
+    shared = V.topk_ordered(pooled.sum(1, keepdim=True), s, e, kb)
+    own = torch.tensor([15, 0, 20])
+    got = V.hedge_with_shared(own_sets, shared, kb, own)
+    for b in range(3):
+        for h in range(2):
+            row = [int(i) for i in got[b, h] if i >= 0]
+            assert len(row) == len(set(row)) == int(kb[b])  # exactly k distinct keys
+            head = own_sets[b, h, : int(own[b])].tolist()
+            assert row[: len(head)] == head
+            rest = [int(i) for i in shared[b, 0] if int(i) not in head][: int(kb[b]) - len(head)]
+            assert row[len(head):] == rest
+            assert all(int(s[b]) <= i < int(e[b]) for i in row)
+
+
+def test_two_sets_method_share_zero_is_kascade_and_one_is_all_heads_pooled():
+    q, k, v = _qkv()
+    L = k.shape[2]
+    kb = topk_budget(L, 0.1, 16)
+    pooled = decode_probs(q, k, torch.zeros(1, dtype=torch.long), torch.full((1,), L), 0.25).reshape(1, 2, 3, L).sum(2)
+    shared = set(torch.topk(pooled[0].sum(0), kb).indices.tolist())
+    for share in (0.0, 0.5, 1.0):
+        m = make_method(f"kascade_two_sets:share={share}", PLAN, SPEC, 0.1, 16, record_selection=True)
+        outs = _pass(m, q, k, v)
+        for j in range(1, 8):
+            for h in range(2):
+                got = set(torch.nonzero(m.last_selection[j][0, h * 3]).flatten().tolist())
+                assert len(got) == kb
+                g = h if PLAN.is_anchor(j) else PLAN.head_map[j][h]
+                mapped = torch.topk(pooled[0, g], kb).indices.tolist()
+                if PLAN.is_anchor(j) or share == 0.0:
+                    assert got == set(mapped)
+                elif share == 1.0:
+                    assert got == shared
+                else:
+                    assert set(mapped[: math.ceil(kb / 2)]) <= got and got <= set(mapped) | shared
+            torch.testing.assert_close(outs[j], masked_decode_attention(q, k, v, m.last_selection[j], 0.25),
+                                       rtol=1e-4, atol=1e-5)
+    with pytest.raises(KascadeInputError, match="share"):
+        make_method("kascade_two_sets:share=1.5", PLAN, SPEC)

@@ -71,6 +71,24 @@ def topk_ordered(pooled: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Ten
     return _pack(rows, B, H, pooled.device)
 
 
+def hedge_with_shared(indices: torch.Tensor, shared: torch.Tensor, budgets, own: torch.Tensor) -> torch.Tensor:
+    """Per (row b, head h): the first ``own[b]`` keys of ``indices[b, h]`` (a head's ordered set), then keys of
+    ``shared[b, 0]`` (an ordered set for all heads) in its order, skipping those already taken, up to
+    ``budgets[b]`` keys in all. int32 [B, H, max budget], -1 padded. Both inputs are -1 padded, ordered."""
+    B, H, _ = indices.shape
+    rows = []
+    for b in range(B):
+        kb, n_own = int(budgets[b]), min(int(own[b]), int(budgets[b]))
+        pool = shared[b, 0][shared[b, 0] >= 0].long()
+        row = []
+        for h in range(H):
+            head = indices[b, h][indices[b, h] >= 0].long()[:n_own]
+            rest = pool[~torch.isin(pool, head)]
+            row.append(torch.cat([head, rest])[:kb])
+        rows.append(row)
+    return _pack(rows, B, H, indices.device)
+
+
 def select_sinks_window(pooled: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor, budgets,
                         sinks: int, window: int) -> torch.Tensor:
     """Exactly ``budgets[b]`` keys per (row, head): the first min(sinks, k) valid keys of the row, the last

@@ -13,7 +13,8 @@ from ..validation import KascadeInputError
 from ._common import LayerMethod, scaled_layer
 from .kascade_methods import KascadeMethod
 from .kascade_variants import VARIANTS as _VARIANTS
-from .kascade_variants import KascadeAllAnchors, KascadeLayerBudget, KascadeRerank, KascadeSinksWindow, KascadeTopP, KascadeVariant, parse_name
+from .kascade_variants import (KascadeAllAnchors, KascadeLayerBudget, KascadeRerank, KascadeSinksWindow, KascadeTopP,
+                               KascadeTwoSets, KascadeVariant, parse_name)
 from .methods import LessIsMore, OmniKV, Quest, StreamingLLM, TidalDecode
 
 # name -> (Engine variant, sparse prefill) for the Engine-backed methods
@@ -101,5 +102,5 @@ def make_method(
 
 
 __all__ = ["METHODS", "DEFAULT_METHODS", "NEEDS_PLAN", "make_method", "method_base", "is_method", "needs_plan", "LayerMethod",
-           "KascadeMethod", "KascadeVariant", "KascadeSinksWindow", "KascadeLayerBudget", "KascadeTopP", "KascadeAllAnchors", "KascadeRerank", "StreamingLLM", "Quest",
+           "KascadeMethod", "KascadeVariant", "KascadeSinksWindow", "KascadeLayerBudget", "KascadeTopP", "KascadeTwoSets", "KascadeAllAnchors", "KascadeRerank", "StreamingLLM", "Quest",
            "OmniKV", "LessIsMore", "TidalDecode", "scaled_layer"]

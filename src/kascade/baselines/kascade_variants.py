@@ -19,6 +19,9 @@ the paper's method. Options can be given in the method name, ``name:key=value,ke
   attend their mapped anchor head's set. Its attended fraction varies: read it beside its accuracy.
 * ``kascade_rerank`` (:class:`KascadeRerank`): anchors select ``candidates`` (default 2) x k keys; each
   reuse layer keeps the k of them its own queries weigh most (reads 2k keys, attends k).
+* ``kascade_two_sets`` (:class:`KascadeTwoSets`): a reuse head attends the first (1 - ``share``) x k keys of
+  its mapped anchor head's set and fills the rest of the same k from the anchor's set pooled over all its KV
+  heads (the paper's "all heads pooled" set): a second anchor set as insurance for a head its map serves badly.
 * ``kascade_all_anchors`` (:class:`KascadeAllAnchors`): diagnostic, every layer selects its own pooled
   Top-k (no reuse): separates the cost of reuse from the cost of GQA pooling.
 """
@@ -180,6 +183,33 @@ class KascadeTopP(KascadeVariant):
         return indices
 
 
+class KascadeTwoSets(KascadeVariant):
+    """Kascade where each reuse head hedges its mapped anchor head's set with the anchor's all-heads set: the
+    first ceil((1 - ``share``) x k) keys of the mapped head's Top-k, then the anchor's Top-k of its pooled
+    scores summed over KV heads, in order, until k keys (equal attended keys; ``share=0`` is the paper's
+    method, ``share=1`` its "all heads pooled" ablation at the reuse layers). Anchors attend their own sets."""
+
+    options = {"share": 0.5}
+
+    def __init__(self, plan, **kw) -> None:
+        super().__init__(plan, **kw)
+        if not 0.0 <= self.opts["share"] <= 1.0:
+            raise KascadeInputError(f"{self.name}: share must be in [0, 1], got {self.opts['share']}")
+        self._shared: torch.Tensor | None = None
+
+    def _select(self, layer, pooled, kv_start, kv_end):
+        kb = self._row_budgets(kv_start, kv_end)
+        self._shared = V.topk_ordered(pooled.sum(dim=1, keepdim=True), kv_start, kv_end, kb)
+        return V.topk_ordered(pooled, kv_start, kv_end, kb)
+
+    def _limit(self, layer, indices, kv_start, kv_end, **_):
+        if self._is_anchor(layer):
+            return indices
+        kb = self._row_budgets(kv_start, kv_end)
+        own = torch.ceil(kb.double() * (1.0 - self.opts["share"])).long()
+        return V.hedge_with_shared(indices, self._shared, kb, own)
+
+
 class KascadeAllAnchors(KascadeVariant):
     """Diagnostic, not a practical method: every layer selects its own Top-k (the paper's GQA-pooled
     post-softmax scores, budget k) and attends it, i.e. Kascade with no reuse. Between it and ``kascade``
@@ -225,6 +255,7 @@ VARIANTS = {
     "kascade_sinks_window": KascadeSinksWindow,
     "kascade_layer_budget": KascadeLayerBudget,
     "kascade_top_p": KascadeTopP,
+    "kascade_two_sets": KascadeTwoSets,
     "kascade_all_anchors": KascadeAllAnchors,
     "kascade_rerank": KascadeRerank,
 }

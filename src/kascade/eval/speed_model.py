@@ -108,6 +108,9 @@ def method_layers(name: str, plan: Plan | None, spec: ModelSpec, topk_fraction: 
         elif base == "kascade_top_p":
             attend = ("all",) + ("variable",) * (L - 1)
             how = "not modelled: an adaptive budget; the bench measured fixed budgets"
+        elif base == "kascade_two_sets":
+            how = ("not modelled: reuse layers read k keys as the reuse kernel does, but each anchor runs a second "
+                   "Top-k (all heads pooled) that the measured anchor kernel does not")
         elif base == "kascade_rerank":
             how = "not modelled: reuse layers also read and rank the anchor's 2k candidates; no measured kernel does"
         else:
