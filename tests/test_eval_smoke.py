@@ -101,3 +101,27 @@ def test_decode_heavy_smoke(tmp_path, plan_args):
     assert 0.0 < rows["kascade"]["mean_attended_fraction_layers_1_on"] < 0.5
     md = (out / "eval_smollm2-135m_decode_heavy.md").read_text()
     assert "| kascade_sinks_window:sinks=4,window=16 |" in md and md.startswith("Decode-heavy: 1 x (512 context")
+
+
+def test_prefill_heavy_smoke(tmp_path, plan_args):
+    """Each method's own prefill of the text: decode-only methods equal dense exactly, the full method's sparse
+    prefill (tiles whose prefix exceeds the budget) differs; JSON, Markdown."""
+    out = tmp_path / "ph"
+    argv = ["eval", "--model", "smollm2-135m", "--tasks", "none", "--prefill-heavy", "--dh-context", "600",
+            "--dh-tokens", "9", "--dh-samples", "2", "--topk-floor", "16", "--methods", "dense", "kascade",
+            "kascade_decode_only", "--out", str(out), *plan_args]
+    assert _run(argv) == 0
+    doc = json.loads((out / "eval_smollm2-135m.json").read_text())
+    block = doc["prefill_heavy"][0]
+    rows = {r["method"]: r for r in block["rows"]}
+    assert block["mode"] == "prefill" and block["scored_steps_per_sample"] == 8
+    assert rows["dense"]["kl_to_dense"] == 0.0 and rows["dense"]["steps"] == 16
+    assert rows["kascade_decode_only"]["kl_to_dense"] == 0.0
+    assert rows["kascade_decode_only"]["perplexity"] == rows["dense"]["perplexity"]
+    assert rows["kascade"]["kl_to_dense"] > 0.0 and rows["kascade"]["perplexity"] > 1.0
+    per = block["per_sample"]
+    assert len(per) == 2
+    pooled_kl = sum(p["kascade"]["kl_to_dense"] for p in per) / 2
+    assert rows["kascade"]["kl_to_dense"] == pytest.approx(pooled_kl, abs=1e-5)
+    md = (out / "eval_smollm2-135m_prefill_heavy.md").read_text()
+    assert md.startswith("Prefill-heavy: 2 x (600 context + 8 scored positions)") and "| kascade |" in md

@@ -58,6 +58,9 @@ def register(subparsers) -> None:
                    help="do not run anything: summarize the cells already cached in OUT/cells.jsonl")
     p.add_argument("--decode-heavy", action="store_true",
                    help="also (or with --tasks none, only) run the teacher-forced long-continuation measurement")
+    p.add_argument("--prefill-heavy", action="store_true",
+                   help="also run the prefill-heavy measurement: each method's own prefill of the --dh-* texts in one "
+                        "pass, the continuation's predictions scored against dense (what a sparse prefill costs)")
     p.add_argument("--dh-context", type=int, default=4096, help="decode-heavy context tokens (default 4096)")
     p.add_argument("--dh-tokens", type=int, default=1024, help="decode-heavy scored tokens (default 1024)")
     p.add_argument("--dh-samples", type=int, default=2, help="decode-heavy samples (default 2)")
@@ -127,6 +130,19 @@ def main(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{stem}_decode_heavy.md").write_text(
             "\n\n".join(format_decode_heavy_markdown(d) for d in extra["decode_heavy"])
+            + (f"\n\nCommand: `{command}`" if command else "") + "\n")
+    if args.prefill_heavy:
+        from .decode_heavy import format_decode_heavy, format_decode_heavy_markdown, run_prefill_heavy
+
+        for fraction in args.budgets:
+            ph = run_prefill_heavy(runner, list(runner.methods), fraction, context_tokens=args.dh_context,
+                                   continuation_tokens=args.dh_tokens, num_samples=args.dh_samples,
+                                   source=args.dh_source)
+            print(format_decode_heavy(ph))
+            extra.setdefault("prefill_heavy", []).append(ph["prefill_heavy"])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stem}_prefill_heavy.md").write_text(
+            "\n\n".join(format_decode_heavy_markdown(d) for d in extra["prefill_heavy"])
             + (f"\n\nCommand: `{command}`" if command else "") + "\n")
     path = out / f"{stem}.json"
     report.write_json(path, summary, runner.metadata(), cells, extra)
