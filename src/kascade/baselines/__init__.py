@@ -102,5 +102,6 @@ def make_method(
 
 
 __all__ = ["METHODS", "DEFAULT_METHODS", "NEEDS_PLAN", "make_method", "method_base", "is_method", "needs_plan", "LayerMethod",
-           "KascadeMethod", "KascadeVariant", "KascadeSinksWindow", "KascadeLayerBudget", "KascadeTopP", "KascadeTwoSets", "KascadeAllAnchors", "KascadeRerank", "StreamingLLM", "Quest",
+           "KascadeMethod", "KascadeVariant", "KascadeSinksWindow", "KascadeLayerBudget", "KascadeTopP", "KascadeTwoSets",
+           "KascadeAllAnchors", "KascadeRerank", "StreamingLLM", "Quest",
            "OmniKV", "LessIsMore", "TidalDecode", "scaled_layer"]

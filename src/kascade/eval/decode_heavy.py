@@ -148,7 +148,8 @@ def run_prefill_heavy(runner, methods: list[str], fraction: float, *, context_to
     dense_logp = None
     bar = _progress(len(names), f"prefill-heavy {runner.cfg.model}")
     for n in names:
-        dispatch.use(make_method(n, runner.plan, spec, fraction, floor) if n != "dense" else make_method("dense", None, spec))
+        method = make_method("dense", None, spec) if n == "dense" else make_method(n, runner.plan, spec, fraction, floor)
+        dispatch.use(method)
         logits = model(input_ids=ids, use_cache=True, logits_to_keep=continuation_tokens).logits[:, :-1]
         dense_logp = _accumulate(sample_tot[n], torch.log_softmax(logits.float(), dim=-1), dense_logp, target)
         del logits
