@@ -46,9 +46,7 @@ def run_decode_heavy(runner, methods: list[str], fraction: float, *, context_tok
     bar = _progress(num_samples * continuation_tokens, f"decode-heavy {runner.cfg.model}")
     start = time.perf_counter()
     # All samples run as one batch (same length, no padding): rows are independent sequences.
-    rows_ids = [tasks_mod.natural_text(context_tokens + continuation_tokens, tok, source=source, offset=7 * s)
-                [: context_tokens + continuation_tokens] for s in range(num_samples)]
-    ids = torch.tensor(rows_ids, device=device)
+    ids = _texts(tok, context_tokens + continuation_tokens, num_samples, source, device)
     B = num_samples
     dispatch.use(make_method("dense", None, spec))
     res = model(input_ids=ids[:, :context_tokens], use_cache=True, logits_to_keep=1)
@@ -77,6 +75,12 @@ def run_decode_heavy(runner, methods: list[str], fraction: float, *, context_tok
                              "source": source, "topk_fraction": fraction, "topk_floor": floor,
                              "shared_dense_prefill": True, "seconds": round(time.perf_counter() - start, 1),
                              "rows": rows, "per_sample": per_sample}}
+
+
+def _texts(tok, n_tokens: int, num_samples: int, source: str, device) -> torch.Tensor:
+    """[num_samples, n_tokens] token ids of natural text; sample s starts at essay 7 s (different texts)."""
+    rows = [tasks_mod.natural_text(n_tokens, tok, source=source, offset=7 * s)[:n_tokens] for s in range(num_samples)]
+    return torch.tensor(rows, device=device)
 
 
 def _accumulate(st: dict, logp: torch.Tensor, dense_logp: torch.Tensor | None, target: torch.Tensor):
@@ -139,8 +143,7 @@ def run_prefill_heavy(runner, methods: list[str], fraction: float, *, context_to
     names = ["dense"] + [m for m in methods if m != "dense"]
     start = time.perf_counter()
     n_tok = context_tokens + continuation_tokens
-    rows_ids = [tasks_mod.natural_text(n_tok, tok, source=source, offset=7 * s)[:n_tok] for s in range(num_samples)]
-    ids = torch.tensor(rows_ids, device=runner.device)
+    ids = _texts(tok, n_tok, num_samples, source, runner.device)
     B = num_samples
     # logits of the last C positions predict tokens context+1 .. context+C; the last has no target
     target = ids[:, context_tokens + 1:]
