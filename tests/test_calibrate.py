@@ -254,6 +254,20 @@ def _naive_variants(qs, ks, T, kk, budget):
     return out
 
 
+def _one_random_prompt(coll, n):
+    """Three layers of random q/k/v (4 query heads, 2 KV heads, head dim 8, n tokens) through ``coll`` as one
+    prompt; returns its statistics and the layers' q and k."""
+    qs = [torch.randn(1, 4, n, 8) * 2 for _ in range(3)]
+    ks = [torch.randn(1, 2, n, 8) * 2 for _ in range(3)]
+    v = torch.randn(1, 2, n, 8)
+    coll.begin_prompt()
+    for j in range(3):
+        coll(j, qs[j], ks[j], v)
+        coll.record_importance(j, torch.ones(1, n, 16), torch.zeros(1, n, 16))
+    assert coll.end_prompt()
+    return coll.result(), qs, ks
+
+
 @pytest.mark.parametrize("chunk", [1 << 24, 4 * 61 * 4])
 def test_collector_variants_match_naive(monkeypatch, chunk):
     """The mean-over-tiles and plan-budget-k variants recorded beside the default statistics."""
@@ -264,15 +278,7 @@ def test_collector_variants_match_naive(monkeypatch, chunk):
     spec = ModelSpec("llama", 3, 4, 2, 8)
     T, kk, n, budget = 4, 6, 61, (0.25, 9)
     coll = StatsCollector(spec, stats_k=kk, tile_size=T, budget=budget)
-    qs = [torch.randn(1, 4, n, 8) * 2 for _ in range(3)]
-    ks = [torch.randn(1, 2, n, 8) * 2 for _ in range(3)]
-    v = torch.randn(1, 2, n, 8)
-    coll.begin_prompt()
-    for j in range(3):
-        coll(j, qs[j], ks[j], v)
-        coll.record_importance(j, torch.ones(1, n, 16), torch.zeros(1, n, 16))
-    assert coll.end_prompt()
-    stats = coll.result()
+    stats, qs, ks = _one_random_prompt(coll, n)
     want = _naive_variants(qs, ks, T, kk, budget)
     upper = torch.triu(torch.ones(3, 3, dtype=torch.bool))
     torch.testing.assert_close(stats.similarity[upper], want["min"][upper], rtol=1e-5, atol=1e-5)
@@ -552,15 +558,7 @@ def test_collector_decode_variant_matches_naive(monkeypatch, chunk):
     spec = ModelSpec("llama", 3, 4, 2, 8)
     n, budget, rows = 45, (0.2, 6), 12  # rows 33-44: k_r 7-9 of 34-45 visible keys
     coll = StatsCollector(spec, stats_k=6, tile_size=4, budget=budget, decode_rows=rows)
-    qs = [torch.randn(1, 4, n, 8) * 2 for _ in range(3)]
-    ks = [torch.randn(1, 2, n, 8) * 2 for _ in range(3)]
-    v = torch.randn(1, 2, n, 8)
-    coll.begin_prompt()
-    for j in range(3):
-        coll(j, qs[j], ks[j], v)
-        coll.record_importance(j, torch.ones(1, n, 16), torch.zeros(1, n, 16))
-    assert coll.end_prompt()
-    stats = coll.result()
+    stats, qs, ks = _one_random_prompt(coll, n)
     upper = torch.triu(torch.ones(3, 3, dtype=torch.bool))
     want = _naive_decode(qs, ks, budget, rows)
     torch.testing.assert_close(stats.variants["decode"][upper], want[upper], rtol=1e-5, atol=1e-5)

@@ -116,33 +116,22 @@ def main(args: argparse.Namespace) -> int:
         summary = report.summarize(cells)
         report.print_table(summary)
         _pareto_fields(args, summary, cells, runner.plan, runner.spec, out, stem)
-    if args.decode_heavy:
-        from .decode_heavy import format_decode_heavy, run_decode_heavy
+    from . import decode_heavy as heavy
 
+    # decode-heavy (a shared dense prefill, then teacher-forced decode steps) and prefill-heavy (each method's
+    # own prefill of the same texts): one list of blocks in the JSON and one Markdown file each
+    for wanted, key, run in ((args.decode_heavy, "decode_heavy", heavy.run_decode_heavy),
+                             (args.prefill_heavy, "prefill_heavy", heavy.run_prefill_heavy)):
+        if not wanted:
+            continue
         for fraction in args.budgets:
-            dh = run_decode_heavy(runner, list(runner.methods), fraction, context_tokens=args.dh_context,
-                                  continuation_tokens=args.dh_tokens, num_samples=args.dh_samples,
-                                  source=args.dh_source)
-            print(format_decode_heavy(dh))
-            extra.setdefault("decode_heavy", []).append(dh["decode_heavy"])
-        from .decode_heavy import format_decode_heavy_markdown
-
+            res = run(runner, list(runner.methods), fraction, context_tokens=args.dh_context,
+                      continuation_tokens=args.dh_tokens, num_samples=args.dh_samples, source=args.dh_source)
+            print(heavy.format_decode_heavy(res))
+            extra.setdefault(key, []).append(res[key])
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"{stem}_decode_heavy.md").write_text(
-            "\n\n".join(format_decode_heavy_markdown(d) for d in extra["decode_heavy"])
-            + (f"\n\nCommand: `{command}`" if command else "") + "\n")
-    if args.prefill_heavy:
-        from .decode_heavy import format_decode_heavy, format_decode_heavy_markdown, run_prefill_heavy
-
-        for fraction in args.budgets:
-            ph = run_prefill_heavy(runner, list(runner.methods), fraction, context_tokens=args.dh_context,
-                                   continuation_tokens=args.dh_tokens, num_samples=args.dh_samples,
-                                   source=args.dh_source)
-            print(format_decode_heavy(ph))
-            extra.setdefault("prefill_heavy", []).append(ph["prefill_heavy"])
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{stem}_prefill_heavy.md").write_text(
-            "\n\n".join(format_decode_heavy_markdown(d) for d in extra["prefill_heavy"])
+        (out / f"{stem}_{key}.md").write_text(
+            "\n\n".join(heavy.format_decode_heavy_markdown(d) for d in extra[key])
             + (f"\n\nCommand: `{command}`" if command else "") + "\n")
     path = out / f"{stem}.json"
     report.write_json(path, summary, runner.metadata(), cells, extra)
