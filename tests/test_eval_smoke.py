@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 
 import pytest
 
@@ -84,6 +85,7 @@ def test_decode_heavy_smoke(tmp_path, plan_args):
     doc = json.loads((out / "eval_smollm2-135m.json").read_text())
     rows = {r["method"]: r for r in doc["decode_heavy"][0]["rows"]}
     assert rows["dense"]["kl_to_dense"] == 0.0 and rows["dense"]["top1_agreement"] == 100.0
+    assert "perplexity_vs_dense_se_pct" not in rows["kascade"]  # one text: no spread to measure
     sample = doc["decode_heavy"][0]["per_sample"][0]
     for name in ("quest", "kascade"):
         assert rows[name]["steps"] == 8
@@ -123,5 +125,15 @@ def test_prefill_heavy_smoke(tmp_path, plan_args):
     assert len(per) == 2
     pooled_kl = sum(p["kascade"]["kl_to_dense"] for p in per) / 2
     assert rows["kascade"]["kl_to_dense"] == pytest.approx(pooled_kl, abs=1e-5)
+    # paired standard errors over the two texts: for two values, the standard error of their mean is half
+    # their distance; the perplexity one is that of the per-text log ratios, carried to a percentage
+    kls = [p["kascade"]["kl_to_dense"] for p in per]
+    assert rows["kascade"]["kl_to_dense_se"] == pytest.approx(abs(kls[0] - kls[1]) / 2, abs=2e-6)
+    logr = [math.log(p["kascade"]["perplexity"] / p["dense"]["perplexity"]) for p in per]
+    ratio = rows["kascade"]["perplexity"] / rows["dense"]["perplexity"]
+    assert rows["kascade"]["perplexity_vs_dense_se_pct"] == pytest.approx(100 * ratio * abs(logr[0] - logr[1]) / 2,
+                                                                          abs=2e-3)
+    assert rows["kascade_decode_only"]["perplexity_vs_dense_se_pct"] == 0.0
+    assert "perplexity_vs_dense_se_pct" not in rows["dense"]
     md = (out / "eval_smollm2-135m_prefill_heavy.md").read_text()
     assert md.startswith("Prefill-heavy: 2 x (600 context + 8 scored positions)") and "| kascade |" in md

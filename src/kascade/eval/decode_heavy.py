@@ -95,6 +95,11 @@ def _accumulate(st: dict, logp: torch.Tensor, dense_logp: torch.Tensor | None, t
     return dense_logp
 
 
+def _se(x: torch.Tensor) -> float:
+    """Standard error of the mean of a 1-D sample (n >= 2)."""
+    return float(x.std(unbiased=True) / math.sqrt(x.numel()))
+
+
 def _summarize(names: list[str], sample_tot: dict, steps: int, fraction: float, dispatch) -> tuple[list, list]:
     """Per-sample and pooled perplexity, KL(dense || method) and top-1 agreement over ``steps`` scored
     positions per sample; with ``dispatch``, each method's probed attention mass and attended fractions."""
@@ -119,6 +124,13 @@ def _summarize(names: list[str], sample_tot: dict, steps: int, fraction: float, 
                "perplexity_vs_dense_pct": round(100.0 * (ppl / dense_ppl - 1), 3),
                "kl_to_dense": round(float(st["kl"].sum()) / total, 6),
                "top1_agreement": round(100.0 * agree / total, 2), "steps": total}
+        if B >= 2 and n != "dense":
+            # Paired over samples (texts), the unit that varies: each sample's log perplexity ratio to dense
+            # (equal steps per sample, so their mean is the pooled log ratio); the delta method carries its
+            # standard error to the percentage. The steps of one text are correlated, so they are not the unit.
+            diff = (st["nll"] - sample_tot["dense"]["nll"]).double() / steps
+            row["perplexity_vs_dense_se_pct"] = round(100.0 * (ppl / dense_ppl) * _se(diff), 3)
+            row["kl_to_dense_se"] = round(_se(st["kl"].double() / steps), 6)
         mass = dispatch.mass_report(n) if dispatch is not None else None
         if mass and n != "dense":
             row.update(mass)
@@ -174,12 +186,13 @@ def format_decode_heavy(doc: dict) -> str:
     scored = "scored positions, each method's own prefill" if prefill else "scored decode steps"
     lines = [f"{what}: {d['num_samples']} x ({d['context_tokens']} context + {d['scored_steps_per_sample']} "
              f"{scored}) of {d['source']}, Top-k {100 * d['topk_fraction']:g}% floor {d['topk_floor']}",
-             f"{'method':<40}{'attended':>9}{'ppl':>10}{'ppl vs dense':>14}{'KL to dense':>13}{'top-1 agree':>13}"
+             f"{'method':<40}{'attended':>9}{'ppl':>10}{'ppl vs dense ± se':>17}{'KL to dense':>13}{'top-1 agree':>13}"
              f"{'mass':>8}"]
     for r in d["rows"]:
         mass = f"{r['mean_captured_mass']:.3f}" if "mean_captured_mass" in r else "-"
         att = f"{r['mean_attended_fraction_layers_1_on']:.4f}" if "mean_attended_fraction_layers_1_on" in r else "-"
-        lines.append(f"{r['method']:<40}{att:>9}{r['perplexity']:>10.3f}{r['perplexity_vs_dense_pct']:>13.2f}%"
+        se = f"±{r['perplexity_vs_dense_se_pct']:.2f}" if "perplexity_vs_dense_se_pct" in r else ""
+        lines.append(f"{r['method']:<40}{att:>9}{r['perplexity']:>10.3f}{r['perplexity_vs_dense_pct']:>+9.2f}%{se:>7}"
                      f"{r['kl_to_dense']:>13.5f}{r['top1_agreement']:>12.1f}%{mass:>8}")
     return "\n".join(lines)
 
@@ -198,8 +211,8 @@ def format_decode_heavy_markdown(d: dict) -> str:
                  f"{d['topk_floor']}, shared dense prefill, {d['seconds']:.0f} s.")
     lines = [title,
              "",
-             "| method | attended keys, layers 1+ | attended keys, all layers | perplexity | vs dense | "
-             "KL(dense ‖ method) | top-1 agreement | captured mass |",
+             "| method | attended keys, layers 1+ | attended keys, all layers | perplexity | vs dense (± paired se over "
+             "texts) | KL(dense ‖ method) | top-1 agreement | captured mass |",
              "|---|---|---|---|---|---|---|---|"]
 
     def pct(x):
@@ -210,7 +223,12 @@ def format_decode_heavy_markdown(d: dict) -> str:
         a1 = 1.0 if dense else r.get("mean_attended_fraction_layers_1_on")
         a0 = 1.0 if dense else r.get("mean_attended_fraction")
         mass = r.get("mean_captured_mass")
+        vs = f"{r['perplexity_vs_dense_pct']:+.2f}"
+        kl = f"{r['kl_to_dense']:.4f}"
+        if "perplexity_vs_dense_se_pct" in r:
+            vs += f" ± {r['perplexity_vs_dense_se_pct']:.2f}"
+            kl += f" ± {r['kl_to_dense_se']:.4f}"
         lines.append(f"| {r['method']} | {pct(a1)} | {pct(a0)} | {r['perplexity']:.3f} | "
-                     f"{r['perplexity_vs_dense_pct']:+.2f} % | {r['kl_to_dense']:.4f} | {r['top1_agreement']:.2f} % | "
+                     f"{vs} % | {kl} | {r['top1_agreement']:.2f} % | "
                      f"{'-' if mass is None else f'{mass:.4f}'} |")
     return "\n".join(lines)
