@@ -402,3 +402,32 @@ def test_two_sets_method_share_zero_is_kascade_and_one_is_all_heads_pooled():
                                        rtol=1e-4, atol=1e-5)
     with pytest.raises(KascadeInputError, match="share"):
         make_method("kascade_two_sets:share=1.5", PLAN, SPEC)
+
+
+def test_group_pool_method_ranks_by_the_power_of_the_group_probabilities():
+    """power=1 is the paper's selection; power=a ranks keys by sum_g p_g^a, inf by the group's max; every layer
+    attends exactly k keys (anchors their own set, reuse layers their mapped anchor head's)."""
+    q, k, v = _qkv()
+    q = q / 4  # flatter softmaxes than _qkv's, where the group's sum and max rank the same top keys
+    L = k.shape[2]
+    kb = topk_budget(L, 0.1, 16)
+    probs = decode_probs(q, k, torch.zeros(1, dtype=torch.long), torch.full((1,), L), 0.25).reshape(1, 2, 3, L)
+    pools = {"1": probs.sum(2), "3": probs.pow(3).sum(2), "inf": probs.amax(2)}
+    chosen = {}
+    for power, pooled in pools.items():
+        m = make_method(f"kascade_group_pool:power={power}", PLAN, SPEC, 0.1, 16, record_selection=True)
+        outs = _pass(m, q, k, v)
+        for j in range(1, 8):
+            for h in range(2):
+                got = set(torch.nonzero(m.last_selection[j][0, h * 3]).flatten().tolist())
+                g = h if PLAN.is_anchor(j) else PLAN.head_map[j][h]
+                assert got == set(torch.topk(pooled[0, g], kb).indices.tolist())
+            torch.testing.assert_close(outs[j], masked_decode_attention(q, k, v, m.last_selection[j], 0.25),
+                                       rtol=1e-4, atol=1e-5)
+        chosen[power] = torch.stack([m.last_selection[j] for j in range(1, 8)])
+    assert not torch.equal(chosen["1"], chosen["inf"])  # the pooling changes which keys are shared
+    paper = make_method("kascade_decode_only", PLAN, SPEC, 0.1, 16, record_selection=True)
+    _pass(paper, q, k, v)
+    assert torch.equal(torch.stack([paper.last_selection[j] for j in range(1, 8)]), chosen["1"])
+    with pytest.raises(KascadeInputError, match="power"):
+        make_method("kascade_group_pool:power=0", PLAN, SPEC)

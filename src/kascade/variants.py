@@ -33,9 +33,13 @@ from .budget import topk_budget
 
 
 def pooled_decode_probs(q: torch.Tensor, k: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor,
-                        scale: float | None = None) -> torch.Tensor:
+                        scale: float | None = None, power: float = 1.0) -> torch.Tensor:
     """[B, Hkv, Lk] float32: the sum over each GQA group of its query heads' softmax over the row's
-    valid keys (q [B, Hq, 1, D], k [B, Hkv, Lk, D]); zero outside kv_start <= j < kv_end."""
+    valid keys (q [B, Hq, 1, D], k [B, Hkv, Lk, D]); zero outside kv_start <= j < kv_end.
+
+    ``power`` a != 1 pools sum_g p_g^a instead (the a-th power of the group's a-norm: the same ranking), a
+    family from the paper's sum (a = 1) to the group's max (a = inf): larger a favours a key that one head
+    weighs heavily over a key that all heads weigh a little."""
     B, Hq, _, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -45,7 +49,9 @@ def pooled_decode_probs(q: torch.Tensor, k: torch.Tensor, kv_start: torch.Tensor
     valid = (keys[None, :] >= kv_start[:, None]) & (keys[None, :] < kv_end[:, None])
     s = s.masked_fill(~valid[:, None, None, :], -math.inf)
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # an empty row (no valid key) pools nothing
-    return p.sum(dim=2)
+    if power == 1.0:
+        return p.sum(dim=2)
+    return p.amax(dim=2) if math.isinf(power) else p.pow(power).sum(dim=2)
 
 
 def _pack(rows: list[list[torch.Tensor]], B: int, H: int, device) -> torch.Tensor:

@@ -22,6 +22,9 @@ the paper's method. Options can be given in the method name, ``name:key=value,ke
 * ``kascade_two_sets`` (:class:`KascadeTwoSets`): a reuse head attends the first (1 - ``share``) x k keys of
   its mapped anchor head's set and fills the rest of the same k from the anchor's set pooled over all its KV
   heads (the paper's "all heads pooled" set): a second anchor set as insurance for a head its map serves badly.
+* ``kascade_group_pool`` (:class:`KascadeGroupPool`): anchors pool the GQA group's probabilities as
+  sum_g p_g^``power`` (default 2; ``inf``: the max) instead of their sum: one shared set that leans toward
+  each head's own heaviest keys.
 * ``kascade_all_anchors`` (:class:`KascadeAllAnchors`): diagnostic, every layer selects its own pooled
   Top-k (no reuse): separates the cost of reuse from the cost of GQA pooling.
 """
@@ -47,6 +50,7 @@ class KascadeVariant(KascadeMethod):
     (the slots a layer attends of its mapped set; default: all)."""
 
     options: dict = {}
+    pool_power = 1.0  # the GQA pooling of the anchors' scores (kascade.variants.pooled_decode_probs)
 
     def __init__(self, plan, *, name: str, record_selection: bool = False, backend=None, **options) -> None:
         unknown = sorted(set(options) - set(self.options))
@@ -86,7 +90,8 @@ class KascadeVariant(KascadeMethod):
         key = (q.shape[0], k.shape[2], tuple(kv_start.tolist()), tuple(kv_end.tolist()))
         plan = self.plan
         if self._is_anchor(layer):
-            pooled = V.pooled_decode_probs(q, k, kv_start, kv_end, scale_of(scale, q.shape[-1]))
+            pooled = V.pooled_decode_probs(q, k, kv_start, kv_end, scale_of(scale, q.shape[-1]),
+                                           power=self.pool_power)
             self._sel = self._select(layer, pooled, kv_start, kv_end)
             self._sel_layer, self._sel_key = layer, key
             indices = self._sel
@@ -210,6 +215,24 @@ class KascadeTwoSets(KascadeVariant):
         return V.hedge_with_shared(indices, self._shared, kb, own)
 
 
+class KascadeGroupPool(KascadeVariant):
+    """Kascade whose anchors rank keys by sum_g p_g^``power`` over the query heads g of a GQA group instead
+    of the paper's sum of probabilities (``power=1``); ``power=inf`` ranks by the group's max. Equal keys:
+    only which k keys the shared set holds changes, from the keys all heads weigh a little toward the keys
+    some head weighs most."""
+
+    options = {"power": 2.0}
+
+    def __init__(self, plan, **kw) -> None:
+        super().__init__(plan, **kw)
+        if not self.opts["power"] > 0.0:
+            raise KascadeInputError(f"{self.name}: power must be > 0 (inf for the max), got {self.opts['power']}")
+        self.pool_power = self.opts["power"]
+
+    def _select(self, layer, pooled, kv_start, kv_end):
+        return V.topk_ordered(pooled, kv_start, kv_end, self._row_budgets(kv_start, kv_end))
+
+
 class KascadeAllAnchors(KascadeVariant):
     """Diagnostic, not a practical method: every layer selects its own Top-k (the paper's GQA-pooled
     post-softmax scores, budget k) and attends it, i.e. Kascade with no reuse. Between it and ``kascade``
@@ -257,6 +280,7 @@ VARIANTS = {
     "kascade_top_p": KascadeTopP,
     "kascade_two_sets": KascadeTwoSets,
     "kascade_all_anchors": KascadeAllAnchors,
+    "kascade_group_pool": KascadeGroupPool,
     "kascade_rerank": KascadeRerank,
 }
 
