@@ -26,6 +26,8 @@
 # STASH overrides /root/stash (to try the stages on another machine).
 # Then "$@" (a kascade command) runs with the stash on PYTHONPATH. Eval output should go under
 # $ST/out (it survives between calls; finished cells are resumed) and is copied to $OUT at the end.
+# A call brings back at most 8 files from $OUT: OUT_SUB=name copies only $ST/out/name (give each run its
+# own folder; an 8-essay decode-heavy JSON was lost behind an earlier suite's 8 files this way).
 set -uo pipefail
 ST=${STASH:-/root/stash}
 mkdir -p "$ST/py" "$ST/cache" "$ST/out"
@@ -69,5 +71,6 @@ export PYTHONPATH=$ST/py:$PWD/src KASCADE_CACHE=$ST/cache HF_HUB_OFFLINE=1 TRANS
 
 rc=0
 if [ $# -gt 0 ]; then "$@" || rc=$?; fi
-if [ -n "${OUT:-}" ] && [ -n "$(ls -A "$ST/out")" ]; then cp -r "$ST/out/." "$OUT/"; fi
+SRC=$ST/out/${OUT_SUB:-}
+if [ -n "${OUT:-}" ] && [ -d "$SRC" ] && [ -n "$(ls -A "$SRC")" ]; then mkdir -p "$OUT/${OUT_SUB:-}"; cp -r "$SRC/." "$OUT/${OUT_SUB:-}/"; fi
 exit $rc
