@@ -264,6 +264,42 @@ def test_paged_prefill_gather_kv_equals_block_table(Hq, Hkv, T, block_size):
         assert torch.equal(k[b, :, :L], batch.k[b][0]) and torch.equal(v[b, :, :L], batch.v[b][0])
 
 
+def _reference_lse(batch) -> torch.Tensor:
+    """Natural-log log-sum-exp of each packed query's causal scores, float32 [Hq, total_tokens] (FlashAttention's
+    varlen layout; padding rows -inf), from the contiguous data."""
+    lse = torch.full((batch.Hq, batch.q_packed.shape[0]), float("-inf"))
+    for b, (L, n) in enumerate(batch.seqs):
+        q, k = batch.q[b][0].float(), batch.k[b][0].float().repeat_interleave(batch.Hq // batch.Hkv, 0)
+        s = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])  # [Hq, n, L]
+        s = s.masked_fill(torch.arange(L)[None, :] > torch.arange(L - n, L)[:, None], float("-inf"))
+        lo = int(batch.query_start_loc[b])
+        lse[:, lo : lo + n] = torch.logsumexp(s, dim=-1)
+    return lse
+
+
+def test_paged_prefill_anchor_takes_a_given_dense_output():
+    """Layer 0 with dense=(out, natural-log lse) from elsewhere (FlashAttention 3 in the vLLM backend): the
+    given output comes back unchanged and the selection equals the one from the call's own flash pass
+    (the exact Top-k's captured mass: the two log-sum-exps differ in the last bits); bad shapes are refused."""
+    batch = Batch(SEQS, 8, 2, 64, 16, torch.float32, seed=13)
+    kw = dict(max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len, topk_fraction=0.2, topk_floor=8,
+              tile_size=16)
+    out, idx = PG.paged_prefill_anchor(*batch.args(), dense_output=True, **kw)
+    given = torch.randn_like(out)  # any tensor: the call must return it, not recompute
+    lse = _reference_lse(batch)
+    out_g, idx_g = PG.paged_prefill_anchor(*batch.args(), dense_output=True, dense=(given, lse), **kw)
+    assert out_g is given
+    sel = dict(topk_fraction=0.2, topk_floor=8, tile_size=16)
+    check_selection(batch, idx, sel)
+    check_selection(batch, idx_g, sel)  # the exact Top-k's captured mass, count, range, uniqueness
+    with pytest.raises(KascadeInputError, match="dense_output=True"):
+        PG.paged_prefill_anchor(*batch.args(), dense=(given, lse), **kw)
+    with pytest.raises(KascadeInputError, match="log-sum-exp"):
+        PG.paged_prefill_anchor(*batch.args(), dense_output=True, dense=(given, lse.t()), **kw)
+    with pytest.raises(KascadeInputError, match="dense output"):
+        PG.paged_prefill_anchor(*batch.args(), dense_output=True, dense=(given[:-1], lse), **kw)
+
+
 def test_paged_prefill_bounds_from_block_table():
     """max_seq_len left out: the budget table and the index width come from max_blocks * block_size; the
     selection and outputs are unchanged (only the -1 padding of the width grows)."""

@@ -53,6 +53,28 @@ def _fa3():
     return flash_attn_varlen_func
 
 
+def _layer0_fa3(fa3, parts, kc, vc, bt, reps):
+    """Layer 0 as the backend could run it in chunks: FA3's dense output and log-sum-exp, then only the
+    selection (paged_prefill_anchor with dense=). ms, and the share of index slots equal to those of the
+    call's own flash pass (near-ties may differ: the two log-sum-exps differ in the last bits)."""
+    def run(own):
+        got = []
+        for qc, sl, qsl, mq, ms in parts:
+            dense = None
+            if not own:
+                out, lse = fa3(qc, kc, vc, max_seqlen_q=mq, cu_seqlens_q=qsl, max_seqlen_k=ms, seqused_k=sl,
+                               causal=True, softmax_scale=D ** -0.5, block_table=bt, fa_version=3,
+                               return_softmax_lse=True)
+                dense = (out, lse)
+            got.append(P.paged_prefill_anchor(qc, kc, vc, bt, sl, qsl, max_query_len=mq, max_seq_len=ms,
+                                              tile_size=T, dense_output=True, dense=dense, **BUDGET)[1])
+        return got
+
+    ms = _ms(lambda: run(False), reps)
+    same = [float((a == b).float().mean()) for a, b in zip(run(False), run(True))]
+    return dict(layer0=ms, index_agreement=min(same))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--context", default="32768,131072")
@@ -139,6 +161,8 @@ def main():
                     res["fa3_" + name.split("_")[1]] = _ms(dense, args.reps)
                     # layer 0's dense output and log-sum-exp from FA3 (a candidate for the backend's layer 0)
                     res["fa3_lse_" + name.split("_")[1]] = _ms(lambda: dense(True), args.reps)
+                    if name == "paged_chunked":
+                        res["layer0_fa3_chunked"] = _layer0_fa3(fa3, parts, kc, vc, bt, args.reps)
                 except Exception as exc:  # noqa: BLE001 - report and go on
                     print(f"FA3 failed: {exc!r}", flush=True)
             del held

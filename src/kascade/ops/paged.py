@@ -357,25 +357,50 @@ def paged_prefill_dense(q, k_cache, v_cache, block_table, seq_lens, query_start_
 
 def paged_prefill_anchor(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, *, max_query_len,
                          topk_fraction, topk_floor, tile_size, max_seq_len=None, scale=None, dense_output=False,
-                         gather_kv=False, validate_values=False, config: PF.PrefillConfig = PF.DEFAULT_CONFIG):
+                         dense=None, gather_kv=False, validate_values=False,
+                         config: PF.PrefillConfig = PF.DEFAULT_CONFIG):
     """Anchor layer of a rolling prefill: for each tile with queries x GQA group, the Top-k of its prefix
     by post-softmax probabilities summed over the tile's queries (of this call) and the group (exact up to
     the near-ties of kascade.ops.prefill.anchor's radix select), then sparse attention over them plus the
     own tile (dense_output=True: the dense output instead, layer 0). Returns (out [total_tokens, Hq, D],
-    indices [B, Hkv, n_slots, W] int32 logical positions as described above this function)."""
+    indices [B, Hkv, n_slots, W] int32 logical positions as described above this function).
+
+    dense: with dense_output=True, layer 0's dense causal attention of these queries computed elsewhere, as
+    (out like q, natural-log log-sum-exp float32 [Hq, total_tokens]): FlashAttention 3's varlen output with
+    return_softmax_lse, faster on vLLM's chunks than this module's flash pass. The call then only selects."""
     paged, lens, B, Hkv, G, max_seq_len, k, v, n_tiles, host, budgets, width = _prepare_rolling(
         q, k_cache, v_cache, block_table, seq_lens, query_start_loc, max_query_len, max_seq_len, topk_fraction,
         topk_floor, tile_size, validate_values, gather_kv)
     T = tile_size
     indices = torch.full((B, Hkv, paged.n_slots(T), width), -1, dtype=torch.int32, device=q.device)
-    out, lse = PF._flash(q, k, v, lens, lens, scale, with_v=dense_output, store_lse=True, pad_rows=True,
-                         paged=paged, config=config)
+    if dense is None:
+        out, lse = PF._flash(q, k, v, lens, lens, scale, with_v=dense_output, store_lse=True, pad_rows=True,
+                             paged=paged, config=config)
+    else:
+        out, lse = _given_dense(q, dense, dense_output)
     if PF._first_sparse_tile(host) < n_tiles:
         PF._select(q, k, lse, indices, budgets, lens, lens, G, T, 0, n_tiles, scale, paged=paged, config=config)
     if not dense_output:
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
         PF._launch_sparse(q, k, v, out, indices, budgets, lens, lens, G, T, scale, paged=paged, config=config)
     return out, indices
+
+
+def _given_dense(q, dense, dense_output: bool):
+    """(out, base-2 lse in the flash pass's layout) from a caller's (out, natural-log lse), checked."""
+    if not dense_output:
+        raise KascadeInputError("dense= is layer 0's dense attention: pass it with dense_output=True")
+    out, lse = dense
+    Hq, n = q.shape[1], q.shape[0]
+    if not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype:
+        raise KascadeInputError(f"dense output must be like q {tuple(q.shape)} {q.dtype}, got "
+                                f"{getattr(out, 'shape', type(out).__name__)} {getattr(out, 'dtype', '')}")
+    if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (Hq, n) or lse.dtype != torch.float32:
+        raise KascadeInputError(f"dense log-sum-exp must be float32 [Hq={Hq}, tokens={n}], got "
+                                f"{getattr(lse, 'shape', type(lse).__name__)} {getattr(lse, 'dtype', '')}")
+    lse2 = PF._lse_buffer(1, Hq, n, q.device)[0]
+    lse2.copy_(lse).mul_(PF.LOG2E)
+    return out, lse2
 
 
 def paged_prefill_sparse(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, indices, *, max_query_len,
