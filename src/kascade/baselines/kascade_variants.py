@@ -45,9 +45,10 @@ from .kascade_methods import KascadeMethod, indices_to_keep
 class KascadeVariant(KascadeMethod):
     """Decode-time selection hook on top of the plan's anchors and head map; prefill dense.
 
-    Subclasses implement ``_select(layer, pooled, kv_start, kv_end) -> indices`` (anchor layers; int32
-    [B, Hkv, K], -1 padded, ordered by priority) and may override ``_limit(layer, indices, kv_start, kv_end)``
-    (the slots a layer attends of its mapped set; default: all)."""
+    Subclasses may override ``_select(layer, pooled, kv_start, kv_end) -> indices`` (anchor layers; int32
+    [B, Hkv, K], -1 padded, ordered by priority; default: the paper's Top-k of the pooled scores),
+    ``_limit(layer, indices, kv_start, kv_end)`` (the slots a layer attends of its mapped set; default: all)
+    and ``pool_power`` (how the anchors pool a GQA group's probabilities; default: their sum)."""
 
     options: dict = {}
     pool_power = 1.0  # the GQA pooling of the anchors' scores (kascade.variants.pooled_decode_probs)
@@ -72,8 +73,9 @@ class KascadeVariant(KascadeMethod):
         self._sel, self._sel_layer, self._sel_key = None, None, None
 
     # ------------------------------------------------------------------ hooks
-    def _select(self, layer, pooled, kv_start, kv_end) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def _select(self, layer, pooled, kv_start, kv_end) -> torch.Tensor:
+        """The paper's selection: each row's Top-k of the pooled scores, in decreasing order."""
+        return V.topk_ordered(pooled, kv_start, kv_end, self._row_budgets(kv_start, kv_end))
 
     def _limit(self, layer, indices, kv_start, kv_end, **_) -> torch.Tensor:
         return indices
@@ -229,9 +231,6 @@ class KascadeGroupPool(KascadeVariant):
             raise KascadeInputError(f"{self.name}: power must be > 0 (inf for the max), got {self.opts['power']}")
         self.pool_power = self.opts["power"]
 
-    def _select(self, layer, pooled, kv_start, kv_end):
-        return V.topk_ordered(pooled, kv_start, kv_end, self._row_budgets(kv_start, kv_end))
-
 
 class KascadeAllAnchors(KascadeVariant):
     """Diagnostic, not a practical method: every layer selects its own Top-k (the paper's GQA-pooled
@@ -241,9 +240,6 @@ class KascadeAllAnchors(KascadeVariant):
 
     def _is_anchor(self, layer: int) -> bool:
         return True
-
-    def _select(self, layer, pooled, kv_start, kv_end):
-        return V.topk_ordered(pooled, kv_start, kv_end, self._row_budgets(kv_start, kv_end))
 
 
 class KascadeRerank(KascadeVariant):
