@@ -55,10 +55,10 @@ def main() -> None:
         print(f"| {p['context'] // 1024}K | {p['tile_size']} | {p['model_speedup']:.2f}x | {r['reuse']:.3f} | "
               f"{r['anchor']:.2f} |")
     if args.plot:
-        from kascade.bench.prefill import _plot
+        from kascade.bench.prefill import plot_speedup
 
         # the plot groups points by (Top-k, tile, geometry) and draws speedup against context
-        _plot([p for name in PREFILL_FINAL for p in _points(name)], str(RESULTS / "prefill_final.png"))
+        plot_speedup([p for name in PREFILL_FINAL for p in _points(name)], str(RESULTS / "prefill_final.png"))
         print(f"\nwrote {RESULTS / 'prefill_final.png'}")
 
 

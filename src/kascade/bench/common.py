@@ -113,6 +113,24 @@ def env_info() -> dict:
     }
 
 
+def comma_list(kind: Callable[[str], Any]) -> Callable[[str], list]:
+    """Parser of a command-line comma list: comma_list(int)("8192,32768") == [8192, 32768]."""
+    return lambda s: [kind(x) for x in str(s).split(",") if x]
+
+
+def zip_geometries(heads: str, kv_heads: str) -> list[tuple[int, int]]:
+    """(query heads, KV heads) pairs of --heads and --kv-heads, zipped: equal lengths, or one of them a single
+    value (``"32,16"`` with ``"8,2"`` is 32/8 and 16/2)."""
+    hq, hkv = comma_list(int)(heads), comma_list(int)(kv_heads)
+    if len(hq) == 1:
+        hq = hq * len(hkv)
+    if len(hkv) == 1:
+        hkv = hkv * len(hq)
+    if len(hq) != len(hkv):
+        raise SystemExit(f"--heads ({heads}) and --kv-heads ({kv_heads}) must zip: equal lengths or one value")
+    return list(zip(hq, hkv))
+
+
 def write_results(path: str, rows: list[dict], meta: dict) -> str:
     """Write {"meta": meta, "rows": rows} as JSON to path (folders created). Returns path."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

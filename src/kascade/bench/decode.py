@@ -31,14 +31,10 @@ import warnings
 
 import torch
 
-from .common import bench_ms, env_info, format_table, plot, write_results
+from .common import bench_ms, comma_list, env_info, format_table, plot, write_results, zip_geometries
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SDPA_BACKENDS = ("flash", "efficient", "cudnn")
-
-
-def _list(kind):
-    return lambda s: [kind(x) for x in str(s).split(",") if x]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,17 +57,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--seed", type=int, default=0)
     a("--json", default=None, help="results file (default benchmarks/results/decode_<time>.json)")
     a("--plot", default=None, help="PNG of the whole-model speedup against context")
-
-
-def _geometries(args) -> list[tuple[int, int]]:
-    hq, hkv = _list(int)(args.heads), _list(int)(args.kv_heads)
-    if len(hq) == 1:
-        hq = hq * len(hkv)
-    if len(hkv) == 1:
-        hkv = hkv * len(hq)
-    if len(hq) != len(hkv):
-        raise SystemExit(f"--heads ({args.heads}) and --kv-heads ({args.kv_heads}) must zip: equal lengths or one value")
-    return list(zip(hq, hkv))
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -172,7 +157,7 @@ def _run_point(args, B, L, frac, Hq, Hkv, D, dt, layers, anchors) -> dict:
     sel = dict(topk_fraction=frac, topk_floor=floor, scale=scale)
 
     fns = {}
-    baselines = _list(str)(args.baselines)
+    baselines = comma_list(str)(args.baselines)
     for name in baselines:
         if name == "triton":
             fns["triton"] = lambda: K.dense(q, k, v, ks, ke, scale=scale)
@@ -259,9 +244,10 @@ def run(args) -> int:
     # SDPA explains at length why a backend refused the shape; the refusal is recorded in the JSON.
     warnings.filterwarnings("ignore", category=UserWarning, module=__name__)
     points = []
-    grid = itertools.product(_list(int)(args.batch), _list(int)(args.context), _list(float)(args.topk_fraction),
-                             _geometries(args), _list(int)(args.head_dim), _list(str)(args.dtype),
-                             _list(int)(args.layers), _list(int)(args.anchors))
+    ints, floats, strs = comma_list(int), comma_list(float), comma_list(str)
+    grid = itertools.product(ints(args.batch), ints(args.context), floats(args.topk_fraction),
+                             zip_geometries(args.heads, args.kv_heads), ints(args.head_dim), strs(args.dtype),
+                             ints(args.layers), ints(args.anchors))
     failed = False
     for B, L, frac, (Hq, Hkv), D, dt, layers, anchors in grid:
         if dt not in DTYPES:

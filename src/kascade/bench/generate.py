@@ -35,7 +35,7 @@ import time
 
 import torch
 
-from .common import env_info, format_table, plot, write_results
+from .common import comma_list, env_info, format_table, plot, write_results
 
 SHAPES = {
     # name: (layers, heads, kv heads, head dim, hidden, intermediate, vocab, model_type)
@@ -43,10 +43,6 @@ SHAPES = {
     "qwen2.5-7b": (28, 28, 4, 128, 3584, 18944, 152064, "qwen2"),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _list(kind):
-    return lambda s: [kind(x) for x in str(s).split(",") if x]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,7 +108,7 @@ def make_plan(model, shipped_plan, anchors: str | None, fraction: float):
                     topk_floor=shipped_plan.topk_floor, tile_size=shipped_plan.tile_size,
                     provenance={"from": shipped_plan.provenance.get("source", "shipped plan")})
         return plan
-    wanted = _list(int)(anchors) if anchors else [0, 2, 8, 13, 14]
+    wanted = comma_list(int)(anchors) if anchors else [0, 2, 8, 13, 14]
     layers = sorted({a for a in wanted if a < spec.num_layers} | {0})
     return Plan.identity(spec, layers, topk_fraction=fraction)
 
@@ -267,8 +263,8 @@ def run(args) -> int:
         return 2
     from ..integrations import hf
 
-    contexts, batches = _list(int)(args.context), _list(int)(args.batch)
-    methods = _list(str)(args.methods)
+    contexts, batches = comma_list(int)(args.context), comma_list(int)(args.batch)
+    methods = comma_list(str)(args.methods)
     dtype = DTYPES[args.dtype]
     model, shipped_plan = build_model(args.model, args.layers, dtype, max(contexts) + args.new_tokens + 64)
     vocab = model.config.vocab_size

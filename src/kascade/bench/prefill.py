@@ -31,19 +31,9 @@ import time
 
 import torch
 
+from .common import comma_list, env_info, plot, zip_geometries
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def _ints(s: str) -> list[int]:
-    return [int(x) for x in str(s).split(",") if x]
-
-
-def _floats(s: str) -> list[float]:
-    return [float(x) for x in str(s).split(",") if x]
-
-
-def _strs(s: str) -> list[str]:
-    return [x for x in str(s).split(",") if x]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,14 +62,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _env() -> dict:
-    """The environment record of kascade.bench.common (device, versions, git commit from KASCADE_COMMIT
-    or git, UTC time)."""
-    from .common import env_info
-
-    return env_info()
-
-
 def _bench(fn, warmup, rep) -> float:
     """Median ms by triton.testing.do_bench (L2 flushed between repetitions). Not common.bench_ms's CUDA
     graphs: the launchers read the row lengths on the host (one sync per call), which a graph cannot
@@ -87,17 +69,6 @@ def _bench(fn, warmup, rep) -> float:
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
-
-
-def _geometries(args) -> list[tuple[int, int]]:
-    hq, hkv = _ints(args.heads), _ints(args.kv_heads)
-    if len(hq) == 1:
-        hq = hq * len(hkv)
-    if len(hkv) == 1:
-        hkv = hkv * len(hq)
-    if len(hq) != len(hkv):
-        raise SystemExit(f"--heads ({args.heads}) and --kv-heads ({args.kv_heads}) must zip: equal lengths or one value")
-    return list(zip(hq, hkv))
 
 
 def _causal_pairs(L: int) -> int:
@@ -229,7 +200,7 @@ def _run_point(args, B, L, frac, T, Hq, Hkv, D, dtype_name) -> dict:
             print(f"CHECK FAILED at {point}: {chk}", file=sys.stderr)
     w, r = args.warmup, args.rep
     dense_ms = {}
-    bl = _strs(args.baselines)
+    bl = comma_list(str)(args.baselines)
     if "cudnn" in bl or "flash" in bl:
         G = Hq // Hkv
         ke_x, ve_x = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
@@ -371,25 +342,11 @@ def _table(points: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _plot(points, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    keys = sorted({(p["topk_fraction"], p["tile_size"], p["heads"], p["kv_heads"]) for p in points})
-    for key in keys:
-        pts = sorted((p["context"], p["model_speedup"]) for p in points
-                     if (p["topk_fraction"], p["tile_size"], p["heads"], p["kv_heads"]) == key)
-        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o",
-                label=f"top-k {key[0]:.0%}, T={key[1]}, {key[2]}/{key[3]}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context")
-    ax.set_ylabel("whole-model attention speedup vs best dense")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def plot_speedup(points: list[dict], path: str) -> str:
+    """Whole-model speedup against context, one line per (Top-k, tile, geometry)."""
+    return plot(points, "context", ["model_speedup"], path,
+                group=lambda p: f"top-k {p['topk_fraction']:.0%}, T={p['tile_size']}, {p['heads']}/{p['kv_heads']}",
+                ylabel="whole-model attention speedup vs best dense")
 
 
 def run(args) -> int:
@@ -397,8 +354,9 @@ def run(args) -> int:
         print("kascade bench prefill needs a CUDA GPU", file=sys.stderr)
         return 2
     points = []
-    grid = itertools.product(_ints(args.batch), _ints(args.context), _floats(args.topk_fraction),
-                             _ints(args.tile_size), _geometries(args), _ints(args.head_dim), _strs(args.dtype))
+    ints, floats, strs = comma_list(int), comma_list(float), comma_list(str)
+    grid = itertools.product(ints(args.batch), ints(args.context), floats(args.topk_fraction), ints(args.tile_size),
+                             zip_geometries(args.heads, args.kv_heads), ints(args.head_dim), strs(args.dtype))
     failed = False
     for B, L, frac, T, (Hq, Hkv), D, dt in grid:
         t0 = time.time()
@@ -408,14 +366,14 @@ def run(args) -> int:
         failed |= p.get("check", {}).get("ok") is False
         print(_table([p]).splitlines()[-1], flush=True)
         torch.cuda.empty_cache()
-    doc = {"bench": "prefill", "env": _env(), "argv": sys.argv[1:], "args": vars(args).copy(), "points": points}
+    doc = {"bench": "prefill", "env": env_info(), "argv": sys.argv[1:], "args": vars(args).copy(), "points": points}
     doc["args"].pop("func", None)
     path = args.json or os.path.join("benchmarks", "results", f"prefill_{time.strftime('%Y%m%d_%H%M%S')}.json")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
     if args.plot:
-        _plot(points, args.plot)
+        plot_speedup(points, args.plot)
     print()
     print(_table(points))
     print(path)

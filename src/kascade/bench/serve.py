@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 
-from .common import env_info, format_table, write_results
+from .common import comma_list, env_info, format_table, write_results
 
 SHAPES = {
     "llama-3.1-8b": dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096,
@@ -33,10 +33,6 @@ SHAPES = {
                        intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                        num_key_value_heads=4, head_dim=128, vocab_size=152064, rope_theta=1000000.0),
 }
-
-
-def _list(kind):
-    return lambda s: [kind(x) for x in str(s).split(",") if x]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -220,7 +216,7 @@ def _worker(args) -> int:
         os.environ[kv.FRACTION_ENV] = "1.0"
         result = _greedy(_llm(d, backend, small, 2048, 8), vocab)
     else:
-        contexts, batches = _list(int)(args.context), _list(int)(args.batch)
+        contexts, batches = comma_list(int)(args.context), comma_list(int)(args.batch)
         max_len = max(contexts) + args.steps + 64
         if args.max_model_len:
             if args.max_model_len < max_len:
@@ -288,11 +284,11 @@ def run(args) -> int:
         return 2
     if args.worker_out:
         return _worker(args)
-    contexts, batches = _list(int)(args.context), _list(int)(args.batch)
+    contexts, batches = comma_list(int)(args.context), comma_list(int)(args.batch)
     vocab = SHAPES[args.model]["vocab_size"]
     check = None if args.no_check else _check(args, vocab)
     rows = []
-    for backend in _list(str)(args.backends):
+    for backend in comma_list(str)(args.backends):
         try:
             rows.extend(_in_process(args, ["--backends", backend]))
         except Exception as e:  # one engine failing (e.g. out of memory) must not lose the others' rows
