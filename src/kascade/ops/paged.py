@@ -367,7 +367,7 @@ def paged_prefill_anchor(q, k_cache, v_cache, block_table, seq_lens, query_start
 
     dense: with dense_output=True, layer 0's dense causal attention of these queries computed elsewhere, as
     (out like q, natural-log log-sum-exp float32 [Hq, total_tokens]): FlashAttention 3's varlen output with
-    return_softmax_lse, faster on vLLM's chunks than this module's flash pass. The call then only selects."""
+    return_softmax_lse on the same paged chunks. The call then only selects."""
     paged, lens, B, Hkv, G, max_seq_len, k, v, n_tiles, host, budgets, width = _prepare_rolling(
         q, k_cache, v_cache, block_table, seq_lens, query_start_loc, max_query_len, max_seq_len, topk_fraction,
         topk_floor, tile_size, validate_values, gather_kv)
