@@ -238,3 +238,46 @@ def test_prefill_anchors_read_gathered_kv_within_the_byte_budget(limit, gathers,
     rows = step.md.num_actual_tokens
     for layer, want in enumerate(_expected(step, plan)):
         torch.testing.assert_close(outs[layer][:rows], want, atol=0, rtol=0)
+
+
+def test_layer0_prefill_rows_take_a_given_dense_attention():
+    """With layer0_dense (the backend passes vLLM's FlashAttention 3), layer 0's prefill rows take their dense
+    output and log-sum-exp from it, written straight into the step's output rows, and only select: every
+    layer's output and every anchor's indices equal those of Kascade's own flash pass. The decode rows and
+    the other layers never call it."""
+    step, plan = _step("decodes first"), _plan()
+    maps = [list(r) for r in plan.head_map]
+    want_outs, want_held = _run(step, plan, maps)
+    calls = []
+
+    def dense(q, qsl, seq_lens, block_table, max_query_len, max_seq_len, out):
+        """A float64 reference of FA3's varlen call: out [tokens, Hq, D], natural-log lse [Hq, tokens]."""
+        calls.append((q.shape[0], qsl.tolist(), seq_lens.tolist(), max_query_len, max_seq_len))
+        lse = torch.empty(HQ, q.shape[0], dtype=torch.float32)
+        kc = step.k[0].reshape(-1, HKV, D)
+        vc = step.v[0].reshape(-1, HKV, D)
+        for b, L in enumerate(seq_lens.tolist()):
+            lo, hi = int(qsl[b]), int(qsl[b + 1])
+            rows = (block_table[b].long()[:, None] * BS + torch.arange(BS)).reshape(-1)[:L]
+            k = kc[rows].double().repeat_interleave(HQ // HKV, 1)
+            v = vc[rows].double().repeat_interleave(HQ // HKV, 1)
+            s = torch.einsum("nhd,lhd->hnl", q[lo:hi].double(), k) * D ** -0.5
+            s.masked_fill_(torch.arange(L)[None, None] > torch.arange(L - (hi - lo), L)[None, :, None], float("-inf"))
+            out[lo:hi] = torch.einsum("hnl,lhd->nhd", torch.softmax(s, -1), v).to(out.dtype)
+            lse[:, lo:hi] = torch.logsumexp(s, -1).float()
+        return lse
+
+    kv._State.setup(plan, maps, None, "cpu")
+    outs = []
+    for layer in range(LAYERS):
+        q, k, v = step.heads(layer, 0, HKV)
+        out = torch.full_like(q, float("nan"))
+        kv.attend(layer, q, k, v, step.md, D ** -0.5, out, layer0_dense=dense if layer == 0 else None)
+        outs.append(out)
+        if layer == 0:
+            got0 = kv._State.indices
+    nd, rows = step.md.num_decodes, step.md.num_actual_tokens
+    assert calls == [(rows - nd, [0, 70, 100], [70, 90], 70, 130)]
+    assert torch.equal(got0[1], want_held[0][1]) and torch.equal(got0[0], want_held[0][0])
+    for layer in range(LAYERS):
+        torch.testing.assert_close(outs[layer][:rows], want_outs[layer][:rows], atol=1e-5, rtol=1e-5)

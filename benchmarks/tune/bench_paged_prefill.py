@@ -7,6 +7,8 @@ Why: in vLLM the Kascade backend's time to first token at 128K is 1.60x FLASH_AT
 give 1.88x in kascade.Generator (issue 16). This splits one Llama-3.1-8B-shape layer (32/8/128, one
 sequence, Top-k 10 %, floor 128, tiles of 32) into what each path runs:
 - contiguous: kascade.ops.prefill (layer 0 = anchor with the dense output on cuDNN, anchor, reuse), one pass;
+- contiguous chunked: the same kernels on the chunks vLLM schedules (the like-for-like reference of the
+  paged chunked rows: layer 0 cannot take cuDNN there, its queries are a suffix of the keys);
 - paged whole: kascade.ops.paged on a random block table, the whole prompt as one chunk;
 - paged chunked: the same prompt as vLLM schedules it, chunks of --chunk queries over their prefix
   (the sum over chunks);
@@ -14,7 +16,9 @@ sequence, Top-k 10 %, floor 128, tiles of 32) into what each path runs:
 - paged gathered (whole, chunked): kascade.ops.paged with gather_kv=True (each call copies its prefix
   out of the pages, the varlen kernels read the copy without the block table), the copy included;
 - dense: torch SDPA cuDNN (contiguous) and, where vLLM is importable, vLLM's FlashAttention 3 on the paged
-  cache (whole and chunked), the baseline of `kascade bench serve`.
+  cache (whole and chunked), the baseline of `kascade bench serve`;
+- layer0_fa3_chunked: layer 0 as the vLLM backend runs it, FA3's output and log-sum-exp per chunk, then
+  only the selection over the gathered K.
 Each part is the median of eager calls (ms; kascade.bench.common.bench_ms without a CUDA graph: the prefill
 ops read host sizes). "model" sums a 32-layer model with 5 anchors (layer 0 + 4) and 27 reuse layers.
 """
@@ -54,26 +58,53 @@ def _fa3():
 
 
 def _layer0_fa3(fa3, parts, kc, vc, bt, reps):
-    """Layer 0 as the backend could run it in chunks: FA3's dense output and log-sum-exp, then only the
-    selection (paged_prefill_anchor with dense=). ms, and the share of (KV head, tile) index rows identical to
-    those of the call's own flash pass (rows hold ascending positions, so one near-tie swap changes its whole
-    row: the two log-sum-exps differ in the last bits)."""
+    """Layer 0 as the backend runs it in chunks (integrations/vllm.attend with layer0_dense): FA3's dense
+    output (into the step's output rows) and log-sum-exp on the pages, then only the selection over the
+    gathered K (paged_prefill_anchor with dense= and gather_kv=True). ms, and the share of (KV head, tile)
+    index rows identical to those of the call's own flash pass (rows hold ascending positions, so one
+    near-tie swap changes its whole row: the two log-sum-exps differ in the last bits)."""
+    outs = [torch.empty_like(qc) for qc, *_ in parts]
+
     def run(own):
         got = []
-        for qc, sl, qsl, mq, ms in parts:
+        for (qc, sl, qsl, mq, ms), out in zip(parts, outs):
             dense = None
             if not own:
-                out, lse = fa3(qc, kc, vc, max_seqlen_q=mq, cu_seqlens_q=qsl, max_seqlen_k=ms, seqused_k=sl,
-                               causal=True, softmax_scale=D ** -0.5, block_table=bt, fa_version=3,
-                               return_softmax_lse=True)
+                _, lse = fa3(qc, kc, vc, out=out, max_seqlen_q=mq, cu_seqlens_q=qsl, max_seqlen_k=ms, seqused_k=sl,
+                             causal=True, softmax_scale=D ** -0.5, block_table=bt, fa_version=3,
+                             return_softmax_lse=True)
                 dense = (out, lse)
             got.append(P.paged_prefill_anchor(qc, kc, vc, bt, sl, qsl, max_query_len=mq, max_seq_len=ms,
-                                              tile_size=T, dense_output=True, dense=dense, **BUDGET)[1])
+                                              tile_size=T, dense_output=True, dense=dense, gather_kv=True,
+                                              **BUDGET)[1])
         return got
 
     ms = _ms(lambda: run(False), reps)
     same = [float((a == b).all(dim=-1).float().mean()) for a, b in zip(run(False), run(True))]
     return dict(layer0=ms, rows_identical=min(same))
+
+
+def _contiguous_chunked(q, k, v, L, C, reps):
+    """The contiguous kernels on the same chunks as vLLM schedules them (each chunk's queries are the last
+    of its keys 0 .. hi - 1): the like-for-like reference of the paged chunked rows (chunking itself costs:
+    smaller grids, each chunk's own pass over its prefix)."""
+    spans = [(lo, min(L, lo + C)) for lo in range(0, L, C)]
+    zero = torch.zeros(1, dtype=torch.int64, device=q.device)
+    ends = [torch.full((1,), hi, dtype=torch.int64, device=q.device) for _, hi in spans]
+    kw = dict(**BUDGET, tile_size=T)
+    args = [(q[:, :, lo:hi], k[:, :, :hi], v[:, :, :hi], zero, end) for (lo, hi), end in zip(spans, ends)]
+    held = [PF.anchor(*a, lengths=[hi], **kw)[1] for a, (_, hi) in zip(args, spans)]
+
+    def layer(dense_output, anchor=True):
+        for a, (_, hi), idx in zip(args, spans, held):
+            if anchor:
+                PF.anchor(*a, dense_output=dense_output, lengths=[hi], **kw)
+            else:
+                PF.sparse(a[0], a[1], a[2], idx, a[3], a[4], indices_from_anchor=True, lengths=[hi], **kw)
+
+    got = dict(layer0=_ms(lambda: layer(True), reps), anchor=_ms(lambda: layer(False), reps),
+               reuse=_ms(lambda: layer(False, anchor=False), reps))
+    return {**got, "model": _model(got)}
 
 
 def main():
@@ -105,6 +136,8 @@ def main():
             anchor=_ms(lambda: PF.anchor(q, k, v, zero, end, **kw), args.reps),
             reuse=_ms(lambda: PF.sparse(q, k, v, idx, zero, end, indices_from_anchor=True, **kw), args.reps))
         res["contiguous"] = {**cont, "model": _model(cont)}
+        if C < L:
+            res["contiguous_chunked"] = _contiguous_chunked(q, k, v, L, C, args.reps)
         res["dense_cudnn"] = _ms(lambda: PF.dense_fastest(q, k, v, zero, end, [L]), args.reps)
         del idx
 

@@ -149,7 +149,7 @@ def _gather_fits(k_cache, n_seqs: int, max_seq_len: int) -> bool:
     return 2 * keys * hkv * d * k_cache.element_size() <= GATHER_MAX_BYTES
 
 
-def attend(layer: int, query, k_cache, v_cache, md, scale: float, output):
+def attend(layer: int, query, k_cache, v_cache, md, scale: float, output, layer0_dense=None):
     """Kascade attention of one layer of a vLLM step, written into ``output`` [tokens, Hq, D].
 
     md: vLLM's attention metadata (num_actual_tokens, max_query_len, query_start_loc [B+1], max_seq_len,
@@ -157,7 +157,12 @@ def attend(layer: int, query, k_cache, v_cache, md, scale: float, output):
     ``num_decodes``: the batch's first num_decodes sequences have one query each (the builder asks vLLM
     to put decodes first). Those take the decode kernels, the rest the rolling prefill (sized by its own
     longest chunk: a decode row would otherwise hold a chunk's worth of index slots); an anchor layer
-    stores both parts' indices (all-gathered under TP gather mode) for the reuse layers after it."""
+    stores both parts' indices (all-gathered under TP gather mode) for the reuse layers after it.
+
+    layer0_dense: how layer 0's prefill rows get their dense attention, or None for Kascade's own flash
+    pass: called as layer0_dense(q, query_start_loc, seq_lens, block_table, max_query_len, max_seq_len, out),
+    it writes the dense causal output of the packed queries q into out and returns their natural-log
+    log-sum-exp, float32 [Hq, tokens] (the backend passes vLLM's FlashAttention 3); Kascade then only selects."""
     from ..ops import paged
     from ..ops.decode import physical_layout
 
@@ -196,13 +201,18 @@ def attend(layer: int, query, k_cache, v_cache, md, scale: float, output):
         qsl = md.query_start_loc[nd:] - nd if nd else md.query_start_loc
         tables = (k_cache, v_cache, md.block_table[nd:n], md.seq_lens[nd:n], qsl)
         sizes = dict(max_query_len=int(md.max_query_len), max_seq_len=int(md.max_seq_len), tile_size=plan.tile_size)
+        dest = output[rows]
         if anchor:
             gather = _gather_fits(k_cache, n - nd, sizes["max_seq_len"])
-            out, parts[1] = paged.paged_prefill_anchor(q, *tables, scale=scale, dense_output=layer == 0,
+            dense = None
+            if layer == 0 and layer0_dense is not None:
+                dense = (dest, layer0_dense(q, qsl, tables[3], tables[2], sizes["max_query_len"], sizes["max_seq_len"], dest))
+            out, parts[1] = paged.paged_prefill_anchor(q, *tables, scale=scale, dense_output=layer == 0, dense=dense,
                                                        gather_kv=gather, **budget, **sizes)
         else:
             out = paged.paged_prefill_sparse(q, *tables, held[1], head_map=head_map, scale=scale, **budget, **sizes)
-        output[rows].copy_(out.view(output[rows].shape))
+        if out is not dest:
+            dest.copy_(out.view(dest.shape))
     if anchor:
         if _State.gather is not None:
             parts = [None if p is None else _State.gather(p) for p in parts]
@@ -304,9 +314,28 @@ if FlashAttentionBackend is not None:
                                        output_block_scale)
             k_cache, v_cache = kv_cache.unbind(1)
             q = query.view(query.shape[0], self.num_heads, self.head_size)
+            dense = None
+            if self._layer == 0 and self.vllm_flash_attn_version == 3:
+                def dense(q, qsl, seq_lens, block_table, max_query_len, max_seq_len, out):
+                    return self._fa3_dense(q, k_cache, v_cache, qsl, seq_lens, block_table, max_query_len,
+                                           max_seq_len, out)
             attend(self._layer, q, k_cache, v_cache, attn_metadata, self.scale,
-                   output.view(output.shape[0], self.num_heads, self.head_size))
+                   output.view(output.shape[0], self.num_heads, self.head_size), layer0_dense=dense)
             return output
+
+        def _fa3_dense(self, q, k_cache, v_cache, qsl, seq_lens, block_table, max_query_len, max_seq_len, out):
+            """Layer 0's dense prefill from FlashAttention 3 on the paged cache: out, and the natural-log
+            log-sum-exp [Hq, tokens] its selection needs. Why: chunks of a prompt cannot use cuDNN (their
+            queries are a suffix of the keys) and FA3 is faster than Kascade's flash pass on them
+            (benchmarks/notes_serve.md, session 16). No scheduler metadata: vLLM's is for the whole batch
+            and these are its prefill rows; this runs outside CUDA graphs (mixed and prefill batches)."""
+            from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
+
+            _, lse = flash_attn_varlen_func(
+                q=q, k=k_cache, v=v_cache, out=out, cu_seqlens_q=qsl, max_seqlen_q=max_query_len, seqused_k=seq_lens,
+                max_seqlen_k=max_seq_len, softmax_scale=self.scale, causal=True, block_table=block_table,
+                fa_version=3, return_softmax_lse=True)
+            return lse
 
     class KascadeAttentionBackend(FlashAttentionBackend):
         """vLLM's FlashAttention backend (FA3 on Hopper) with Kascade's attention (registered as CUSTOM)."""
