@@ -41,7 +41,9 @@ def make_paged(B, Hq, Hkv, lens, Dh, block_size, dtype, seed=0, spread=1.0, extr
     """Returns (q [B, Hq, D], contiguous k, v [B, Hkv, Lk, D], k_cache, v_cache, block_table, seq_lens int32).
 
     The block table has one more column than the longest sequence needs (Lk = max_blocks * block_size);
-    layout "hnd" builds the caches as [num_blocks, Hkv, block_size, D] and passes a transposed view."""
+    layout "hnd" builds the caches as [num_blocks, Hkv, block_size, D] and passes a transposed view, "vllm"
+    as vLLM's FlashAttention backend does: one [num_blocks, 2, block_size, Hkv, D] tensor, K and V of a
+    block side by side (unbind(1): block stride 2 * block_size slots)."""
     g = torch.Generator().manual_seed(seed)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     need = [-(-n // block_size) for n in lens]
@@ -55,6 +57,8 @@ def make_paged(B, Hq, Hkv, lens, Dh, block_size, dtype, seed=0, spread=1.0, extr
     shape = (num_blocks, block_size, Hkv, Dh) if layout == "nhd" else (num_blocks, Hkv, block_size, Dh)
     k_cache = torch.full(shape, float("nan"), dtype=dtype)
     v_cache = torch.full(shape, float("nan"), dtype=dtype)
+    if layout == "vllm":
+        k_cache, v_cache = torch.full((num_blocks, 2, block_size, Hkv, Dh), float("nan"), dtype=dtype).unbind(1)
     if layout == "hnd":
         k_cache, v_cache = k_cache.transpose(1, 2), v_cache.transpose(1, 2)
     block_table = torch.full((B, max_blocks), -1, dtype=torch.int32)
@@ -165,13 +169,21 @@ def test_paged_sparse_reuse(Hq, Hkv, block_size, dtype):
     assert torch.equal(out3, out)
 
 
-def test_paged_physical_needs_nhd_layout():
-    """Physical indices address cache rows as block * block_size + slot: an HND-strided cache is refused."""
-    q, k, v, kc, vc, bt, lens = make_paged(len(LENS), 8, 2, LENS, 64, 16, torch.float32, seed=3, layout="hnd")
-    sel = torch.zeros(len(LENS), 2, 16, dtype=torch.int32)
+@pytest.mark.parametrize("layout", ["hnd", "vllm"])
+def test_paged_physical_rows_in_any_block_layout(layout):
+    """Physical indices (cache rows block * block_size + slot) address blocks by the cache's block stride: an
+    HND-strided cache and vLLM's K/V-interleaved blocks give the logical path's output; scores are refused."""
+    q, k, v, kc, vc, bt, lens = make_paged(len(LENS), 8, 2, LENS, 64, 16, torch.float32, seed=3, layout=layout)
+    assert kc.stride(0) != 16 * kc.stride(1)  # not the plain NHD layout
+    starts, ends = ref_ranges(lens)
+    sel = R.select_decode(q[:, :, None], k, starts, ends, topk_fraction=FRAC, topk_floor=FLOOR).to(torch.int32)
     phys = P.paged_physical_indices(sel, bt, lens, 16)
-    with pytest.raises(KascadeInputError, match="physical indices need"):
-        P.paged_decode_sparse(q, kc, vc, bt, lens, phys, physical=True)
+    want = P.paged_decode_sparse(q, kc, vc, bt, lens, sel)
+    assert torch.equal(P.paged_decode_sparse(q, kc, vc, bt, lens, phys, physical=True), want)
+    assert not bool(want.isnan().any())
+    q4, *_ = P._prepare(q, kc, vc, bt, lens, False)
+    with pytest.raises(KascadeInputError, match="physical indices need a paged cache"):
+        D.sparse(q4, k, v, phys, starts, ends, physical=True)  # contiguous K/V
 
 
 @pytest.mark.parametrize("dense_output", [False, True], ids=["anchor", "layer0"])

@@ -264,6 +264,40 @@ def test_paged_prefill_gather_kv_equals_block_table(Hq, Hkv, T, block_size):
         assert torch.equal(k[b, :, :L], batch.k[b][0]) and torch.equal(v[b, :, :L], batch.v[b][0])
 
 
+@pytest.mark.parametrize("layout", ["nhd", "vllm"])
+def test_paged_prefill_physical_indices_equal_logical(layout):
+    """A reuse layer reading the anchor's indices translated once to cache rows (paged_physical_indices, in
+    place) gives exactly the block-table path's output, also on vLLM's K/V-interleaved blocks; validation
+    checks physical rows against the cache; with gather_kv it is refused."""
+    batch = Batch(SEQS, 8, 2, 64, 16, torch.float16, seed=17)
+    if layout == "vllm":  # one [num_blocks, 2, block_size, Hkv, D] tensor, as vLLM allocates it
+        kv = torch.stack([batch.k_cache, batch.v_cache], dim=1)
+        batch.k_cache, batch.v_cache = kv.unbind(1)
+        assert batch.k_cache.stride(0) == 2 * 16 * batch.k_cache.stride(1)
+    kw = dict(max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len, topk_fraction=0.2, topk_floor=8,
+              tile_size=16)
+    _, idx = PG.paged_prefill_anchor(*batch.args(), **kw)
+    hm = _head_map(2)
+    want = PG.paged_prefill_sparse(*batch.args(), idx, head_map=hm, **kw)
+    phys = PG.paged_physical_indices(idx.clone(), batch.block_table, batch.seq_lens, 16)
+    for b, (L, _) in enumerate(batch.seqs):  # the translation itself, against the block table
+        sel = idx[b] >= 0
+        rows = batch.block_table[b].long()[idx[b][sel].long() // 16] * 16 + idx[b][sel].long() % 16
+        assert torch.equal(phys[b][sel].long(), rows) and bool((phys[b][~sel] == -1).all())
+    in_place = idx.clone()
+    assert PG.paged_physical_indices(in_place, batch.block_table, batch.seq_lens, 16, out=in_place) is in_place
+    assert torch.equal(in_place, phys)
+    got = PG.paged_prefill_sparse(*batch.args(), phys, head_map=hm, physical=True, validate_values=True, **kw)
+    assert torch.equal(got, want) and bool(torch.isfinite(got[: batch.query_start_loc[-1]]).all())
+    bad = phys.clone()
+    sel = (bad >= 0).nonzero()[0].tolist()
+    bad[tuple(sel)] = batch.k_cache.shape[0] * 16  # one past the cache's last row
+    with pytest.raises(KascadeInputError, match="is not a cache row"):
+        PG.paged_prefill_sparse(*batch.args(), bad, physical=True, validate_values=True, **kw)
+    with pytest.raises(KascadeInputError, match="cannot address a gather_kv copy"):
+        PG.paged_prefill_sparse(*batch.args(), phys, physical=True, gather_kv=True, **kw)
+
+
 def _reference_lse(batch) -> torch.Tensor:
     """Natural-log log-sum-exp of each packed query's causal scores, float32 [Hq, total_tokens] (FlashAttention's
     varlen layout; padding rows -inf), from the contiguous data."""

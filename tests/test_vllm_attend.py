@@ -250,12 +250,11 @@ def test_layer0_prefill_rows_take_a_given_dense_attention():
     want_outs, want_held = _run(step, plan, maps)
     calls = []
 
-    def dense(q, qsl, seq_lens, block_table, max_query_len, max_seq_len, out):
+    def dense(q, k_cache, v_cache, qsl, seq_lens, block_table, max_query_len, max_seq_len, out):
         """A float64 reference of FA3's varlen call: out [tokens, Hq, D], natural-log lse [Hq, tokens]."""
         calls.append((q.shape[0], qsl.tolist(), seq_lens.tolist(), max_query_len, max_seq_len))
         lse = torch.empty(HQ, q.shape[0], dtype=torch.float32)
-        kc = step.k[0].reshape(-1, HKV, D)
-        vc = step.v[0].reshape(-1, HKV, D)
+        kc, vc = k_cache.reshape(-1, HKV, D), v_cache.reshape(-1, HKV, D)
         for b, L in enumerate(seq_lens.tolist()):
             lo, hi = int(qsl[b]), int(qsl[b + 1])
             rows = (block_table[b].long()[:, None] * BS + torch.arange(BS)).reshape(-1)[:L]

@@ -177,4 +177,5 @@ def test_paged_prefill_layer0_from_given_dense(chunk):
                                         tile_size=T)[0])
     # near-ties may swap a key (the two log-sum-exps differ in the last bits): compare the mass, not the indices
     assert abs(float(masses[1].mean()) - float(masses[0].mean())) < 1e-3
-    assert float(masses[0].mean()) > 0.5  # random bf16 inputs: the check must see a real selection
+    # a real selection: 10 % of the keys hold ~0.44-0.48 of the mass here (H100), uniform scores would give ~0.1
+    assert float(masses[0].mean()) > 0.3

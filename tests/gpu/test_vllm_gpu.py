@@ -19,9 +19,12 @@ from kascade.integrations import vllm as kv  # noqa: E402
 
 
 def _args(**kw):
-    base = dict(model="llama-3.1-8b", layers=4, eager=False, gpu_memory_utilization=0.5, topk_fraction=0.1,
-                plan=None, context="1000", batch="1", steps=8, backends="CUSTOM", tp=1, tp_mode="auto")
-    return argparse.Namespace(**{**base, **kw})
+    """`kascade bench serve`'s own arguments (its parser: no option can go missing here), small."""
+    from kascade.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "serve", "--layers", "4", "--context", "1000", "--steps", "8",
+                                      "--backends", "CUSTOM", "--gpu-memory-utilization", "0.5"])
+    return argparse.Namespace(**{**vars(args), **kw})
 
 
 def test_fraction_one_equals_flash_attn():

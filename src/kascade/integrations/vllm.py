@@ -24,7 +24,9 @@ step is shared by all layers, and the layers of a step run in order):
   cache for every row (``paged_prefill_*``; a decode row in such a batch follows the rolling rule: its
   tile's prefix budget plus its own tile). These run outside CUDA graphs (vLLM's piecewise graphs leave
   attention out), so the host sizes of vLLM's metadata (max_query_len, max_seq_len) size the grids.
-  Anchor layers read a copy of their sequences' K/V gathered out of the pages (GATHER_MAX_BYTES).
+  Anchor layers read a copy of their sequences' K/V gathered out of the pages (GATHER_MAX_BYTES); layer 0
+  takes its dense output and log-sum-exp from vLLM's FlashAttention 3 (Hopper) and only selects; each
+  anchor translates its indices to cache rows once, so the reuse layers read no block table.
 * tensor parallelism: each rank serves its own KV heads (rank r of t holds heads r*Hkv/t ..). A plan
   whose head map stays inside each shard (``kascade calibrate --tp t``, or identity maps) runs each
   rank's :meth:`Plan.shard` with no communication; any other plan all-gathers each anchor layer's
@@ -160,11 +162,11 @@ def attend(layer: int, query, k_cache, v_cache, md, scale: float, output, layer0
     stores both parts' indices (all-gathered under TP gather mode) for the reuse layers after it.
 
     layer0_dense: how layer 0's prefill rows get their dense attention, or None for Kascade's own flash
-    pass: called as layer0_dense(q, query_start_loc, seq_lens, block_table, max_query_len, max_seq_len, out),
+    pass: called as layer0_dense(q, k_cache, v_cache, query_start_loc, seq_lens, block_table, max_query_len,
+    max_seq_len, out),
     it writes the dense causal output of the packed queries q into out and returns their natural-log
     log-sum-exp, float32 [Hq, tokens] (the backend passes vLLM's FlashAttention 3); Kascade then only selects."""
     from ..ops import paged
-    from ..ops.decode import physical_layout
 
     plan = _State.plan
     budget = dict(topk_fraction=plan.topk_fraction, topk_floor=plan.topk_floor)
@@ -186,7 +188,7 @@ def attend(layer: int, query, k_cache, v_cache, md, scale: float, output, layer0
         # from 4 decode rows on; below, the translation launch costs more than the reuse layers save
         # (H100, 27 reuse layers: -6.8 us per reuse layer at 8 x 32K, -0.7 us at 1 x 32K, 6.3 us per
         # translation; benchmarks/results/paged_vs_contiguous_h100_physical.json)
-        physical = nd >= PHYSICAL_MIN_ROWS and physical_layout(k_cache, v_cache, k_cache.shape[1])
+        physical = nd >= PHYSICAL_MIN_ROWS
         if anchor:
             out, parts[0] = paged.paged_decode_anchor(q, *tables, scale=scale, dense_output=layer == 0, **budget)
             if physical:
@@ -206,11 +208,17 @@ def attend(layer: int, query, k_cache, v_cache, md, scale: float, output, layer0
             gather = _gather_fits(k_cache, n - nd, sizes["max_seq_len"])
             dense = None
             if layer == 0 and layer0_dense is not None:
-                dense = (dest, layer0_dense(q, qsl, tables[3], tables[2], sizes["max_query_len"], sizes["max_seq_len"], dest))
+                lse = layer0_dense(q, k_cache, v_cache, qsl, tables[3], tables[2], sizes["max_query_len"],
+                                   sizes["max_seq_len"], dest)
+                dense = (dest, lse)
             out, parts[1] = paged.paged_prefill_anchor(q, *tables, scale=scale, dense_output=layer == 0, dense=dense,
                                                        gather_kv=gather, **budget, **sizes)
+            # reuse layers read the selected keys at cache rows translated here, in place (no block-table
+            # read per key: +20 % per reuse layer at 128K on the H100 through the table; notes_serve.md)
+            paged.paged_physical_indices(parts[1], tables[2], tables[3], k_cache.shape[1], out=parts[1])
         else:
-            out = paged.paged_prefill_sparse(q, *tables, held[1], head_map=head_map, scale=scale, **budget, **sizes)
+            out = paged.paged_prefill_sparse(q, *tables, held[1], head_map=head_map, scale=scale, physical=True,
+                                             **budget, **sizes)
         if out is not dest:
             dest.copy_(out.view(dest.shape))
     if anchor:
@@ -314,21 +322,19 @@ if FlashAttentionBackend is not None:
                                        output_block_scale)
             k_cache, v_cache = kv_cache.unbind(1)
             q = query.view(query.shape[0], self.num_heads, self.head_size)
-            dense = None
-            if self._layer == 0 and self.vllm_flash_attn_version == 3:
-                def dense(q, qsl, seq_lens, block_table, max_query_len, max_seq_len, out):
-                    return self._fa3_dense(q, k_cache, v_cache, qsl, seq_lens, block_table, max_query_len,
-                                           max_seq_len, out)
+            # layer 0's prefill rows: dense from FA3 (Hopper); elsewhere Kascade's own flash pass
+            dense = self._fa3_dense if self._layer == 0 and self.vllm_flash_attn_version == 3 else None
             attend(self._layer, q, k_cache, v_cache, attn_metadata, self.scale,
                    output.view(output.shape[0], self.num_heads, self.head_size), layer0_dense=dense)
             return output
 
         def _fa3_dense(self, q, k_cache, v_cache, qsl, seq_lens, block_table, max_query_len, max_seq_len, out):
-            """Layer 0's dense prefill from FlashAttention 3 on the paged cache: out, and the natural-log
-            log-sum-exp [Hq, tokens] its selection needs. Why: chunks of a prompt cannot use cuDNN (their
-            queries are a suffix of the keys) and FA3 is faster than Kascade's flash pass on them
-            (benchmarks/notes_serve.md, session 16). No scheduler metadata: vLLM's is for the whole batch
-            and these are its prefill rows; this runs outside CUDA graphs (mixed and prefill batches)."""
+            """Layer 0's dense prefill from FlashAttention 3 on the paged cache (attend's layer0_dense): writes
+            out, returns the natural-log log-sum-exp [Hq, tokens] the selection needs. Why: chunks of a
+            prompt cannot use cuDNN (their queries are a suffix of the keys), and on them FA3 + the selection
+            is 397 ms per 128K layer vs 443 ms with Kascade's flash pass (H100, 16K chunks,
+            benchmarks/results/paged_prefill_fa3_layer0_h100.json). No scheduler metadata: vLLM's is for the
+            whole batch and these are its prefill rows; this runs outside CUDA graphs (mixed batches)."""
             from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
 
             _, lse = flash_attn_varlen_func(

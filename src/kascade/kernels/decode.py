@@ -203,8 +203,9 @@ def _sparse_block(acc, m_i, l_i, q, slot, hi, i_base, k_base, v_base, s_base, r_
     if PHYSICAL:
         valid = idx >= 0
         idx = tl.where(valid, idx, 0)
-        # cache row r = block * PAGE + slot sits at r * stride_kn (the launcher checks the block stride)
-        blk, pslot, k_off = idx // PAGE, idx % PAGE, idx * stride_kn
+        # cache row r = block * PAGE + slot; blocks stride_kblk apart (vLLM interleaves K and V per block)
+        blk, pslot = idx // PAGE, idx % PAGE
+        k_off = blk * stride_kblk + pslot * stride_kn
     else:
         valid = (idx >= start) & (idx < end)
         idx = tl.where(valid, idx, 0)

@@ -322,10 +322,11 @@ def _select_kernel(
 @triton.jit
 def _gather_block(acc, m_i, l_i, q, i_base, slot, k_budget, start, k_base, v_base, skt, svt, offs_d, qk_scale,
                   bt_row, skblk, svblk, TAIL: tl.constexpr, DOT_PREC: tl.constexpr, TABLE: tl.constexpr,
-                  PAGE: tl.constexpr):
+                  PAGE: tl.constexpr, PHYSICAL: tl.constexpr = False):
     """One block of a sparse tile's selected keys into the running (acc, max, sum). Full blocks
     (TAIL=False) hold BLOCK_N selected keys; the tail block masks the slots past the budget. TABLE:
-    the indices are logical positions, translated through the row's block table."""
+    the indices are logical positions, translated through the row's block table. PHYSICAL: they are
+    cache rows (block * PAGE + slot, translated once per anchor layer): no block-table read."""
     if TAIL:
         kn = tl.load(i_base + slot, mask=slot < k_budget, other=-1)
         bias = tl.where(kn >= 0, 0.0, float("-inf"))
@@ -333,7 +334,11 @@ def _gather_block(acc, m_i, l_i, q, i_base, slot, k_budget, start, k_base, v_bas
     else:
         kn = tl.load(i_base + slot)
         bias = slot.to(tl.float32)  # placeholder: HAS_BIAS=False ignores it
-    k_off, v_off = _kv_offsets(kn, kn >= 0, bt_row, skt, svt, skblk, svblk, TABLE, PAGE)
+    if PHYSICAL:
+        blk, pslot = (kn // PAGE).to(tl.int64), kn % PAGE
+        k_off, v_off = blk * skblk + pslot * skt, blk * svblk + pslot * svt
+    else:
+        k_off, v_off = _kv_offsets(kn, kn >= 0, bt_row, skt, svt, skblk, svblk, TABLE, PAGE)
     return _online_block_fast(acc, m_i, l_i, q, k_base + k_off[:, None] + offs_d[None, :],
                               v_base + v_off[:, None] + offs_d[None, :], bias, qk_scale, TAIL, True, DOT_PREC)
 
@@ -345,13 +350,14 @@ def _sparse_kernel(
     Lq, Hkv, G, n_gblocks, n_tiles, qk_scale,
     D: tl.constexpr, G_BLOCK: tl.constexpr, T: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr, MAPPED: tl.constexpr = False, PAGED: tl.constexpr = False, PAGE: tl.constexpr = 16,
-    TABLE: tl.constexpr = False,
+    TABLE: tl.constexpr = False, PHYSICAL: tl.constexpr = False,
 ):
     """Rolling sparse prefill of one tile x G_BLOCK heads: the tile's selected prefix keys (gathered by
     index; all prefix keys when the tile is dense), then its own tile causally. MAPPED: KV head h reads
     the index rows of head_map[h] (a reuse layer's head map, applied here instead of copying indices).
     PAGED: vLLM layout as in _attn_fwd_kernel; the indices' tile axis counts from each sequence's first
-    query tile (as _select_kernel writes it)."""
+    query tile (as _select_kernel writes it). PHYSICAL (with TABLE): the selected indices are cache rows;
+    dense tiles and the own tile still go through the block table."""
     M: tl.constexpr = G_BLOCK * T
     # Grid as in _attn_fwd_kernel (the head blocks of one tile gather the same keys), largest tiles first.
     n_slots, gb, b, hkv = _program_block(n_gblocks, Hkv)
@@ -396,11 +402,11 @@ def _sparse_kernel(
         for n0 in range(0, n_full, BLOCK_N):
             acc, m_i, l_i = _gather_block(acc, m_i, l_i, q, i_base, n0 + offs_n, k_budget, start, k_base,
                                           v_base, skt, svt, offs_d, qk_scale, bt_row, skblk, svblk,
-                                          False, DOT_PREC, TABLE, PAGE)
+                                          False, DOT_PREC, TABLE, PAGE, PHYSICAL)
         if n_full < k_budget:
             acc, m_i, l_i = _gather_block(acc, m_i, l_i, q, i_base, n_full + offs_n, k_budget, start, k_base,
                                           v_base, skt, svt, offs_d, qk_scale, bt_row, skblk, svblk,
-                                          True, DOT_PREC, TABLE, PAGE)
+                                          True, DOT_PREC, TABLE, PAGE, PHYSICAL)
     # Own tile, causally.
     offs_t = tl.arange(0, T)
     rk = prefix + offs_t

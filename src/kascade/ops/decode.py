@@ -140,12 +140,6 @@ def _kv_layout(q, k, v, paged: PagedKV | None):
             dict(PAGED=True, PAGE=paged.block_size))
 
 
-def physical_layout(k, v, block_size: int) -> bool:
-    """Whether cache row r = block * block_size + slot of paged caches k, v [num_blocks, block_size, Hkv, D]
-    sits at r * stride(1) (vLLM's NHD layout), as physical indices assume."""
-    return all(t.stride(0) == block_size * t.stride(1) for t in (k, v))
-
-
 @dataclass(frozen=True)
 class AnchorScores:
     """The score pass's scores of an anchor layer, read back by the selection and the sparse step.
@@ -300,8 +294,8 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None, head_
     head_map: int32 [Hkv] on the device: KV head h attends over indices[:, head_map[h]] (read in the
     kernel; no copy). budget: (topk_fraction, topk_floor) of the indices: each row then visits only its
     own budget's slots (what ``anchor`` writes first), not all W. paged: K/V are paged caches; indices
-    are logical positions, or with physical=True cache rows (ops.paged.paged_physical_indices; -1
-    skipped) for a cache whose block stride is block_size slots."""
+    are logical positions, or with physical=True cache rows block * block_size + slot
+    (ops.paged.paged_physical_indices; -1 skipped), any block stride (vLLM interleaves K and V per block)."""
     B, Hq, Hkv, Lk, D, kv_strides, bt, pg_strides, pg_meta = _kv_layout(q, k, v, paged)
     # with a head map, the indices may hold more heads than K (an anchor's indices all-gathered over TP ranks)
     heads_ok = indices.shape[1] >= Hkv if head_map is not None else indices.shape[1] == Hkv
@@ -313,9 +307,8 @@ def sparse(q, k, v, indices, kv_start, kv_end, *, scale=None, scores=None, head_
     if indices.stride(2) != 1:
         indices = indices.contiguous()
     G = Hq // Hkv
-    if physical and (paged is None or scores is not None or not physical_layout(k, v, paged.block_size)):
-        raise KascadeInputError("physical indices need a paged cache whose blocks are block_size slots apart "
-                                "(k.stride(0) == block_size * k.stride(1), same for v) and no scores")
+    if physical and (paged is None or scores is not None):
+        raise KascadeInputError("physical indices need a paged cache and no scores")
     if physical and k.shape[0] * paged.block_size >= 2**31:
         raise KascadeInputError(f"a cache of {k.shape[0]} blocks x {paged.block_size} slots has too many rows for "
                                 f"int32 physical indices")

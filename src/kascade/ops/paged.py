@@ -169,25 +169,33 @@ def _reuse_indices_ok(indices, dims: int, B: int, Hkv: int, head_map) -> bool:
     return indices.shape[1] >= Hkv if head_map is not None else indices.shape[1] == Hkv
 
 
-def paged_physical_indices(indices, block_table, seq_lens, block_size: int):
-    """The cache rows (block_table[b, i // block_size] * block_size + i % block_size) of logical decode
-    indices i [B, H, W] (an anchor's; -1, and positions >= seq_len, become -1): int32 [B, H, W]. One
-    launch per anchor layer; every reuse layer after it then passes physical=True to paged_decode_sparse
-    and gathers K/V without reading the block table (one dependent load less per key)."""
-    if not isinstance(indices, torch.Tensor) or indices.dim() != 3 or indices.dtype != torch.int32:
+def paged_physical_indices(indices, block_table, seq_lens, block_size: int, out=None):
+    """The cache rows (block_table[b, i // block_size] * block_size + i % block_size) of an anchor's logical
+    indices i: decode [B, H, W] or prefill [B, H, n_slots, W] int32 (-1, and positions >= seq_len, become -1),
+    into a new int32 tensor of the same shape, or into out (out=indices: in place). One launch per anchor
+    layer; every reuse layer after it then passes physical=True to paged_decode_sparse /
+    paged_prefill_sparse and gathers K/V without reading the block table (one dependent load less per key)."""
+    if not isinstance(indices, torch.Tensor) or indices.dim() not in (3, 4) or indices.dtype != torch.int32:
         got = (indices.dtype, tuple(indices.shape)) if isinstance(indices, torch.Tensor) else type(indices).__name__
-        raise KascadeInputError(f"indices must be int32 [batch, heads, W], got {got}")
-    B, H, W = indices.shape
+        raise KascadeInputError(f"indices must be int32 [batch, heads, W] or [batch, heads, n_slots, W], got {got}")
+    B, W = indices.shape[0], indices.shape[-1]
     _check_int32("block_table", block_table, f"[batch={B}, max_blocks_per_seq]", indices,
                  lambda t: t.dim() == 2 and t.shape[0] == B and t.stride(1) == 1)
     _check_int32("seq_lens", seq_lens, f"[batch={B}]", indices, lambda t: t.shape == (B,))
     if block_size < 16 or block_size & (block_size - 1):
         raise KascadeInputError(f"block_size must be a power of two >= 16, got {block_size}")
-    indices = indices if indices.stride(2) == 1 else indices.contiguous()
-    out = torch.empty((B, H, W), dtype=torch.int32, device=indices.device)
+    if out is None:
+        out = torch.empty(indices.shape, dtype=torch.int32, device=indices.device)
+    elif out.shape != indices.shape or out.dtype != torch.int32 or not out.is_contiguous():
+        raise KascadeInputError(f"out must be a contiguous int32 tensor of shape {tuple(indices.shape)}, got "
+                                f"{out.dtype} {tuple(out.shape)}")
+    rows = indices.reshape(B, -1, W)  # a view where the layout allows it (the launch reads rows by stride)
+    if rows.stride(2) != 1:
+        rows = rows.contiguous()
+    H = rows.shape[1]
     block = 1024
     kd.physical_indices_kernel[(B * H, triton.cdiv(W, block))](
-        indices, out, block_table, seq_lens.contiguous(), H, W, indices.stride(0), indices.stride(1),
+        rows, out, block_table, seq_lens.contiguous(), H, W, rows.stride(0), rows.stride(1),
         block_table.stride(0), PAGE=block_size, BLOCK=block, num_warps=4)
     return out
 
@@ -200,7 +208,7 @@ def paged_decode_sparse(q, k_cache, v_cache, block_table, seq_lens, indices, *, 
     (then indices may hold more heads than the cache, e.g. all-gathered over TP ranks).
     budget: (topk_fraction, topk_floor) the indices were selected with (an anchor's): each row then visits
     only its own budget's slots instead of all W. physical: the indices are cache rows from
-    paged_physical_indices (-1 skipped; needs the NHD cache layout, D.physical_layout). Returns out
+    paged_physical_indices (-1 skipped). Returns out
     [B, Hq, D] in q's dtype."""
     B, _, Hkv, _, _ = _check_paged(q, k_cache, v_cache, block_table, seq_lens)
     if not _reuse_indices_ok(indices, 3, B, Hkv, head_map):
@@ -405,12 +413,15 @@ def _given_dense(q, dense, dense_output: bool):
 
 def paged_prefill_sparse(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, indices, *, max_query_len,
                          topk_fraction, topk_floor, tile_size, max_seq_len=None, head_map=None, scale=None,
-                         gather_kv=False, validate_values=False, config: PF.PrefillConfig = PF.DEFAULT_CONFIG):
+                         physical=False, gather_kv=False, validate_values=False,
+                         config: PF.PrefillConfig = PF.DEFAULT_CONFIG):
     """Reuse layer of a rolling prefill: each tile x GQA group attends to its indices (as
     paged_prefill_anchor returns them, for the same batch, tile size, budget and max_seq_len) plus its
     own tile causally; dense tiles attend to their whole prefix. head_map int32 [Hkv] on q's device: KV
     head h reads indices[:, head_map[h]] (in the kernel, no copy). A sparse tile's budget slots are read
     without a mask: every one must hold a key of its prefix (validate_values=True checks it).
+    physical: the indices are cache rows (paged_physical_indices of the anchor's), read without the block
+    table (dense tiles and the own tile still use it); not with gather_kv (a copy has no cache rows).
     Returns out [total_tokens, Hq, D]."""
     paged, lens, B, Hkv, G, max_seq_len, k, v, n_tiles, host, budgets, width = _prepare_rolling(
         q, k_cache, v_cache, block_table, seq_lens, query_start_loc, max_query_len, max_seq_len, topk_fraction,
@@ -427,18 +438,26 @@ def paged_prefill_sparse(q, k_cache, v_cache, block_table, seq_lens, query_start
         raise KascadeInputError(f"indices {tuple(indices.shape)} are too small: max_query_len {max_query_len} needs "
                                 f"{n_slots} tile slots and max_seq_len {max_seq_len} a width of {max(host)}")
     check_head_map(head_map, Hkv, q.device)
+    if physical and gather_kv:
+        raise KascadeInputError("physical indices are cache rows: they cannot address a gather_kv copy")
+    if physical and k_cache.shape[0] * k_cache.shape[1] >= 2**31:
+        raise KascadeInputError(f"a cache of {k_cache.shape[0]} blocks x {k_cache.shape[1]} slots has too many rows "
+                                "for int32 physical indices")
     if indices.dtype != torch.int32 or indices.stride(-1) != 1:
         indices = indices.to(torch.int32).contiguous()
     if validate_values:
-        _check_prefill_indices(indices, head_map, seq_lens, query_start_loc, T, host)
+        rows = k_cache.shape[0] * k_cache.shape[1] if physical else None
+        _check_prefill_indices(indices, head_map, seq_lens, query_start_loc, T, host, rows)
     out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-    PF._launch_sparse(q, k, v, out, indices, budgets, lens, lens, G, T, scale, head_map, paged=paged, config=config)
+    PF._launch_sparse(q, k, v, out, indices, budgets, lens, lens, G, T, scale, head_map, paged=paged,
+                      physical=physical, config=config)
     return out
 
 
-def _check_prefill_indices(indices, head_map, seq_lens, query_start_loc, T, host) -> None:
+def _check_prefill_indices(indices, head_map, seq_lens, query_start_loc, T, host, cache_rows=None) -> None:
     """Every sparse tile with queries must hold keys of its prefix (0 <= index < t*T) in its first
-    budget slots, for the index rows a KV head reads (through head_map)."""
+    budget slots, for the index rows a KV head reads (through head_map); physical indices (cache_rows
+    given) rows of the cache, 0 <= index < cache_rows."""
     idx = indices.cpu().long()
     if head_map is not None:
         idx = idx[:, head_map.cpu().long()]
@@ -452,10 +471,12 @@ def _check_prefill_indices(indices, head_map, seq_lens, query_start_loc, T, host
             if kb < 0:
                 continue
             sel = idx[b, :, t - first, :kb]
-            bad = (sel < 0) | (sel >= t * T)
+            hi = t * T if cache_rows is None else cache_rows
+            bad = (sel < 0) | (sel >= hi)
             if bool(bad.any()):
                 h, j = (int(x) for x in bad.nonzero()[0])
+                what = f"a key of the tile's prefix [0, {hi})" if cache_rows is None else f"a cache row in [0, {hi})"
                 raise KascadeInputError(
-                    f"indices[{b}, {h}, {t - first}, {j}] = {int(sel[h, j])} (sequence {b}, tile {t}) is not a key "
-                    f"of the tile's prefix [0, {t * T}) inside its budget of {kb}: the prefill kernel reads every "
-                    "budget slot, as paged_prefill_anchor fills them")
+                    f"indices[{b}, {h}, {t - first}, {j}] = {int(sel[h, j])} (sequence {b}, tile {t}) is not {what} "
+                    f"inside its budget of {kb}: the prefill kernel reads every budget slot, as "
+                    "paged_prefill_anchor fills them")

@@ -318,8 +318,11 @@ def _check_budget_slots(indices, budgets, host, lengths, Lq, T, max_elems=1 << 2
 
 
 def _launch_sparse(q, k, v, out, indices, budgets, kv_start, kv_end, G, T, scale, head_map=None,
-                   paged: PagedPrefill | None = None, config: PrefillConfig = DEFAULT_CONFIG):
+                   paged: PagedPrefill | None = None, physical: bool = False, config: PrefillConfig = DEFAULT_CONFIG):
     B, Hq, Lq, Hkv, D, strides, ptrs, pg_strides, pg_meta = _layout(q, k, v, kv_start, paged)
+    if physical:  # indices are cache rows (ops.paged.paged_physical_indices): only with the block table
+        assert pg_meta.get("TABLE"), "physical indices need the paged cache itself"
+        pg_meta = {**pg_meta, "PHYSICAL": True}
     c = config
     g_block, n_gb = _group_blocking(G, T, c.sparse_rows_per_program)
     M = g_block * T
