@@ -11,7 +11,7 @@ instruction by instruction after a kernel refactor:
 TRITON_DISABLE_LINE_INFO=1 removes line info, which can make ptxas number registers differently for
 the same PTX. Checked with Triton 3.9.
 """
-import os, subprocess, sys, tempfile, re
+import inspect, os, subprocess, sys, tempfile, re
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ["TRITON_CACHE_DIR"] = "/tmp/kascade_sass_cache_" + sys.argv[1]
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -34,6 +34,9 @@ tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobj
 def build(tag, fn, consts, nw, ns, maxnreg=None, paged=False, pooled="*fp16", coop=False):
     if only and not any(tag.startswith(o) for o in only):
         return
+    # constexprs left out take their defaults (else they would be typed as runtime i32 arguments)
+    consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.name not in consts
+                 and p.default is not inspect.Parameter.empty}, **consts}
     sg = {}
     for n in fn.arg_names:
         if n in consts: sg[n] = "constexpr"
@@ -99,6 +102,9 @@ for paged in (False, True):
     build("p-lse" + s, kp._attn_fwd_kernel, {**attn, "BLOCK_N": 128, "WITH_V": False, "STORE_LSE": True, **pg}, 8, 2, paged=paged)
     build("p-pool" + s, kp._pool_kernel, dict(D=D, G_BLOCK=4, T=32, BLOCK_N=64, ATOMIC=False, DOT_PREC="tf32", **pg), 4, 3, paged=paged)
     build("p-sparse" + s, kp._sparse_kernel, dict(D=D, G_BLOCK=4, T=32, BLOCK_N=64, DOT_PREC="tf32", MAPPED=False, **pg), 8, 2, 128, paged=paged)
+for name, extra in (("table", dict(TABLE=True)), ("physical", dict(TABLE=True, PHYSICAL=True))):  # vLLM backend's
+    build("p-sparse-paged-" + name, kp._sparse_kernel, dict(D=D, G_BLOCK=4, T=32, BLOCK_N=64, DOT_PREC="tf32", MAPPED=True,
+                                                           PAGED=True, PAGE=16, **extra), 8, 2, 128, paged=True)
 build("p-sparse-mapped", kp._sparse_kernel, dict(D=D, G_BLOCK=4, T=32, BLOCK_N=64, DOT_PREC="tf32", MAPPED=True, PAGED=False, PAGE=16), 8, 2, 128)
 build("p-pool-atomic", kp._pool_kernel, dict(D=D, G_BLOCK=8, T=32, BLOCK_N=64, ATOMIC=True, DOT_PREC="tf32", PAGED=False, PAGE=16), 8, 3, pooled="*fp32")
 build("p-sparse-fp32-d64", kp._sparse_kernel, dict(D=64, G_BLOCK=2, T=16, BLOCK_N=64, DOT_PREC="ieee", MAPPED=False, PAGED=False, PAGE=16), 4, 2)

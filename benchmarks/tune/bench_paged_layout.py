@@ -1,0 +1,105 @@
+"""Paged prefill reuse layer by KV-cache layout, bf16, GPU: does the cache layout explain what is left
+between the paged and the contiguous reuse kernels (+13 % at 128K in 16K chunks, notes_serve.md session 16)?
+
+    PYTHONPATH=src python benchmarks/tune/bench_paged_layout.py [--context 131072] [--json out.json]
+
+One Llama-3.1-8B-shape reuse layer (32/8/128, Top-k 10 %, tiles of 32), one sequence in vLLM's 16K chunks,
+physical indices (as the vLLM backend runs it), on three layouts of the same keys:
+- nhd: separate K and V caches [num_blocks, block_size, Hkv, D];
+- vllm_nhd: vLLM's FlashAttention default, one [num_blocks, 2, block_size, Hkv, D] tensor (K and V of a
+  block side by side; a head's consecutive keys Hkv * D apart);
+- vllm_hnd: vLLM's HND stride order, [num_blocks, 2, Hkv, block_size, D] in memory (a head's keys of a
+  block adjacent), seen as [num_blocks, 2, block_size, Hkv, D];
+and the contiguous kernels on the same chunks; nhd_launches_only: the nhd kernel launches alone (outputs
+preallocated, the launcher's checks and sizes done once). ms per layer (median of eager calls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from kascade.bench.common import bench_ms, env_info, write_results
+from kascade.ops import paged as P
+from kascade.ops import prefill as PF
+
+HQ, HKV, D, T, BS = 32, 8, 128, 32, 16
+BUDGET = dict(topk_fraction=0.1, topk_floor=128)
+
+
+def _ms(fn, reps):
+    return bench_ms(fn, use_graph=False, flush_l2=False, budget_ms=1.0, min_reps=reps, max_reps=reps)
+
+
+def _caches(k, v, bt, layout):
+    """(k_cache, v_cache) [num_blocks, BS, Hkv, D] views holding k, v [Hkv, L, D] at the blocks of bt."""
+    nb = bt.numel()
+    if layout == "nhd":
+        kc, vc = (torch.empty(nb, BS, HKV, D, device=k.device, dtype=k.dtype) for _ in range(2))
+    elif layout == "vllm_nhd":
+        kc, vc = torch.empty(nb, 2, BS, HKV, D, device=k.device, dtype=k.dtype).unbind(1)
+    else:  # vllm_hnd: memory [nb, 2, Hkv, BS, D]
+        kc, vc = torch.empty(nb, 2, HKV, BS, D, device=k.device, dtype=k.dtype).transpose(2, 3).unbind(1)
+    rows = bt[0].long()
+    kc[rows] = k.view(HKV, nb, BS, D).permute(1, 2, 0, 3)
+    vc[rows] = v.view(HKV, nb, BS, D).permute(1, 2, 0, 3)
+    return kc, vc
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--context", type=int, default=131072)
+    ap.add_argument("--chunk", type=int, default=16384)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    L, C = args.context, args.chunk
+    torch.manual_seed(0)
+    q = torch.randn(1, HQ, L, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, HKV, L, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    spans = [(lo, min(L, lo + C)) for lo in range(0, L, C)]
+    kw = dict(**BUDGET, tile_size=T)
+    zero = torch.zeros(1, dtype=torch.int64, device="cuda")
+    ends = [torch.full((1,), hi, dtype=torch.int64, device="cuda") for _, hi in spans]
+    cargs = [(q[:, :, lo:hi], k[:, :, :hi], v[:, :, :hi], zero, e) for (lo, hi), e in zip(spans, ends)]
+    cheld = [PF.anchor(*a, lengths=[hi], **kw)[1] for a, (_, hi) in zip(cargs, spans)]
+    res = dict(context=L, chunk=C, contiguous_chunked=_ms(lambda: [
+        PF.sparse(*a[:3], i, *a[3:], indices_from_anchor=True, lengths=[hi], **kw)
+        for a, (_, hi), i in zip(cargs, spans, cheld)], args.reps))
+    del cheld
+    nb = L // BS
+    bt = torch.randperm(nb, device="cuda").to(torch.int32).view(1, nb).contiguous()
+    qp = q[0].transpose(0, 1).contiguous()
+    parts = [(qp[lo:hi], torch.tensor([hi], dtype=torch.int32, device="cuda"),
+              torch.tensor([0, hi - lo], dtype=torch.int32, device="cuda"), hi - lo, hi) for lo, hi in spans]
+    for layout in ("nhd", "vllm_nhd", "vllm_hnd"):
+        kc, vc = _caches(k[0], v[0], bt, layout)
+        held = [P.paged_physical_indices(
+            P.paged_prefill_anchor(qc, kc, vc, bt, sl, qsl, max_query_len=mq, max_seq_len=ms, gather_kv=True, **kw)[1],
+            bt, sl, BS) for qc, sl, qsl, mq, ms in parts]
+        res[layout] = _ms(lambda: [
+            P.paged_prefill_sparse(qc, kc, vc, bt, sl, qsl, h, max_query_len=mq, max_seq_len=ms, physical=True, **kw)
+            for h, (qc, sl, qsl, mq, ms) in zip(held, parts)], args.reps)
+        res[layout + "_vs_contiguous"] = res[layout] / res["contiguous_chunked"]
+        if layout == "nhd":  # the kernel launches alone: preallocated outputs, the launchers' host work done once
+            launches = []
+            for h, (qc, sl, qsl, mq, ms) in zip(held, parts):
+                paged, lens, _, _, G, _, kk, vv, _, _, budgets, _ = P._prepare_rolling(
+                    qc, kc, vc, bt, sl, qsl, mq, ms, BUDGET["topk_fraction"], BUDGET["topk_floor"], T, False, False)
+                launches.append((qc, kk, vv, torch.zeros_like(qc), h, budgets, lens, G, paged))
+            res["nhd_launches_only"] = _ms(lambda: [
+                PF._launch_sparse(qc, kk, vv, out, h, budgets, lens, lens, G, T, None, paged=paged, physical=True)
+                for qc, kk, vv, out, h, budgets, lens, G, paged in launches], args.reps)
+            del launches
+        del held, kc, vc
+        torch.cuda.empty_cache()
+    print(json.dumps(res), flush=True)
+    if args.json:
+        write_results(args.json, [res], {"bench": "paged_layout", "env": env_info()})
+
+
+if __name__ == "__main__":
+    main()
