@@ -179,3 +179,50 @@ def test_paged_prefill_layer0_from_given_dense(chunk):
     assert abs(float(masses[1].mean()) - float(masses[0].mean())) < 1e-3
     # a real selection: 10 % of the keys hold ~0.44-0.48 of the mass here (H100), uniform scores would give ~0.1
     assert float(masses[0].mean()) > 0.3
+
+
+def test_paged_physical_rows_on_vllm_layout_and_cuda_graph():
+    """Reuse layers reading physical cache rows on vLLM's cache (one [num_blocks, 2, block_size, Hkv, D]
+    tensor: K and V of a block side by side), compiled at real sizes: decode (5 rows, as the backend runs from
+    PHYSICAL_MIN_ROWS on, the translation and the reuse layer captured in a CUDA graph and replayed) and a
+    prefill chunk give exactly the block-table path's outputs."""
+    B, Hq, Hkv, Dh, bs = 5, 32, 8, 128, 16
+    lens = [32768, 20007, 1003, 4096, 9001]
+    q, _, _, kc0, vc0, bt, seq_lens = make_paged(B, Hq, Hkv, lens, Dh, bs, torch.bfloat16, seed=11, spread=3.0)
+    kc, vc = torch.stack([kc0, vc0], dim=1).unbind(1)  # vLLM's FlashAttention layout
+    del kc0, vc0
+    kw = dict(topk_fraction=0.1, topk_floor=128)
+    _, idx = P.paged_decode_anchor(q, kc, vc, bt, seq_lens, **kw)
+    head_map = torch.tensor([0, 0, 1, 3, 3, 5, 7, 2], dtype=torch.int32, device="cuda")
+    q2 = torch.randn_like(q)
+    budget = (0.1, 128)
+    want = P.paged_decode_sparse(q2, kc, vc, bt, seq_lens, idx, head_map=head_map, budget=budget)
+    phys = P.paged_physical_indices(idx, bt, seq_lens, bs)
+    got = P.paged_decode_sparse(q2, kc, vc, bt, seq_lens, phys, head_map=head_map, budget=budget, physical=True)
+    assert torch.equal(got, want) and bool(torch.isfinite(got).all())
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        P.paged_physical_indices(idx, bt, seq_lens, bs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_phys = P.paged_physical_indices(idx, bt, seq_lens, bs)
+        g_out = P.paged_decode_sparse(q2, kc, vc, bt, seq_lens, g_phys, head_map=head_map, budget=budget,
+                                      physical=True)
+    q2.copy_(torch.randn_like(q2))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(g_out, P.paged_decode_sparse(q2, kc, vc, bt, seq_lens, idx, head_map=head_map, budget=budget))
+    # prefill: the last 1024 queries of sequence 3 (4096 keys), as a chunk
+    n, T = 1024, 32
+    g = torch.Generator(device="cuda").manual_seed(12)
+    qc = (torch.randn(n, Hq, Dh, device="cuda", generator=g) * 3).to(torch.bfloat16)
+    qsl = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+    pk = dict(max_query_len=n, max_seq_len=4096, tile_size=T, **kw)
+    args = (qc, kc, vc, bt[3:4].contiguous(), seq_lens[3:4].contiguous(), qsl)
+    _, pidx = P.paged_prefill_anchor(*args, gather_kv=True, **pk)
+    want = P.paged_prefill_sparse(*args, pidx, head_map=head_map, **pk)
+    P.paged_physical_indices(pidx, args[3], args[4], bs, out=pidx)
+    got = P.paged_prefill_sparse(*args, pidx, head_map=head_map, physical=True, validate_values=True, **pk)
+    assert torch.equal(got, want) and bool(torch.isfinite(got).all())
