@@ -213,8 +213,9 @@ def attend(layer: int, query, k_cache, v_cache, md, scale: float, output, layer0
                 dense = (dest, lse)
             out, parts[1] = paged.paged_prefill_anchor(q, *tables, scale=scale, dense_output=layer == 0, dense=dense,
                                                        gather_kv=gather, **budget, **sizes)
-            # reuse layers read the selected keys at cache rows translated here, in place (no block-table
-            # read per key: +20 % per reuse layer at 128K on the H100 through the table; notes_serve.md)
+            # reuse layers read the selected keys at cache rows translated here, in place: no block-table
+            # read per key (35.1 vs 37.0 ms per 128K reuse layer in 16K chunks, H100, 0.7 ms per translation;
+            # benchmarks/results/paged_prefill_physical_h100.json)
             paged.paged_physical_indices(parts[1], tables[2], tables[3], k_cache.shape[1], out=parts[1])
         else:
             out = paged.paged_prefill_sparse(q, *tables, held[1], head_map=head_map, scale=scale, physical=True,
