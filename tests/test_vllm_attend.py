@@ -41,7 +41,7 @@ def _plan(head_map=HEAD_MAP):
 class Step:
     """One vLLM step: per layer, packed queries and a paged K/V cache (one block table for all layers)."""
 
-    def __init__(self, seqs, seed=0):
+    def __init__(self, seqs, seed=0, layout="nhd"):
         g = torch.Generator().manual_seed(seed)
         self.seqs = seqs  # [(seq_len, q_len)]
         need = [-(-L // BS) for L, _ in seqs]
@@ -56,6 +56,9 @@ class Step:
         self.q = [torch.randn(tokens + 2, HQ, D, generator=g) * 1.5 for _ in range(LAYERS)]  # +2: graph padding
         self.k = [torch.randn(num_blocks, BS, HKV, D, generator=g) for _ in range(LAYERS)]
         self.v = [torch.randn(num_blocks, BS, HKV, D, generator=g) for _ in range(LAYERS)]
+        if layout == "vllm":  # vLLM's FlashAttention cache: K and V of a block side by side in one tensor
+            pairs = [torch.stack(kv, dim=1).unbind(1) for kv in zip(self.k, self.v)]
+            self.k, self.v = [k for k, _ in pairs], [v for _, v in pairs]
         q_lens = [n for _, n in seqs]
         self.md = SimpleNamespace(
             num_actual_tokens=tokens, max_query_len=max(q_lens), max_seq_len=max(L for L, _ in seqs),
@@ -65,6 +68,8 @@ class Step:
     def heads(self, layer, lo_kv, hi_kv):
         """This layer's q and caches restricted to KV heads lo_kv .. hi_kv - 1 (one TP rank's shard)."""
         g = HQ // HKV
+        if (lo_kv, hi_kv) == (0, HKV):  # all heads: the caches as laid out (a copy would lose vLLM's strides)
+            return self.q[layer], self.k[layer], self.v[layer]
         return (self.q[layer][:, lo_kv * g:hi_kv * g].contiguous(), self.k[layer][:, :, lo_kv:hi_kv].contiguous(),
                 self.v[layer][:, :, lo_kv:hi_kv].contiguous())
 
@@ -90,9 +95,9 @@ STEPS = {"prefill+decode": ([(70, 70), (45, 1), (90, 30)], 0), "decodes first": 
          "decode (physical rows)": ([(70, 1), (130, 1), (40, 1), (17, 1), (96, 1)], 5)}
 
 
-def _step(kind, seed=0):
+def _step(kind, seed=0, layout="nhd"):
     seqs, nd = STEPS[kind]
-    step = Step(seqs, seed=seed)
+    step = Step(seqs, seed=seed, layout=layout)
     step.md.num_decodes = nd
     return step
 
@@ -146,6 +151,24 @@ def test_each_layer_runs_its_kernel_with_its_anchor_indices(kind):
     ident = _plan(tuple((0, 1, 2, 3) for _ in range(LAYERS)))
     plain, _ = _run(step, ident, [list(r) for r in ident.head_map])
     assert float((plain[1][:rows] - outs[1][:rows]).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["decode (physical rows)", "prefill+decode"])
+def test_vllm_cache_layout(kind, monkeypatch):
+    """On vLLM's own cache layout (K and V of a block interleaved in one tensor), where the reuse layers read
+    physical cache rows (decode from PHYSICAL_MIN_ROWS rows on, prefill always: each anchor translates once),
+    every layer equals the direct op calls on the logical indices."""
+    calls = []
+    real = PG.paged_physical_indices
+    monkeypatch.setattr(PG, "paged_physical_indices", lambda *a, **k: calls.append(1) or real(*a, **k))
+    step = _step(kind, layout="vllm")
+    assert step.k[0].stride(0) == 2 * BS * step.k[0].stride(1)
+    plan = _plan()
+    outs, _ = _run(step, plan, [list(r) for r in plan.head_map])
+    assert len(calls) == len(plan.anchor_layers)
+    rows = step.md.num_actual_tokens
+    for layer, want in enumerate(_expected(step, plan)):
+        torch.testing.assert_close(outs[layer][:rows], want, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("kind,translations", [("decode", 0), ("decode (physical rows)", 2)])
