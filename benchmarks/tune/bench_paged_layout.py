@@ -21,16 +21,13 @@ import json
 
 import torch
 
-from kascade.bench.common import bench_ms, env_info, write_results
+from bench_paged_prefill import BUDGET, D, HKV, HQ, T, ContiguousChunks, _ms  # same folder: the same layer
+
+from kascade.bench.common import env_info, write_results
 from kascade.ops import paged as P
 from kascade.ops import prefill as PF
 
-HQ, HKV, D, T, BS = 32, 8, 128, 32, 16
-BUDGET = dict(topk_fraction=0.1, topk_floor=128)
-
-
-def _ms(fn, reps):
-    return bench_ms(fn, use_graph=False, flush_l2=False, budget_ms=1.0, min_reps=reps, max_reps=reps)
+BS = 16
 
 
 def _caches(k, v, bt, layout):
@@ -60,16 +57,10 @@ def main():
     q = torch.randn(1, HQ, L, D, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, HKV, L, D, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    spans = [(lo, min(L, lo + C)) for lo in range(0, L, C)]
-    kw = dict(**BUDGET, tile_size=T)
-    zero = torch.zeros(1, dtype=torch.int64, device="cuda")
-    ends = [torch.full((1,), hi, dtype=torch.int64, device="cuda") for _, hi in spans]
-    cargs = [(q[:, :, lo:hi], k[:, :, :hi], v[:, :, :hi], zero, e) for (lo, hi), e in zip(spans, ends)]
-    cheld = [PF.anchor(*a, lengths=[hi], **kw)[1] for a, (_, hi) in zip(cargs, spans)]
-    res = dict(context=L, chunk=C, contiguous_chunked=_ms(lambda: [
-        PF.sparse(*a[:3], i, *a[3:], indices_from_anchor=True, lengths=[hi], **kw)
-        for a, (_, hi), i in zip(cargs, spans, cheld)], args.reps))
-    del cheld
+    chunks = ContiguousChunks(q, k, v, L, C)
+    spans, kw = chunks.spans, chunks.kw
+    res = dict(context=L, chunk=C, contiguous_chunked=_ms(lambda: chunks.layer(False, anchor=False), args.reps))
+    del chunks
     nb = L // BS
     bt = torch.randperm(nb, device="cuda").to(torch.int32).view(1, nb).contiguous()
     qp = q[0].transpose(0, 1).contiguous()

@@ -88,26 +88,32 @@ def _layer0_fa3(fa3, parts, kc, vc, bt, reps):
     return dict(layer0=ms, rows_identical=min(same))
 
 
-def _contiguous_chunked(q, k, v, L, C, reps):
-    """The contiguous kernels on the same chunks as vLLM schedules them (each chunk's queries are the last
-    of its keys 0 .. hi - 1): the like-for-like reference of the paged chunked rows (chunking itself costs:
-    smaller grids, each chunk's own pass over its prefix)."""
-    spans = [(lo, min(L, lo + C)) for lo in range(0, L, C)]
-    zero = torch.zeros(1, dtype=torch.int64, device=q.device)
-    ends = [torch.full((1,), hi, dtype=torch.int64, device=q.device) for _, hi in spans]
-    kw = dict(**BUDGET, tile_size=T)
-    args = [(q[:, :, lo:hi], k[:, :, :hi], v[:, :, :hi], zero, end) for (lo, hi), end in zip(spans, ends)]
-    held = [PF.anchor(*a, lengths=[hi], **kw)[1] for a, (_, hi) in zip(args, spans)]
+class ContiguousChunks:
+    """The contiguous kernels on the chunks vLLM schedules (each chunk's queries are the last of its keys
+    0 .. hi - 1), with each chunk's anchor indices: the like-for-like reference of the paged chunked rows."""
 
-    def layer(dense_output, anchor=True):
-        for a, (_, hi), idx in zip(args, spans, held):
+    def __init__(self, q, k, v, L, C):
+        self.spans = [(lo, min(L, lo + C)) for lo in range(0, L, C)]
+        zero = torch.zeros(1, dtype=torch.int64, device=q.device)
+        ends = [torch.full((1,), hi, dtype=torch.int64, device=q.device) for _, hi in self.spans]
+        self.kw = dict(**BUDGET, tile_size=T)
+        self.args = [(q[:, :, lo:hi], k[:, :, :hi], v[:, :, :hi], zero, e) for (lo, hi), e in zip(self.spans, ends)]
+        self.held = [PF.anchor(*a, lengths=[hi], **self.kw)[1] for a, (_, hi) in zip(self.args, self.spans)]
+
+    def layer(self, dense_output, anchor=True):
+        """One layer over all chunks: an anchor (layer 0 with dense_output) or a reuse layer."""
+        for a, (_, hi), idx in zip(self.args, self.spans, self.held):
             if anchor:
-                PF.anchor(*a, dense_output=dense_output, lengths=[hi], **kw)
+                PF.anchor(*a, dense_output=dense_output, lengths=[hi], **self.kw)
             else:
-                PF.sparse(a[0], a[1], a[2], idx, a[3], a[4], indices_from_anchor=True, lengths=[hi], **kw)
+                PF.sparse(*a[:3], idx, *a[3:], indices_from_anchor=True, lengths=[hi], **self.kw)
 
-    got = dict(layer0=_ms(lambda: layer(True), reps), anchor=_ms(lambda: layer(False), reps),
-               reuse=_ms(lambda: layer(False, anchor=False), reps))
+
+def _contiguous_chunked(q, k, v, L, C, reps):
+    """ContiguousChunks timed per part (chunking itself costs: smaller grids, each chunk's own prefix pass)."""
+    c = ContiguousChunks(q, k, v, L, C)
+    got = dict(layer0=_ms(lambda: c.layer(True), reps), anchor=_ms(lambda: c.layer(False), reps),
+               reuse=_ms(lambda: c.layer(False, anchor=False), reps))
     return {**got, "model": _model(got)}
 
 
