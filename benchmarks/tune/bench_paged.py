@@ -1,6 +1,7 @@
-"""Decode kernels on a contiguous cache vs a vLLM paged cache (random block table), bf16, GPU.
+"""Decode kernels on a contiguous cache vs a vLLM paged cache (block table order --table), bf16, GPU.
 
-    PYTHONPATH=src python benchmarks/tune/bench_paged.py [--contig-only] [--block-size 16] [--json out.json]
+    PYTHONPATH=src python benchmarks/tune/bench_paged.py [--contig-only] [--block-size 16] [--table random]
+        [--json out.json]
 
 --contig-only times only the contiguous ops (runs on a checkout without kascade.ops.paged: the baseline
 of the contiguous path before the PAGED constexpr was added). Times: median ms (CUDA graph, L2 flushed;
@@ -14,6 +15,8 @@ import json
 
 import torch
 
+from bench_paged_prefill import TABLES, block_table  # same folder
+
 from kascade.bench.common import bench_ms
 from kascade.ops import decode as D
 
@@ -24,6 +27,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--contig-only", action="store_true")
     ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--table", choices=TABLES, default="random", help="block table order (block_table)")
     ap.add_argument("--json")
     args = ap.parse_args()
     Hq, Hkv, Dh, bs = 32, 8, 128, args.block_size
@@ -37,7 +41,7 @@ def main():
         starts = torch.zeros(B, dtype=torch.int64, device="cuda")
         ends = torch.full((B,), L, dtype=torch.int64, device="cuda")
         _, idx = D.anchor(q, k, v, starts, ends, **kw)
-        res = dict(B=B, L=L, block_size=bs)
+        res = dict(B=B, L=L, block_size=bs, table=args.table)
         res["contig_dense"] = bench_ms(lambda: D.dense(q, k, v, starts, ends))
         res["contig_anchor"] = bench_ms(lambda: D.anchor(q, k, v, starts, ends, **kw))
         res["contig_sparse"] = bench_ms(lambda: D.sparse(q, k, v, idx, starts, ends))
@@ -45,8 +49,7 @@ def main():
             from kascade.ops import paged as P
 
             nb = B * L // bs
-            perm = torch.randperm(nb, device="cuda").to(torch.int32)
-            bt = perm.view(B, L // bs).contiguous()
+            bt = block_table(nb, args.table, "cuda").view(B, L // bs)
             kc = torch.empty(nb, bs, Hkv, Dh, device="cuda", dtype=torch.bfloat16)
             vc = torch.empty_like(kc)
             kc[bt.long()] = k.view(B, Hkv, L // bs, bs, Dh).permute(0, 2, 3, 1, 4)

@@ -1,7 +1,8 @@
 """Paged prefill reuse layer by KV-cache layout, bf16, GPU: does the cache layout explain what is left
 between the paged and the contiguous reuse kernels (+13 % at 128K in 16K chunks, notes_serve.md session 16)?
 
-    PYTHONPATH=src python benchmarks/tune/bench_paged_layout.py [--context 131072] [--json out.json]
+    PYTHONPATH=src python benchmarks/tune/bench_paged_layout.py [--context 131072] [--tables random,ordered]
+        [--layouts nhd,vllm_nhd,vllm_hnd] [--json out.json]
 
 One Llama-3.1-8B-shape reuse layer (32/8/128, Top-k 10 %, tiles of 32), one sequence in vLLM's 16K chunks,
 physical indices (as the vLLM backend runs it), on three layouts of the same keys:
@@ -11,7 +12,9 @@ physical indices (as the vLLM backend runs it), on three layouts of the same key
 - vllm_hnd: vLLM's HND stride order, [num_blocks, 2, Hkv, block_size, D] in memory (a head's keys of a
   block adjacent), seen as [num_blocks, 2, block_size, Hkv, D];
 and the contiguous kernels on the same chunks; nhd_launches_only: the nhd kernel launches alone (outputs
-preallocated, the launcher's checks and sizes done once). ms per layer (median of eager calls).
+preallocated, the launcher's checks and sizes done once). Each layout on each block table order of --tables
+(bench_paged_prefill.block_table; rows LAYOUT_ORDER, plain LAYOUT for random): do the gathers cost because the
+pages are scattered? ms per layer (median of eager calls).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import json
 
 import torch
 
-from bench_paged_prefill import BUDGET, D, HKV, HQ, T, ContiguousChunks, _ms  # same folder: the same layer
+# same folder: the same layer
+from bench_paged_prefill import BUDGET, D, HKV, HQ, T, TABLES, ContiguousChunks, _ms, block_table
 
 from kascade.bench.common import env_info, write_results
 from kascade.ops import paged as P
@@ -50,6 +54,8 @@ def main():
     ap.add_argument("--context", type=int, default=131072)
     ap.add_argument("--chunk", type=int, default=16384)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--tables", default="random", help=f"comma-separated block table orders, of {TABLES}")
+    ap.add_argument("--layouts", default="nhd,vllm_nhd,vllm_hnd")
     ap.add_argument("--json")
     args = ap.parse_args()
     L, C = args.context, args.chunk
@@ -62,20 +68,22 @@ def main():
     res = dict(context=L, chunk=C, contiguous_chunked=_ms(lambda: chunks.layer(False, anchor=False), args.reps))
     del chunks
     nb = L // BS
-    bt = torch.randperm(nb, device="cuda").to(torch.int32).view(1, nb).contiguous()
     qp = q[0].transpose(0, 1).contiguous()
     parts = [(qp[lo:hi], torch.tensor([hi], dtype=torch.int32, device="cuda"),
               torch.tensor([0, hi - lo], dtype=torch.int32, device="cuda"), hi - lo, hi) for lo, hi in spans]
-    for layout in ("nhd", "vllm_nhd", "vllm_hnd"):
+    cases = [(t, lay) for t in args.tables.split(",") for lay in args.layouts.split(",")]
+    for table, layout in cases:
+        bt = block_table(nb, table, "cuda")
+        name = layout if table == "random" else f"{layout}_{table}"  # random keeps the session-16 row names
         kc, vc = _caches(k[0], v[0], bt, layout)
         held = [P.paged_physical_indices(
             P.paged_prefill_anchor(qc, kc, vc, bt, sl, qsl, max_query_len=mq, max_seq_len=ms, gather_kv=True, **kw)[1],
             bt, sl, BS) for qc, sl, qsl, mq, ms in parts]
-        res[layout] = _ms(lambda: [
+        res[name] = _ms(lambda: [
             P.paged_prefill_sparse(qc, kc, vc, bt, sl, qsl, h, max_query_len=mq, max_seq_len=ms, physical=True, **kw)
             for h, (qc, sl, qsl, mq, ms) in zip(held, parts)], args.reps)
-        res[layout + "_vs_contiguous"] = res[layout] / res["contiguous_chunked"]
-        if layout == "nhd":  # the kernel launches alone: preallocated outputs, the launchers' host work done once
+        res[name + "_vs_contiguous"] = res[name] / res["contiguous_chunked"]
+        if name == "nhd":  # the kernel launches alone: preallocated outputs, the launchers' host work done once
             launches = []
             for h, (qc, sl, qsl, mq, ms) in zip(held, parts):
                 paged, lens, _, _, G, _, kk, vv, _, _, budgets, _ = P._prepare_rolling(

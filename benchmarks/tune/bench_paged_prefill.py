@@ -9,7 +9,7 @@ sequence, Top-k 10 %, floor 128, tiles of 32) into what each path runs:
 - contiguous: kascade.ops.prefill (layer 0 = anchor with the dense output on cuDNN, anchor, reuse), one pass;
 - contiguous chunked: the same kernels on the chunks vLLM schedules (the like-for-like reference of the
   paged chunked rows: layer 0 cannot take cuDNN there, its queries are a suffix of the keys);
-- paged whole: kascade.ops.paged on a random block table, the whole prompt as one chunk;
+- paged whole: kascade.ops.paged on a block table (--table: random by default, block_table), the whole prompt as one chunk;
 - paged chunked: the same prompt as vLLM schedules it, chunks of --chunk queries over their prefix
   (the sum over chunks);
 - paged gather: the pages copied into contiguous K/V (one copy per layer) + the contiguous kernels;
@@ -42,6 +42,25 @@ HQ, HKV, D, T = 32, 8, 128, 32
 BUDGET = dict(topk_fraction=0.1, topk_floor=128)
 N_LAYERS, N_ANCHORS = 32, 5
 DEVICE, DTYPE = "cuda", torch.bfloat16  # a CPU smoke test (Triton interpreter) patches these
+
+
+TABLES = ("random", "ordered", "reversed")
+
+
+def block_table(nb, order, device):
+    """A block table [1, nb] over blocks 0 .. nb - 1. random: any block anywhere (a long-running engine's
+    worst case); ordered: consecutive blocks (what a fresh vLLM engine hands one request: its free-block
+    queue starts in block order); reversed: consecutive blocks backwards (vLLM frees a request's blocks
+    tail first, so a later request takes freed runs in descending order)."""
+    if order == "random":
+        rows = torch.randperm(nb, device=device)
+    elif order == "ordered":
+        rows = torch.arange(nb, device=device)
+    elif order == "reversed":
+        rows = torch.arange(nb - 1, -1, -1, device=device)
+    else:
+        raise ValueError(f"block table order {order!r}: expected one of {TABLES}")
+    return rows.to(torch.int32).view(1, nb).contiguous()
 
 
 def _ms(fn, reps):
@@ -123,6 +142,7 @@ def main():
     ap.add_argument("--chunk", type=int, default=16384)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--table", choices=TABLES, default="random", help="block table order (block_table)")
     ap.add_argument("--json")
     args = ap.parse_args()
     bs, C = args.block_size, args.chunk
@@ -137,7 +157,7 @@ def main():
         zero = torch.zeros(1, dtype=torch.int64, device=dev)
         end = torch.full((1,), L, dtype=torch.int64, device=dev)
         kw = dict(**BUDGET, tile_size=T, lengths=[L])
-        res = dict(context=L, chunk=C, block_size=bs)
+        res = dict(context=L, chunk=C, block_size=bs, table=args.table)
 
         # contiguous, one pass (what kascade.Generator runs)
         _, idx = PF.anchor(q, k, v, zero, end, **kw)
@@ -151,9 +171,9 @@ def main():
         res["dense_cudnn"] = _ms(lambda: PF.dense_fastest(q, k, v, zero, end, [L]), args.reps)
         del idx
 
-        # the paged cache: a random block table over exactly the prompt's blocks
+        # the paged cache: a block table (--table) over exactly the prompt's blocks
         nb = L // bs
-        bt = torch.randperm(nb, device=dev).to(torch.int32).view(1, nb).contiguous()
+        bt = block_table(nb, args.table, dev)
         kc = torch.empty(nb, bs, HKV, D, device=dev, dtype=dt)
         vc = torch.empty_like(kc)
         kc[bt[0].long()] = k[0].view(HKV, nb, bs, D).permute(1, 2, 0, 3)
