@@ -15,7 +15,7 @@ import json
 
 import torch
 
-from bench_paged_prefill import TABLES, block_table  # same folder
+from paged_tables import TABLES, block_table  # same folder
 
 from kascade.bench.common import bench_ms
 from kascade.ops import decode as D

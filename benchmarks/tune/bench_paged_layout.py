@@ -13,7 +13,7 @@ physical indices (as the vLLM backend runs it), on three layouts of the same key
   block adjacent), seen as [num_blocks, 2, block_size, Hkv, D];
 and the contiguous kernels on the same chunks; nhd_launches_only: the nhd kernel launches alone (outputs
 preallocated, the launcher's checks and sizes done once). Each layout on each block table order of --tables
-(bench_paged_prefill.block_table; rows LAYOUT_ORDER, plain LAYOUT for random): do the gathers cost because the
+(paged_tables.block_table; rows LAYOUT_ORDER, plain LAYOUT for random): do the gathers cost because the
 pages are scattered? ms per layer (median of eager calls).
 """
 
@@ -25,7 +25,8 @@ import json
 import torch
 
 # same folder: the same layer
-from bench_paged_prefill import BUDGET, D, HKV, HQ, T, TABLES, ContiguousChunks, _ms, block_table
+from bench_paged_prefill import BUDGET, D, HKV, HQ, T, ContiguousChunks, _ms
+from paged_tables import TABLES, block_table
 
 from kascade.bench.common import env_info, write_results
 from kascade.ops import paged as P

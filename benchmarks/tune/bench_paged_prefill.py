@@ -9,7 +9,8 @@ sequence, Top-k 10 %, floor 128, tiles of 32) into what each path runs:
 - contiguous: kascade.ops.prefill (layer 0 = anchor with the dense output on cuDNN, anchor, reuse), one pass;
 - contiguous chunked: the same kernels on the chunks vLLM schedules (the like-for-like reference of the
   paged chunked rows: layer 0 cannot take cuDNN there, its queries are a suffix of the keys);
-- paged whole: kascade.ops.paged on a block table (--table: random by default, block_table), the whole prompt as one chunk;
+- paged whole: kascade.ops.paged on a block table (--table, paged_tables.block_table), the whole prompt as
+  one chunk;
 - paged chunked: the same prompt as vLLM schedules it, chunks of --chunk queries over their prefix
   (the sum over chunks);
 - paged gather: the pages copied into contiguous K/V (one copy per layer) + the contiguous kernels;
@@ -34,6 +35,8 @@ import json
 
 import torch
 
+from paged_tables import TABLES, block_table  # same folder
+
 from kascade.bench.common import bench_ms, env_info, write_results
 from kascade.ops import paged as P
 from kascade.ops import prefill as PF
@@ -42,25 +45,6 @@ HQ, HKV, D, T = 32, 8, 128, 32
 BUDGET = dict(topk_fraction=0.1, topk_floor=128)
 N_LAYERS, N_ANCHORS = 32, 5
 DEVICE, DTYPE = "cuda", torch.bfloat16  # a CPU smoke test (Triton interpreter) patches these
-
-
-TABLES = ("random", "ordered", "reversed")
-
-
-def block_table(nb, order, device):
-    """A block table [1, nb] over blocks 0 .. nb - 1. random: any block anywhere (a long-running engine's
-    worst case); ordered: consecutive blocks (what a fresh vLLM engine hands one request: its free-block
-    queue starts in block order); reversed: consecutive blocks backwards (vLLM frees a request's blocks
-    tail first, so a later request takes freed runs in descending order)."""
-    if order == "random":
-        rows = torch.randperm(nb, device=device)
-    elif order == "ordered":
-        rows = torch.arange(nb, device=device)
-    elif order == "reversed":
-        rows = torch.arange(nb - 1, -1, -1, device=device)
-    else:
-        raise ValueError(f"block table order {order!r}: expected one of {TABLES}")
-    return rows.to(torch.int32).view(1, nb).contiguous()
 
 
 def _ms(fn, reps):
