@@ -51,6 +51,7 @@ from ..plan import Plan, PlanError
 PLAN_ENV = "KASCADE_PLAN"
 FRACTION_ENV = "KASCADE_TOPK_FRACTION"
 TP_MODE_ENV = "KASCADE_TP_MODE"
+CPU_SLOT_ENV = "KASCADE_VLLM_CPU"
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -131,7 +132,7 @@ class _State:
     def warn_once(cls, reason: str) -> None:
         if reason not in cls.warned:
             cls.warned.add(reason)
-            warnings.warn(f"kascade (vLLM): {reason}; those layers run vLLM's FlashAttention", stacklevel=3)
+            warnings.warn(f"kascade (vLLM): {reason}; those layers run vLLM's own attention", stacklevel=3)
 
 
 PHYSICAL_MIN_ROWS = 4  # decode rows from which reuse layers read translated cache rows (see attend)
@@ -230,22 +231,97 @@ def attend(layer: int, query, k_cache, v_cache, md, scale: float, output, layer0
 
 
 def register() -> None:
-    """vLLM plugin entry point: register the Kascade backend as AttentionBackendEnum.CUSTOM."""
+    """vLLM plugin entry point: register the Kascade backend as AttentionBackendEnum.CUSTOM (on vLLM's CPU
+    platform, the CPU one; with KASCADE_VLLM_CPU=1 also in the CPU_ATTN slot, the only one that platform
+    selects: it ignores ``attention_backend``)."""
+    from vllm.platforms import current_platform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    register_backend(AttentionBackendEnum.CUSTOM, f"{__name__}.KascadeAttentionBackend")
+    if current_platform.is_cpu():
+        register_backend(AttentionBackendEnum.CUSTOM, f"{__name__}.KascadeCPUAttentionBackend")
+        if os.environ.get(CPU_SLOT_ENV) == "1":
+            register_backend(AttentionBackendEnum.CPU_ATTN, f"{__name__}.KascadeCPUAttentionBackend")
+    else:
+        register_backend(AttentionBackendEnum.CUSTOM, f"{__name__}.KascadeAttentionBackend")
+
+
+def _setup_from_config(vllm_config, device) -> None:
+    """Once per process (the first metadata builder): load the plan, check it against the served model
+    and lay out this TP rank's head maps on the device."""
+    if _State.plan is not None:
+        return
+    plan = load_plan()
+    mc, pc = vllm_config.model_config, vllm_config.parallel_config
+    tp = pc.tensor_parallel_size
+    check_plan(plan, num_layers=mc.get_num_layers(pc), num_heads=mc.get_num_attention_heads(pc) * tp,
+               num_kv_heads=mc.get_total_num_kv_heads(), head_size=mc.get_head_size())
+    if tp > 1 and plan.model.num_kv_heads % tp:
+        _State.plan = plan  # the layers fall back (KV heads replicated over ranks)
+        return
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tp_group
+
+    rank = get_tensor_model_parallel_rank() if tp > 1 else 0
+    maps, gather = tp_head_maps(plan, tp, rank, os.environ.get(TP_MODE_ENV, "auto"))
+    group = get_tp_group() if gather else None
+    _State.setup(plan, maps, (lambda t: group.all_gather(t, dim=1)) if gather else None, device)
+
+
+def _fallback_reason(impl) -> str:
+    """Why a vLLM attention layer (its impl's settings) cannot run Kascade, or "" when it can."""
+    window = impl.sliding_window
+    if window is not None and tuple(window if isinstance(window, (tuple, list)) else (window,)) not in ((-1,), (-1, -1)):
+        return "sliding-window layers"
+    if impl.alibi_slopes is not None:
+        return "ALiBi"
+    if impl.logits_soft_cap:
+        return "logit soft-capping"
+    if getattr(impl, "sinks", None) is not None:
+        return "attention sinks"
+    if str(impl.kv_cache_dtype) not in ("auto", "bfloat16", "float16", "half", "float32"):
+        return f"quantized KV caches ({impl.kv_cache_dtype})"
+    if getattr(impl.attn_type, "value", impl.attn_type) != "decoder":
+        return "encoder attention"
+    if getattr(impl, "dcp_world_size", 1) > 1:
+        return "decode context parallelism"
+    if _State.head_maps is None or impl.num_kv_heads != _State.head_maps.shape[1]:
+        return "KV heads replicated across tensor-parallel ranks"
+    return ""
+
+
+def _serves(impl, attn_metadata, output_scale, output_block_scale) -> bool:
+    """Whether this call of a layer runs Kascade (else vLLM's own attention); names the layer on its first
+    call and warns once per reason a layer falls back."""
+    if (attn_metadata is None or _State.plan is None or output_scale is not None or output_block_scale is not None
+            or attn_metadata.causal is not True):
+        return False
+    if impl._reason is None:
+        impl._reason = _fallback_reason(impl)
+    if impl._reason:
+        _State.warn_once(impl._reason)
+    return not impl._reason
 
 
 try:  # the classes exist only where vLLM is installed
     from vllm.v1.attention.backend import AttentionCGSupport
+    from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+except ImportError:  # pragma: no cover - exercised where vLLM is absent (CI)
+    split_decodes_and_prefills = None
+try:  # CUDA builds of vLLM
     from vllm.v1.attention.backends.flash_attn import (
         FlashAttentionBackend,
         FlashAttentionImpl,
         FlashAttentionMetadataBuilder,
     )
-    from vllm.v1.attention.backends.utils import split_decodes_and_prefills
-except ImportError:  # pragma: no cover - exercised where vLLM is absent (CI)
+except ImportError:  # pragma: no cover - vLLM absent, or a build without FlashAttention
     FlashAttentionBackend = None
+try:  # vLLM's CPU backend (vllm-cpu)
+    from vllm.v1.attention.backends.cpu_attn import (
+        CPUAttentionBackend,
+        CPUAttentionBackendImpl,
+        CPUAttentionMetadataBuilder,
+    )
+except ImportError:  # pragma: no cover - vLLM absent, or a build without the CPU backend
+    CPUAttentionBackend = None
 
 if FlashAttentionBackend is not None:
 
@@ -260,21 +336,7 @@ if FlashAttentionBackend is not None:
             super().__init__(kv_cache_spec, layer_names, vllm_config, device)
             # decodes first in mixed batches: they take the decode kernels, the chunks the prefill kernels
             self.reorder_batch_threshold = 1
-            if _State.plan is None:
-                plan = load_plan()
-                mc, pc = vllm_config.model_config, vllm_config.parallel_config
-                tp = pc.tensor_parallel_size
-                check_plan(plan, num_layers=mc.get_num_layers(pc), num_heads=mc.get_num_attention_heads(pc) * tp,
-                           num_kv_heads=mc.get_total_num_kv_heads(), head_size=mc.get_head_size())
-                if tp > 1 and plan.model.num_kv_heads % tp:
-                    _State.plan = plan  # the layers fall back (KV heads replicated over ranks)
-                    return
-                from vllm.distributed import get_tensor_model_parallel_rank, get_tp_group
-
-                rank = get_tensor_model_parallel_rank() if tp > 1 else 0
-                maps, gather = tp_head_maps(plan, tp, rank, os.environ.get(TP_MODE_ENV, "auto"))
-                group = get_tp_group() if gather else None
-                _State.setup(plan, maps, (lambda t: group.all_gather(t, dim=1)) if gather else None, device)
+            _setup_from_config(vllm_config, device)
 
         def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
             md = super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -289,38 +351,13 @@ if FlashAttentionBackend is not None:
         _layer: int | None = None  # the decoder layer index, from the layer's name (first call)
         _reason: str | None = None  # why this layer cannot run Kascade ("" = it can)
 
-        def _fallback_reason(self) -> str:
-            if tuple(self.sliding_window) != (-1, -1):
-                return "sliding-window layers"
-            if self.alibi_slopes is not None:
-                return "ALiBi"
-            if self.logits_soft_cap:
-                return "logit soft-capping"
-            if getattr(self, "sinks", None) is not None:
-                return "attention sinks"
-            if str(self.kv_cache_dtype) not in ("auto", "bfloat16", "float16", "half", "float32"):
-                return f"quantized KV caches ({self.kv_cache_dtype})"
-            if getattr(self.attn_type, "value", self.attn_type) != "decoder":
-                return "encoder attention"
-            if getattr(self, "dcp_world_size", 1) > 1:
-                return "decode context parallelism"
-            if _State.head_maps is None or self.num_kv_heads != _State.head_maps.shape[1]:
-                return "KV heads replicated across tensor-parallel ranks"
-            return ""
-
         def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                     output_block_scale=None):
-            if (attn_metadata is None or _State.plan is None or output_scale is not None
-                    or output_block_scale is not None or attn_metadata.causal is not True):
+            if not _serves(self, attn_metadata, output_scale, output_block_scale):
                 return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                        output_block_scale)
-            if self._reason is None:
-                self._reason = self._fallback_reason()
+            if self._layer is None:
                 self._layer = layer_index(layer.layer_name)
-            if self._reason:
-                _State.warn_once(self._reason)
-                return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
-                                       output_block_scale)
             k_cache, v_cache = kv_cache.unbind(1)
             q = query.view(query.shape[0], self.num_heads, self.head_size)
             # layer 0's prefill rows: dense from FA3 (Hopper); elsewhere Kascade's own flash pass
@@ -360,5 +397,85 @@ if FlashAttentionBackend is not None:
             return KascadeMetadataBuilder
 
 
+if CPUAttentionBackend is not None:
+
+    class KascadeCPUMetadataBuilder(CPUAttentionMetadataBuilder):
+        """vLLM's CPU attention metadata, plus the plan (as :class:`KascadeMetadataBuilder`)."""
+
+        def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+            super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                # checked here, before the first step: the kernels would fail deep inside Triton
+                raise PlanError("Kascade's kernels run on CPU tensors only under the Triton interpreter: set "
+                                "TRITON_INTERPRET=1 before starting vLLM (for tests and checks; it is slow)")
+            self.reorder_batch_threshold = 1
+            _setup_from_config(vllm_config, device)
+
+        def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
+            md = super().build(common_prefix_len, common_attn_metadata, fast_build)
+            md.num_decodes = split_decodes_and_prefills(common_attn_metadata, decode_threshold=1)[0]
+            return md
+
+    class KascadeCPUAttentionImpl(CPUAttentionBackendImpl):
+        """Kascade on vLLM's CPU platform, through the Triton interpreter (what CI runs: the real engine's
+        scheduling, metadata and paged cache around Kascade's kernels); vLLM's CPU attention where Kascade
+        cannot serve."""
+
+        _layer: int | None = None
+        _reason: str | None = None
+
+        def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                    output_block_scale=None):
+            if not _serves(self, attn_metadata, output_scale, output_block_scale):
+                return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                       output_block_scale)
+            if self._layer is None:
+                self._layer = layer_index(layer.layer_name)
+            k_cache, v_cache = self._caches(kv_cache)
+            q = query.view(query.shape[0], self.num_heads, self.head_size)
+            attend(self._layer, q, k_cache, v_cache, attn_metadata, self.scale,
+                   output.view(output.shape[0], self.num_heads, self.head_size))
+            return output
+
+        def _caches(self, kv_cache):
+            """K and V of vLLM's CPU cache tensor [num_blocks, Hkv, block_size, 2 * D] (per block and head,
+            block_size keys then block_size values) as [num_blocks, block_size, Hkv, D] strided views."""
+            nb, hkv, bs, _ = kv_cache.shape
+            k, v = kv_cache.view(nb, hkv, 2 * bs, self.head_size).chunk(2, dim=2)
+            return k.transpose(1, 2), v.transpose(1, 2)
+
+        def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
+            """The step's new K/V into the cache, keys row by row like the values. Why not vLLM's own write:
+            its CPU kernels keep a block's keys transposed ([D, block_size] per head), Kascade's kernels read
+            a key's D values contiguously. Only this layer's attention reads its cache, so the layout is
+            this backend's to choose; layers that fall back keep vLLM's."""
+            if self._reason is None and _State.plan is not None:
+                self._reason = _fallback_reason(self)
+            if self._reason != "":
+                return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+            k_cache, v_cache = self._caches(kv_cache)
+            n = slot_mapping.shape[0]
+            keep = slot_mapping >= 0  # -1: padding tokens
+            slots = slot_mapping[keep].long()
+            block, row = slots // k_cache.shape[1], slots % k_cache.shape[1]
+            k_cache[block, row] = key[:n][keep].to(k_cache.dtype)
+            v_cache[block, row] = value[:n][keep].to(v_cache.dtype)
+
+    class KascadeCPUAttentionBackend(CPUAttentionBackend):
+        """vLLM's CPU attention backend with Kascade's attention (CUSTOM; CPU_ATTN with KASCADE_VLLM_CPU=1)."""
+
+        @staticmethod
+        def get_name() -> str:
+            return "CUSTOM"
+
+        @staticmethod
+        def get_impl_cls():
+            return KascadeCPUAttentionImpl
+
+        @staticmethod
+        def get_builder_cls():
+            return KascadeCPUMetadataBuilder
+
+
 __all__ = ["register", "load_plan", "check_plan", "tp_head_maps", "attend", "layer_index", "PLAN_ENV", "FRACTION_ENV",
-           "TP_MODE_ENV"]
+           "TP_MODE_ENV", "CPU_SLOT_ENV"]
