@@ -431,3 +431,31 @@ def test_group_pool_method_ranks_by_the_power_of_the_group_probabilities():
     assert torch.equal(torch.stack([paper.last_selection[j] for j in range(1, 8)]), chosen["1"])
     with pytest.raises(KascadeInputError, match="power"):
         make_method("kascade_group_pool:power=0", PLAN, SPEC)
+
+
+def test_dense_tail_is_kascade_with_its_last_prefill_queries_dense():
+    """The last `tokens` queries of a prefill pass get dense attention at every layer, the others Kascade's
+    rolling prefill; decode steps and the anchors' selections are the paper's."""
+    g = torch.Generator().manual_seed(3)
+    B, Lk, tail = 2, 96, 20
+    kv_start = torch.tensor([0, 13])  # row 1 left-padded
+    tail_m = make_method(f"kascade_dense_tail:tokens={tail}", PLAN, SPEC, 0.1, 8, backend="reference")
+    paper = make_method("kascade", PLAN, SPEC, 0.1, 8, backend="reference")
+    assert not tail_m.decode_only and tail_m.describe()["dense_tail_tokens"] == tail
+    for lq in (Lk, 1):  # prefill pass, then a decode step
+        for layer in range(SPEC.num_layers):
+            q = torch.randn(B, 6, lq, 16, generator=g)
+            k, v = torch.randn(B, 2, Lk, 16, generator=g), torch.randn(B, 2, Lk, 16, generator=g)
+            got = tail_m(layer, q, k, v, kv_start)
+            want = paper(layer, q, k, v, kv_start)
+            if lq == 1:
+                torch.testing.assert_close(got, want)
+                continue
+            torch.testing.assert_close(got[:, :, :-tail], want[:, :, :-tail])
+            dense = reference.dense_attention(q, k, v, kv_start)
+            torch.testing.assert_close(got[:, :, -tail:], dense[:, :, -tail:])
+            if layer:  # the sparse rows differ from dense: the check above can fail
+                assert not torch.allclose(want[:, :, -tail:], dense[:, :, -tail:], atol=1e-3)
+            torch.testing.assert_close(tail_m._indices, paper._indices)
+    with pytest.raises(KascadeInputError, match="tokens must be >= 0"):
+        make_method("kascade_dense_tail:tokens=-1", PLAN, SPEC)

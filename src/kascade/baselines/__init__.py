@@ -13,7 +13,7 @@ from ..validation import KascadeInputError
 from ._common import LayerMethod, scaled_layer
 from .kascade_methods import KascadeMethod
 from .kascade_variants import VARIANTS as _VARIANTS
-from .kascade_variants import (KascadeAllAnchors, KascadeLayerBudget, KascadeRerank, KascadeSinksWindow, KascadeTopP,
+from .kascade_variants import (KascadeAllAnchors, KascadeDenseTail, KascadeLayerBudget, KascadeRerank, KascadeSinksWindow, KascadeTopP,
                                KascadeTwoSets, KascadeVariant, parse_name)
 from .methods import LessIsMore, OmniKV, Quest, StreamingLLM, TidalDecode
 
@@ -103,5 +103,5 @@ def make_method(
 
 __all__ = ["METHODS", "DEFAULT_METHODS", "NEEDS_PLAN", "make_method", "method_base", "is_method", "needs_plan", "LayerMethod",
            "KascadeMethod", "KascadeVariant", "KascadeSinksWindow", "KascadeLayerBudget", "KascadeTopP", "KascadeTwoSets",
-           "KascadeAllAnchors", "KascadeRerank", "StreamingLLM", "Quest",
+           "KascadeAllAnchors", "KascadeRerank", "KascadeDenseTail", "StreamingLLM", "Quest",
            "OmniKV", "LessIsMore", "TidalDecode", "scaled_layer"]

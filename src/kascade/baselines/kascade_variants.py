@@ -25,6 +25,10 @@ the paper's method. Options can be given in the method name, ``name:key=value,ke
 * ``kascade_group_pool`` (:class:`KascadeGroupPool`): anchors pool the GQA group's probabilities as
   sum_g p_g^``power`` (default 2; ``inf``: the max) instead of their sum: one shared set that leans toward
   each head's own heaviest keys.
+* ``kascade_dense_tail`` (:class:`KascadeDenseTail`): the full method (rolling sparse prefill and sparse decode),
+  except that the last ``tokens`` (default 64) queries of each prefill pass attend densely at every layer: in
+  the task suite the prompt ends with the question, whose hidden states the answer is decoded from. The only
+  variant here with a sparse prefill; decode is the paper's.
 * ``kascade_all_anchors`` (:class:`KascadeAllAnchors`): diagnostic, every layer selects its own pooled
   Top-k (no reuse): separates the cost of reuse from the cost of GQA pooling.
 """
@@ -270,6 +274,39 @@ class KascadeRerank(KascadeVariant):
         return V.rerank(q, k, indices, kb, scale)
 
 
+class KascadeDenseTail(KascadeMethod):
+    """The paper's full method with a dense tail: the last ``tokens`` queries of a prefill pass (Lq > 1) attend
+    every visible key at every layer (their output replaced by dense attention's; the anchors' selections,
+    which the reuse layers read, are unchanged). Extra prefill work: ``tokens`` x L keys per layer, against
+    ~L^2 x topk_fraction / 2 for the rolling prefill of an L-token prompt (about 4 % more at 32K and 64
+    tokens). In chunked prefill it applies to each chunk's last queries."""
+
+    options = {"tokens": 64}
+
+    def __init__(self, plan, *, name: str, record_selection: bool = False, backend=None, **options) -> None:
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise KascadeInputError(f"method {name!r}: unknown options {unknown}; expected some of "
+                                    f"{sorted(self.options)}")
+        super().__init__(plan, name=name, variant="kascade", sparse_prefill=True, backend=backend,
+                         record_selection=record_selection)
+        self.tokens = int(options.get("tokens", self.options["tokens"]))
+        if self.tokens < 0:
+            raise KascadeInputError(f"method {name!r}: tokens must be >= 0, got {self.tokens}")
+
+    def describe(self) -> dict:
+        return {**super().describe(), "dense_tail_tokens": self.tokens}
+
+    def __call__(self, layer, q, k, v, kv_start=None, kv_end=None, *, scale=None):
+        out = super().__call__(layer, q, k, v, kv_start, kv_end, scale=scale)
+        n = min(self.tokens, q.shape[2])
+        if q.shape[2] > 1 and n > 0:
+            # queries align to the end of their row: the last n rows of q see the same keys as in the full pass
+            out[:, :, -n:] = attention.dense_attention(q[:, :, -n:], k, v, kv_start, kv_end, scale=scale,
+                                                       backend=self.backend)
+        return out
+
+
 VARIANTS = {
     "kascade_sinks_window": KascadeSinksWindow,
     "kascade_layer_budget": KascadeLayerBudget,
@@ -278,6 +315,7 @@ VARIANTS = {
     "kascade_all_anchors": KascadeAllAnchors,
     "kascade_group_pool": KascadeGroupPool,
     "kascade_rerank": KascadeRerank,
+    "kascade_dense_tail": KascadeDenseTail,
 }
 
 

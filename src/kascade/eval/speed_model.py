@@ -94,6 +94,10 @@ def method_layers(name: str, plan: Plan | None, spec: ModelSpec, topk_fraction: 
             kernels = kascade_kernels
             how = (f"as kascade ({anchors}): the same kernels and keys per layer, the sinks and window forced into "
                    "each anchor's set (run with the reference selection in the eval)")
+        elif base == "kascade_dense_tail":
+            kernels = kascade_kernels
+            how = (f"as kascade in decode ({anchors}); its prefill also attends the last {m.tokens} queries of each "
+                   "prefill pass densely (not in the prefill attended share)")
         elif base == "kascade_all_anchors":
             kernels = ("layer0",) + ("anchor",) * (L - 1)
             how = "layer 0 the layer-0 kernel, every other layer the anchor kernel (no reuse)"
