@@ -46,6 +46,12 @@ from ._common import expand_keep, scale_of
 from .kascade_methods import KascadeMethod, indices_to_keep
 
 
+def _check_options(name: str, given: dict, allowed: dict) -> None:
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise KascadeInputError(f"method {name!r}: unknown options {unknown}; expected some of {sorted(allowed)}")
+
+
 class KascadeVariant(KascadeMethod):
     """Decode-time selection hook on top of the plan's anchors and head map; prefill dense.
 
@@ -58,10 +64,7 @@ class KascadeVariant(KascadeMethod):
     pool_power = 1.0  # the GQA pooling of the anchors' scores (kascade.variants.pooled_decode_probs)
 
     def __init__(self, plan, *, name: str, record_selection: bool = False, backend=None, **options) -> None:
-        unknown = sorted(set(options) - set(self.options))
-        if unknown:
-            raise KascadeInputError(f"method {name!r}: unknown options {unknown}; expected some of "
-                                    f"{sorted(self.options)}")
+        _check_options(name, options, self.options)
         super().__init__(plan, name=name, variant="kascade", sparse_prefill=False, backend=backend,
                          record_selection=record_selection)
         self.opts = {**self.options, **{k: type(self.options[k])(v) for k, v in options.items()}}
@@ -284,10 +287,7 @@ class KascadeDenseTail(KascadeMethod):
     options = {"tokens": 64}
 
     def __init__(self, plan, *, name: str, record_selection: bool = False, backend=None, **options) -> None:
-        unknown = sorted(set(options) - set(self.options))
-        if unknown:
-            raise KascadeInputError(f"method {name!r}: unknown options {unknown}; expected some of "
-                                    f"{sorted(self.options)}")
+        _check_options(name, options, self.options)
         super().__init__(plan, name=name, variant="kascade", sparse_prefill=True, backend=backend,
                          record_selection=record_selection)
         self.tokens = int(options.get("tokens", self.options["tokens"]))

