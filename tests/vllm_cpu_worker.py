@@ -5,8 +5,7 @@ keeps engine state per process). argv[1]: a JSON object with
   model: a Hugging Face model directory; kascade: false (vLLM's CPU attention) or true (the Kascade
   plugin in vLLM's CPU_ATTN slot: KASCADE_VLLM_CPU=1, KASCADE_PLAN and TRITON_INTERPRET=1 set by the
   caller); max_num_batched_tokens, max_num_seqs, block_size; requests: [[prompt token ids, max_tokens,
-  temperature, seed], ...]; tensor_parallel_size (default 1; above 1 the ranks run in worker processes, whose
-  attend() calls are not counted here).
+  temperature, seed], ...].
 Prints one line "RESULT {...}": per request the generated token ids and their logprobs, and, with
 Kascade, how many layer calls of each batch kind ran (decode / prefill / mixed) through its attend().
 """
@@ -41,8 +40,7 @@ def main() -> None:
         kv.attend = counting_attend  # the backend looks attend up at call time
     llm = LLM(model=args["model"], skip_tokenizer_init=True, dtype="float32", max_model_len=1024, enforce_eager=True,
               max_num_seqs=args["max_num_seqs"], max_num_batched_tokens=args["max_num_batched_tokens"],
-              block_size=args["block_size"], enable_prefix_caching=False, seed=0,
-              tensor_parallel_size=args.get("tensor_parallel_size", 1))
+              block_size=args["block_size"], enable_prefix_caching=False, seed=0)
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids, *_ in args["requests"]]
     params = [SamplingParams(max_tokens=n, temperature=t, seed=s, logprobs=0, detokenize=False)
               for _, n, t, s in args["requests"]]

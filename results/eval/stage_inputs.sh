@@ -5,7 +5,7 @@
 #   .cache/qs/NN/part Qwen2.5-Coder-0.5B's GGUF in chunks of CHUNK (default 35M: a chunk plus the working
 #                     tree must stay under one call's 64 MiB; `du -sh --exclude=.git .` minus ignored folders)
 #   .cache/q15/NN/part the 1.5B's GGUF the same way, with --qwen15
-# Needs `bash scripts/setup.sh --qwen` (and --qwen15) first. Prints the STAGE list for run_gpu.sh.
+# Needs `bash scripts/setup.sh --qwen` (and --qwen15) first. Prints the chunk numbers (STAGE=qNN / rNN).
 set -euo pipefail
 CHUNK=${CHUNK:-35M}
 SP=$(python -c "import gguf, pathlib; print(pathlib.Path(gguf.__file__).parent.parent)")
